@@ -1,0 +1,291 @@
+"""A collisionless, dynamically sized embedding table with admission and expiry (as in Monolith).
+
+Ids map to rows through a dict, never modulo hashing, so two ids never share a row. An id gets a
+row only after it has been seen ``admit_after`` times (counted in a fixed-size count-min sketch, so
+the filter's memory does not grow with the id space). Rows idle in event time for longer than
+``ttl_ms`` are evicted, and when the table is at ``capacity`` the least recently seen row makes
+room. Every eviction is remembered as a tombstone until the next delta is taken.
+
+A row holds ``width`` trainable values (embedding then bias) plus ``extra`` non-trainable values
+(side features that serving needs, e.g. an item's popularity), and the optimizer's state beside it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from model.config import TableConfig
+from model.hashing import hash64, stable_hash
+from model.optim import RowOptimizer
+
+
+class CountMinSketch:
+    """Bounded-memory occurrence counter (overestimates, never underestimates)."""
+
+    def __init__(self, width: int, depth: int):
+        self.width, self.depth = width, depth
+        self.table = np.zeros((depth, width), dtype=np.int32)
+
+    def _cols(self, key: str) -> list[int]:
+        return [hash64(key, salt) % self.width for salt in range(self.depth)]
+
+    def add(self, key: str) -> int:
+        cols = self._cols(key)
+        rows = np.arange(self.depth)
+        self.table[rows, cols] = np.minimum(self.table[rows, cols] + 1, np.iinfo(np.int32).max)
+        return int(self.table[rows, cols].min())
+
+
+class DynamicEmbeddingTable:
+    def __init__(
+        self,
+        name: str,
+        cfg: TableConfig,
+        optimizer: RowOptimizer,
+        extra: int = 0,
+        device: torch.device | str = "cpu",
+        seed: int = 0,
+        initial_rows: int = 1024,
+    ):
+        self.name, self.cfg, self.optimizer = name, cfg, optimizer
+        self.width = cfg.dim + 1
+        self.extra_width = extra
+        self.device = torch.device(device)
+        self.seed = seed
+        cap = min(initial_rows, cfg.capacity)
+        self.weights = torch.zeros(cap, self.width, device=self.device)
+        self.extra = torch.zeros(cap, extra, device=self.device)
+        self.state = {k: torch.zeros(cap, self.width, device=self.device) for k in optimizer.state_names}
+        self.ids: list[str | None] = [None] * cap
+        self.index: dict[str, int] = {}
+        self.last_seen = np.zeros(cap, dtype=np.int64)
+        self.free: list[int] = list(range(cap - 1, -1, -1))
+        self.sketch = CountMinSketch(cfg.sketch_width, cfg.sketch_depth) if cfg.admit_after > 1 else None
+        self.dirty: set[str] = set()
+        self.tombstones: set[str] = set()
+        self.evictions = 0
+        self.on_change = None  # callback(table, id) before a row changes or disappears (undo log)
+
+    # ---------------------------------------------------------------- ids and rows
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.index
+
+    def row_of(self, key: str) -> int:
+        return self.index.get(key, -1)
+
+    def rows(self, keys: list[str]) -> torch.Tensor:
+        return torch.tensor([self.index.get(k, -1) for k in keys], dtype=torch.long, device=self.device)
+
+    def active_rows(self) -> torch.Tensor:
+        return torch.tensor(sorted(self.index.values()), dtype=torch.long, device=self.device)
+
+    def observe(self, keys: list[str], now_ms: int, admit: bool = True) -> None:
+        """Count each occurrence, admit ids that reached ``admit_after`` and refresh last-seen."""
+        for key in keys:
+            row = self.index.get(key)
+            if row is None:
+                if not admit:
+                    continue
+                if self.sketch is not None and self.sketch.add(key) < self.cfg.admit_after:
+                    continue
+                row = self._allocate(key, now_ms)
+            self.last_seen[row] = max(self.last_seen[row], now_ms)
+
+    def _initial_row(self, key: str) -> torch.Tensor:
+        gen = torch.Generator().manual_seed((stable_hash(key) * 1_000_003 + self.seed) & 0x7FFFFFFF)
+        row = torch.randn(self.width, generator=gen) * self.cfg.init_std
+        row[-1] = 0.0  # bias starts at zero
+        return row.to(self.device)
+
+    def _grow(self) -> None:
+        old = self.weights.shape[0]
+        new = min(old * 2, self.cfg.capacity)
+        if new <= old:
+            return
+        pad = new - old
+        self.weights = torch.cat([self.weights, torch.zeros(pad, self.width, device=self.device)])
+        self.extra = torch.cat([self.extra, torch.zeros(pad, self.extra_width, device=self.device)])
+        self.state = {k: torch.cat([v, torch.zeros(pad, self.width, device=self.device)]) for k, v in self.state.items()}
+        self.ids.extend([None] * pad)
+        self.last_seen = np.concatenate([self.last_seen, np.zeros(pad, dtype=np.int64)])
+        self.free.extend(range(new - 1, old - 1, -1))
+
+    def _allocate(self, key: str, now_ms: int) -> int:
+        if not self.free:
+            self._grow()
+        if not self.free:  # at capacity: the least recently seen row makes room
+            live = [r for r in self.index.values()]
+            victim = min(live, key=lambda r: self.last_seen[r])
+            self.remove(self.ids[victim])  # type: ignore[arg-type]
+        if self.on_change is not None:
+            self.on_change(self, key)
+        row = self.free.pop()
+        self.index[key] = row
+        self.ids[row] = key
+        self.last_seen[row] = now_ms
+        init = self._initial_row(key)
+        self.weights[row] = init
+        self.extra[row] = 0.0
+        for name, value in self.optimizer.init_state(init.unsqueeze(0)).items():
+            self.state[name][row] = value[0]
+        self.dirty.add(key)
+        self.tombstones.discard(key)
+        return row
+
+    def remove(self, key: str) -> None:
+        row = self.index.get(key)
+        if row is None:
+            return
+        if self.on_change is not None:
+            self.on_change(self, key)
+        del self.index[key]
+        self.ids[row] = None
+        self.weights[row] = 0.0
+        self.extra[row] = 0.0
+        for v in self.state.values():
+            v[row] = 0.0
+        self.last_seen[row] = 0
+        self.free.append(row)
+        self.dirty.discard(key)
+        self.tombstones.add(key)
+        self.evictions += 1
+
+    def evict_expired(self, now_ms: int) -> list[str]:
+        """Evict rows idle for longer than ``ttl_ms`` of event time; returns their ids."""
+        if self.cfg.ttl_ms is None or not self.index:
+            return []
+        cutoff = now_ms - self.cfg.ttl_ms
+        expired = [k for k, r in self.index.items() if self.last_seen[r] < cutoff]
+        for key in expired:
+            self.remove(key)
+        return expired
+
+    # ---------------------------------------------------------------- values
+    def gather(self, rows: torch.Tensor) -> torch.Tensor:
+        """Rows' trainable values; row index -1 (unknown id) gives zeros."""
+        valid = (rows >= 0).unsqueeze(-1).to(self.weights.dtype)
+        return self.weights[rows.clamp(min=0)] * valid
+
+    def gather_extra(self, rows: torch.Tensor) -> torch.Tensor:
+        valid = (rows >= 0).unsqueeze(-1).to(self.extra.dtype)
+        return self.extra[rows.clamp(min=0)] * valid
+
+    def write_rows(self, rows: torch.Tensor, values: torch.Tensor, state: dict[str, torch.Tensor]) -> None:
+        if self.on_change is not None:
+            for r in rows.tolist():
+                self.on_change(self, self.ids[r])
+        self.weights[rows] = values
+        for name, value in state.items():
+            self.state[name][rows] = value
+        self.dirty.update(self.ids[r] for r in rows.tolist())  # type: ignore[misc]
+
+    def write_extra(self, keys: list[str], values: torch.Tensor) -> None:
+        for key, value in zip(keys, values):
+            row = self.index.get(key)
+            if row is not None and self.extra_width:
+                if self.on_change is not None:
+                    self.on_change(self, key)
+                self.extra[row] = value
+                self.dirty.add(key)
+
+    def snapshot_row(self, key: str) -> dict[str, torch.Tensor] | None:
+        row = self.index.get(key)
+        if row is None:
+            return None
+        snap = {"weights": self.weights[row].clone(), "extra": self.extra[row].clone()}
+        snap.update({f"state.{k}": v[row].clone() for k, v in self.state.items()})
+        return snap
+
+    def restore_row(self, key: str, snap: dict[str, torch.Tensor] | None, now_ms: int) -> None:
+        if snap is None:
+            self.remove(key)
+            return
+        row = self.index.get(key)
+        if row is None:
+            row = self._allocate(key, now_ms)
+        self.weights[row] = snap["weights"]
+        self.extra[row] = snap["extra"]
+        for k in self.state:
+            self.state[k][row] = snap[f"state.{k}"]
+        self.dirty.add(key)
+
+    def set_values(self, key: str, values: torch.Tensor, now_ms: int) -> None:
+        """Write a row's published values (trainable then extra), admitting the id if needed."""
+        row = self.index.get(key)
+        if row is None:
+            row = self._allocate(key, now_ms)
+        self.weights[row] = values[: self.width]
+        self.extra[row] = values[self.width:]
+        self.dirty.add(key)
+
+    def published_values(self, key: str) -> torch.Tensor:
+        row = self.index[key]
+        return torch.cat([self.weights[row], self.extra[row]])
+
+    def take_changes(self) -> tuple[list[str], torch.Tensor, list[str]]:
+        """(ids, published values, tombstones) changed since the last call."""
+        ids = sorted(k for k in self.dirty if k in self.index)
+        if ids:
+            rows = self.rows(ids)
+            values = torch.cat([self.weights[rows], self.extra[rows]], dim=1).detach().cpu()
+        else:
+            values = torch.zeros(0, self.width + self.extra_width)
+        tombs = sorted(self.tombstones)
+        self.dirty.clear()
+        self.tombstones.clear()
+        return ids, values, tombs
+
+    # ---------------------------------------------------------------- persistence
+    def state_dict(self) -> dict[str, Any]:
+        keys = sorted(self.index)
+        rows = self.rows(keys)
+        out: dict[str, Any] = {
+            "ids": keys,
+            "weights": self.weights[rows].cpu().clone(),
+            "extra": self.extra[rows].cpu().clone(),
+            "last_seen": torch.from_numpy(self.last_seen[rows.cpu().numpy()].copy()),
+            "evictions": self.evictions,
+            "dirty": sorted(self.dirty),
+            "tombstones": sorted(self.tombstones),
+        }
+        for k, v in self.state.items():
+            out[f"state.{k}"] = v[rows].cpu().clone()
+        if self.sketch is not None:
+            out["sketch"] = torch.from_numpy(self.sketch.table.copy())
+        return out
+
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
+        keys: list[str] = list(sd["ids"])
+        n = len(keys)
+        cap = max(min(1024, self.cfg.capacity), n)
+        self.weights = torch.zeros(cap, self.width, device=self.device)
+        self.extra = torch.zeros(cap, self.extra_width, device=self.device)
+        self.state = {k: torch.zeros(cap, self.width, device=self.device) for k in self.optimizer.state_names}
+        if n:
+            self.weights[:n] = sd["weights"].to(self.device)
+            self.extra[:n] = sd["extra"].to(self.device)
+            for k in self.state:
+                self.state[k][:n] = sd[f"state.{k}"].to(self.device)
+        self.ids = keys + [None] * (cap - n)
+        self.index = {k: i for i, k in enumerate(keys)}
+        self.last_seen = np.zeros(cap, dtype=np.int64)
+        self.last_seen[:n] = sd["last_seen"].numpy()
+        self.free = list(range(cap - 1, n - 1, -1))
+        self.evictions = int(sd["evictions"])
+        self.dirty = set(sd["dirty"])
+        self.tombstones = set(sd["tombstones"])
+        if self.sketch is not None and "sketch" in sd:
+            self.sketch.table = sd["sketch"].numpy().copy()
+
+    def memory_bytes(self) -> int:
+        tensors = [self.weights, self.extra, *self.state.values()]
+        total = sum(t.numel() * t.element_size() for t in tensors) + self.last_seen.nbytes
+        if self.sketch is not None:
+            total += self.sketch.table.nbytes
+        return total

@@ -1,0 +1,733 @@
+"""The learning core of one shard: predict first, then learn; publish exactly the rows that changed.
+
+Score of user u for item i (the model is a two-tower / factorisation-machine hybrid):
+
+    q_u   = e_u + mean(e_j for j in u's last N items)          (user tower)
+    logit = q_u . e_i + b_u + b_i + g + f_u(user feats) + f_i(item feats)
+
+``e``/``b`` live in collisionless dynamic tables (``model.embedding``) trained with a row-wise sparse
+optimizer (Adagrad, FTRL or SGD); ``f_u``/``f_i`` are small MLPs trained with dense Adagrad.
+Serving needs only published rows: the ``item`` table (e_i, b_i, item feats), the ``user_query``
+table (q_u, c_u = b_u + g + f_u) and the ``dense`` table (f_i's parameters); see ``model.serving``.
+
+Runner-free: the Beam DoFn, the PyFlink function and the benchmarks all drive this class.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import math
+from collections import Counter
+from dataclasses import dataclass, replace
+from typing import Any, Iterable, Sequence
+
+import torch
+from torch import nn
+
+from model.config import LearnerConfig, TableConfig
+from model.embedding import DynamicEmbeddingTable
+from model.optim import SGD, all_finite, clip_rows, make_row_optimizer
+
+FORMAT_VERSION = 1
+USER, ITEM, QUERY, DENSE = "user", "item", "user_query", "dense"
+
+
+def resolve_device(name: str) -> torch.device:
+    """'auto' picks CUDA when this worker has a GPU, else CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"device {name!r} requested but torch.cuda.is_available() is False")
+    return torch.device(name)
+
+
+@dataclass
+class ModelDelta:
+    """The rows of one table that changed between ``base_version`` and ``model_version``."""
+
+    shard: int
+    model_version: int
+    base_version: int
+    table: str
+    row_ids: list[str]
+    row_values: torch.Tensor  # (len(row_ids), width)
+    tombstones: list[str]
+    is_rollback: bool = False
+
+    def to_record(self, sequence: int, emit_time_ms: int) -> dict[str, Any]:
+        return {
+            "shard": self.shard, "model_version": self.model_version, "base_version": self.base_version,
+            "sequence": sequence, "table": self.table, "row_ids": list(self.row_ids),
+            "row_values": self.row_values.tolist(), "tombstones": list(self.tombstones),
+            "is_rollback": self.is_rollback, "emit_time_ms": emit_time_ms,
+        }
+
+    @classmethod
+    def from_record(cls, rec: dict[str, Any]) -> ModelDelta:
+        values = torch.tensor(rec["row_values"], dtype=torch.float32) if rec["row_values"] else torch.zeros(0, 0)
+        return cls(rec["shard"], rec["model_version"], rec["base_version"], rec["table"], list(rec["row_ids"]),
+                   values, list(rec["tombstones"]), bool(rec.get("is_rollback", False)))
+
+
+@dataclass
+class RollbackRecord:
+    shard: int
+    rejected_version: int
+    restored_version: int
+    new_version: int
+    candidate_logloss: float
+    good_logloss: float
+    reason: str
+
+    def to_record(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+@dataclass
+class LearnResult:
+    """What one ``learn`` call saw and did. labels/probs are prequential: scored before learning."""
+
+    labels: list[float]
+    probs: list[float]
+    positive_index: list[int]  # index into labels/probs of each event's own (non-sampled) example
+    loss: float
+    steps: int
+    version: int
+    skipped_nonfinite: int
+    rollbacks: list[RollbackRecord]
+
+
+class _MLP(nn.Module):
+    def __init__(self, width: int, hidden: int):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(width, hidden), nn.ReLU(), nn.Linear(hidden, 1))
+        nn.init.zeros_(self.net[2].weight)
+        nn.init.zeros_(self.net[2].bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x).squeeze(-1)
+
+
+class DenseTower(nn.Module):
+    """Additive dense part: f_u(user features) + f_i(item features) + global bias."""
+
+    def __init__(self, user_features: int, item_features: int, hidden: int):
+        super().__init__()
+        self.user = _MLP(user_features, hidden) if user_features else None
+        self.item = _MLP(item_features, hidden) if item_features else None
+        self.bias = nn.Parameter(torch.zeros(1))
+
+    def user_term(self, uf: torch.Tensor) -> torch.Tensor:
+        base = self.bias.expand(uf.shape[0])
+        return base + self.user(uf) if self.user is not None else base
+
+    def item_term(self, itf: torch.Tensor) -> torch.Tensor:
+        return self.item(itf) if self.item is not None else torch.zeros(itf.shape[0], device=itf.device)
+
+    def forward(self, uf: torch.Tensor, itf: torch.Tensor) -> torch.Tensor:
+        return self.user_term(uf) + self.item_term(itf)
+
+    def item_parameters(self) -> dict[str, torch.Tensor]:
+        return {k: v for k, v in self.named_parameters() if k.startswith("item.")}
+
+
+@dataclass
+class _Batch:
+    users: list[str]
+    items: list[str]
+    histories: list[list[str]]
+    labels: torch.Tensor
+    weights: torch.Tensor
+    user_feats: torch.Tensor
+    item_feats: torch.Tensor
+    positive_index: list[int]
+
+
+def _float_list(values: Sequence[float] | None, width: int, step: str) -> list[float]:
+    vals = list(values or [])
+    if len(vals) != width:
+        raise ValueError(f"{step}: expected {width} feature values, got {len(vals)}")
+    return [float(v) for v in vals]
+
+
+class IncrementalLearner:
+    """One shard's model partition, its optimizer state and its stability guard."""
+
+    def __init__(self, cfg: LearnerConfig, shard: int = 0):
+        self.cfg, self.shard = cfg, shard
+        self.device = resolve_device(cfg.device)
+        torch.manual_seed(cfg.seed)
+        opt = make_row_optimizer(cfg)
+        self.users = DynamicEmbeddingTable(USER, cfg.user_table, opt, 0, self.device, cfg.seed)
+        self.items = DynamicEmbeddingTable(ITEM, cfg.item_table, opt, cfg.item_features, self.device, cfg.seed + 1)
+        query_cfg = replace(cfg.user_table, admit_after=1, init_std=0.0)
+        self.queries = DynamicEmbeddingTable(QUERY, query_cfg, SGD(lr=0.0), 0, self.device, cfg.seed + 2)
+        self.dense = DenseTower(cfg.user_features, cfg.item_features, cfg.dense_hidden).to(self.device)
+        self.dense_opt = torch.optim.Adagrad(self.dense.parameters(), lr=cfg.dense_lr)
+        self.gen = torch.Generator().manual_seed(cfg.seed)
+        self.version = 0
+        self.published_version = 0
+        self.now_ms = 0
+        self.frozen = False
+        self.counters: Counter[str] = Counter()
+        self._dense_dirty = False
+        self._acc: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {USER: [], ITEM: []}
+        self._acc_batches = 0
+        self._acc_examples = 0
+        self._pending: list[ModelDelta] = []
+        self._history: dict[str, list[str]] = {}
+        # stability guard: undo log of rows changed since the last good version
+        self.good_version = 0
+        self._undo: dict[tuple[str, str], dict[str, torch.Tensor] | None] = {}
+        self._good_dense = copy.deepcopy(self.dense.state_dict())
+        self._good_dense_opt = copy.deepcopy(self.dense_opt.state_dict())
+        self._gate_sums = [0.0, 0.0, 0]  # candidate loss, good loss, examples
+        self._replay: list[dict[str, Any]] = []
+        self._last_retrain_ms: int | None = None
+        self._attach_undo()
+
+    # ------------------------------------------------------------------ helpers
+    def tables(self) -> dict[str, DynamicEmbeddingTable]:
+        return {USER: self.users, ITEM: self.items, QUERY: self.queries}
+
+    def _attach_undo(self) -> None:
+        track = self.cfg.gate or self.cfg.l2_to_good > 0
+        for table in self.tables().values():
+            table.on_change = self._record_undo if track else None
+
+    def _record_undo(self, table: DynamicEmbeddingTable, key: str | None) -> None:
+        if key is None:
+            return
+        k = (table.name, key)
+        if k not in self._undo:
+            self._undo[k] = table.snapshot_row(key)
+
+    def label_of(self, event: dict[str, Any]) -> float:
+        if event["event_type"] == "rating":
+            value = event.get("value")
+            return 1.0 if value is not None and value >= self.cfg.rating_threshold else 0.0
+        return 1.0
+
+    def _sample_negatives(self, exclude: str, n: int) -> list[str]:
+        if n == 0 or len(self.items) < 2:
+            return []
+        cap = self.items.weights.shape[0]
+        out: list[str] = []
+        for _ in range(n * 8):
+            row = int(torch.randint(cap, (1,), generator=self.gen))
+            key = self.items.ids[row]
+            if key is not None and key != exclude:
+                out.append(key)
+                if len(out) == n:
+                    break
+        return out
+
+    def _build(self, events: Sequence[dict[str, Any]], negatives: bool = True) -> _Batch:
+        cfg = self.cfg
+        users, items, hists, labels, weights, ufs, ifs, pos_idx = [], [], [], [], [], [], [], []
+        for ev in events:
+            step = f"learn(event {ev.get('event_id')!r})"
+            uf = _float_list(ev.get("user_features"), cfg.user_features, f"{step} user_features")
+            itf = _float_list(ev.get("item_features"), cfg.item_features, f"{step} item_features")
+            hist = list(ev.get("history") or [])[-cfg.history:] if cfg.history else []
+            label = self.label_of(ev)
+            pos_idx.append(len(labels))
+            users.append(ev["user_id"]); items.append(ev["item_id"]); hists.append(hist)
+            labels.append(label); weights.append(cfg.type_weights.get(ev["event_type"], 1.0))
+            ufs.append(uf); ifs.append(itf)
+            if negatives and label > 0.5:
+                for neg in self._sample_negatives(ev["item_id"], cfg.negatives):
+                    users.append(ev["user_id"]); items.append(neg); hists.append(hist)
+                    labels.append(0.0); weights.append(1.0); ufs.append(uf)
+                    ifs.append(self.items.extra[self.items.row_of(neg)].tolist())
+        dev = self.device
+        return _Batch(
+            users, items, hists,
+            torch.tensor(labels, device=dev), torch.tensor(weights, device=dev),
+            torch.tensor(ufs, device=dev).reshape(len(users), cfg.user_features),
+            torch.tensor(ifs, device=dev).reshape(len(users), cfg.item_features),
+            pos_idx,
+        )
+
+    def _history_rows(self, hists: list[list[str]]) -> torch.Tensor:
+        width = max(1, max((len(h) for h in hists), default=0))
+        rows = torch.full((len(hists), width), -1, dtype=torch.long)
+        for i, h in enumerate(hists):
+            for j, key in enumerate(h):
+                rows[i, j] = self.items.row_of(key)
+        return rows.to(self.device)
+
+    def _logits(self, U, I, H, hmask, uf, itf, dense_params=None) -> torch.Tensor:
+        d = self.cfg.dim
+        hsum = (H[..., :d] * hmask.unsqueeze(-1)).sum(1)
+        q = U[:, :d] + hsum / hmask.sum(1).clamp(min=1).unsqueeze(-1)
+        if dense_params is None:
+            dense = self.dense(uf, itf)
+        else:
+            dense = torch.func.functional_call(self.dense, dense_params, (uf, itf))
+        return (q * I[:, :d]).sum(-1) + U[:, d] + I[:, d] + dense
+
+    def _gathered(self, batch: _Batch):
+        u_rows = self.users.rows(batch.users)
+        i_rows = self.items.rows(batch.items)
+        h_rows = self._history_rows(batch.histories)
+        return u_rows, i_rows, h_rows
+
+    # ------------------------------------------------------------------ predict
+    @torch.no_grad()
+    def _predict_batch(self, batch: _Batch, good: bool = False) -> torch.Tensor:
+        u_rows, i_rows, h_rows = self._gathered(batch)
+        U, I, H = self.users.gather(u_rows), self.items.gather(i_rows), self.items.gather(h_rows)
+        hmask = (h_rows >= 0).float()
+        if not good:
+            return torch.sigmoid(self._logits(U, I, H, hmask, batch.user_feats, batch.item_feats))
+        # the last good version: rows changed since then come from the undo log
+        U, I, H, hmask = U.clone(), I.clone(), H.clone(), hmask.clone()
+        for i, key in enumerate(batch.users):
+            if (USER, key) in self._undo:
+                snap = self._undo[(USER, key)]
+                U[i] = snap["weights"] if snap is not None else 0.0
+        for i, key in enumerate(batch.items):
+            if (ITEM, key) in self._undo:
+                snap = self._undo[(ITEM, key)]
+                I[i] = snap["weights"] if snap is not None else 0.0
+        for i, hist in enumerate(batch.histories):
+            for j, key in enumerate(hist):
+                if (ITEM, key) in self._undo:
+                    snap = self._undo[(ITEM, key)]
+                    H[i, j] = snap["weights"] if snap is not None else 0.0
+                    hmask[i, j] = 1.0 if snap is not None else 0.0
+        return torch.sigmoid(self._logits(U, I, H, hmask, batch.user_feats, batch.item_feats, self._good_dense))
+
+    def predict(self, events: Sequence[dict[str, Any]]) -> list[float]:
+        """P(label = 1) for each event's own (user, item) pair, without learning."""
+        if not events:
+            return []
+        return self._predict_batch(self._build(events, negatives=False)).tolist()
+
+    def evaluate(self, events: Sequence[dict[str, Any]]) -> tuple[list[float], list[float]]:
+        """(labels, probs) for the events and their sampled negatives, without learning."""
+        batch = self._build(events)
+        return batch.labels.tolist(), self._predict_batch(batch).tolist()
+
+    # ------------------------------------------------------------------ learn
+    def learn(self, events: Sequence[dict[str, Any]]) -> LearnResult:
+        """Score the events with the current version (prequential), then learn from them."""
+        events = sorted(events, key=lambda e: e["event_time_ms"])
+        if self.cfg.mode == "online" and len(events) > 1:
+            parts = [self._learn_batch([ev]) for ev in events]
+            offset, pos = 0, []
+            for p in parts:
+                pos.extend(offset + i for i in p.positive_index)
+                offset += len(p.labels)
+            return LearnResult(
+                [x for p in parts for x in p.labels], [x for p in parts for x in p.probs], pos,
+                sum(p.loss for p in parts) / len(parts), sum(p.steps for p in parts), self.version,
+                sum(p.skipped_nonfinite for p in parts), [r for p in parts for r in p.rollbacks],
+            )
+        return self._learn_batch(events)
+
+    def _learn_batch(self, events: Sequence[dict[str, Any]]) -> LearnResult:
+        result = LearnResult([], [], [], float("nan"), 0, self.version, 0, [])
+        if not events:
+            return result
+        self.now_ms = max(self.now_ms, max(int(e["event_time_ms"]) for e in events))
+        batch = self._build(events)
+        probs = self._predict_batch(batch)
+        result.labels, result.probs, result.positive_index = batch.labels.tolist(), probs.tolist(), batch.positive_index
+        self.counters["events"] += len(events)
+        self.counters["examples"] += len(batch.labels)
+        if self.frozen:
+            return result
+        if self.cfg.mode == "retrain":
+            self._retrain_if_due(events)
+            self._refresh_queries(events)
+            result.version = self.version
+            return result
+        rollback = self._gate(batch, probs)
+        if rollback is not None:
+            result.rollbacks.append(rollback)
+        skipped_before = self.counters["skipped_nonfinite"]
+        result.loss = self._accumulate(events, batch)
+        if self._acc_batches >= self.cfg.accumulate_steps:
+            result.steps += int(self._apply())
+        self._refresh_queries(events)
+        if not self._acc_batches:
+            self._evict(self.now_ms)
+        result.skipped_nonfinite = self.counters["skipped_nonfinite"] - skipped_before
+        result.version = self.version
+        return result
+
+    def _accumulate(self, events: Sequence[dict[str, Any]], batch: _Batch) -> float:
+        self.users.observe([e["user_id"] for e in events], self.now_ms)
+        self.items.observe([e["item_id"] for e in events], self.now_ms)
+        self.items.write_extra([e["item_id"] for e in events], batch.item_feats[batch.positive_index])
+        u_rows, i_rows, h_rows = self._gathered(batch)
+        U = self.users.gather(u_rows).requires_grad_()
+        I = self.items.gather(i_rows).requires_grad_()
+        H = self.items.gather(h_rows).requires_grad_()
+        hmask = (h_rows >= 0).float()
+        logits = self._logits(U, I, H, hmask, batch.user_feats, batch.item_feats)
+        losses = nn.functional.binary_cross_entropy_with_logits(logits, batch.labels, reduction="none")
+        loss = (losses * batch.weights).sum()
+        loss.backward()
+        assert U.grad is not None and I.grad is not None and H.grad is not None
+        self._acc[USER].append((u_rows, U.grad))
+        self._acc[ITEM].append((torch.cat([i_rows, h_rows.reshape(-1)]),
+                                torch.cat([I.grad, H.grad.reshape(-1, H.shape[-1])])))
+        self._acc_batches += 1
+        self._acc_examples += len(batch.labels)
+        return float(loss.detach()) / max(1, len(batch.labels))
+
+    def _reset_accumulators(self) -> None:
+        self._acc = {USER: [], ITEM: []}
+        self._acc_batches = self._acc_examples = 0
+        self.dense_opt.zero_grad(set_to_none=True)
+
+    def _apply(self) -> bool:
+        """One optimizer step from the accumulated gradients; skipped (and counted) if non-finite."""
+        cfg = self.cfg
+        updates: list[tuple[DynamicEmbeddingTable, torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]] = []
+        n = max(1, self._acc_examples)
+        for table in (self.users, self.items):
+            parts = self._acc[table.name]
+            if not parts:
+                continue
+            rows = torch.cat([r for r, _ in parts])
+            grads = torch.cat([g for _, g in parts])
+            keep = rows >= 0
+            rows, grads = rows[keep], grads[keep]
+            if rows.numel() == 0:
+                continue
+            uniq, inverse = torch.unique(rows, return_inverse=True)
+            summed = torch.zeros(len(uniq), table.width, device=self.device).index_add_(0, inverse, grads)
+            updates.append((table, uniq, summed, {}))
+        dense_grads = [p.grad for p in self.dense.parameters() if p.grad is not None]
+        if not all_finite(*(u[2] for u in updates), *dense_grads):
+            self.counters["skipped_nonfinite"] += 1
+            self._reset_accumulators()
+            return False
+        staged = []
+        for table, rows, grads, _ in updates:
+            grads = clip_rows(grads, cfg.clip_norm)
+            weights = table.weights[rows]
+            if cfg.l2_to_good > 0:
+                grads = grads + cfg.l2_to_good * (weights - self._good_rows(table, rows, weights))
+            state = {k: v[rows] for k, v in table.state.items()}
+            new_w, new_state = table.optimizer.step(weights, grads, state)
+            staged.append((table, rows, new_w, new_state))
+        for p in self.dense.parameters():
+            if p.grad is not None:
+                p.grad /= n
+        if cfg.l2_to_good > 0:
+            for name, p in self.dense.named_parameters():
+                if p.grad is not None:
+                    p.grad += cfg.l2_to_good * (p.detach() - self._good_dense[name])
+        if cfg.clip_norm is not None:
+            nn.utils.clip_grad_norm_(self.dense.parameters(), cfg.clip_norm)
+        if not all_finite(*(s[2] for s in staged), *(t for s in staged for t in s[3].values())):
+            self.counters["skipped_nonfinite"] += 1
+            self._reset_accumulators()
+            return False
+        dense_before = {k: v.detach().clone() for k, v in self.dense.state_dict().items()}
+        opt_before = copy.deepcopy(self.dense_opt.state_dict())
+        self.dense_opt.step()
+        if not all_finite(*(p.detach() for p in self.dense.parameters())):
+            self.dense.load_state_dict(dense_before)
+            self.dense_opt.load_state_dict(opt_before)
+            self.counters["skipped_nonfinite"] += 1
+            self._reset_accumulators()
+            return False
+        for table, rows, new_w, new_state in staged:
+            table.write_rows(rows, new_w, new_state)
+        self._dense_dirty = True
+        self._reset_accumulators()
+        self.version += 1
+        self.counters["steps"] += 1
+        return True
+
+    def _good_rows(self, table: DynamicEmbeddingTable, rows: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        good = weights.clone()
+        for i, r in enumerate(rows.tolist()):
+            snap = self._undo.get((table.name, table.ids[r]))  # type: ignore[arg-type]
+            if snap is not None:
+                good[i] = snap["weights"]
+        return good
+
+    def _refresh_queries(self, events: Sequence[dict[str, Any]]) -> None:
+        """Recompute the published user tower (q_u, c_u) for the users these events touched."""
+        latest: dict[str, dict[str, Any]] = {}
+        for ev in events:
+            latest[ev["user_id"]] = ev
+        if not latest:
+            return
+        keys = list(latest)
+        hists = [(list(latest[k].get("history") or []) + [latest[k]["item_id"]])[-self.cfg.history:]
+                 if self.cfg.history else [] for k in keys]
+        for k, h in zip(keys, hists):
+            self._history[k] = h
+        uf = torch.tensor([latest[k]["user_features"] for k in keys], device=self.device)
+        uf = uf.reshape(len(keys), self.cfg.user_features)
+        self.queries.observe(keys, self.now_ms)
+        with torch.no_grad():
+            h_rows = self._history_rows(hists)
+            H = self.items.gather(h_rows)
+            hmask = (h_rows >= 0).float()
+            d = self.cfg.dim
+            U = self.users.gather(self.users.rows(keys))
+            q = U[:, :d] + (H[..., :d] * hmask.unsqueeze(-1)).sum(1) / hmask.sum(1).clamp(min=1).unsqueeze(-1)
+            c = U[:, d] + self.dense.user_term(uf)
+            values = torch.cat([q, c.unsqueeze(-1)], dim=1)
+        rows = self.queries.rows(keys)
+        self.queries.write_rows(rows, values, {})
+
+    def _evict(self, now_ms: int) -> None:
+        for key in self.users.evict_expired(now_ms):
+            self.queries.remove(key)
+            self._history.pop(key, None)
+        self.items.evict_expired(now_ms)
+        for key in self.queries.evict_expired(now_ms):
+            self._history.pop(key, None)
+
+    # ------------------------------------------------------------------ scores
+    @torch.no_grad()
+    def topk(self, user_ids: Iterable[str], k: int) -> dict[str, list[tuple[str, float]]]:
+        """Top-k items (by probability) for each user from the published rows of this version."""
+        return topk_from_tables(self.queries, self.items, self.dense, list(user_ids), k)
+
+    # ------------------------------------------------------------------ stability guard
+    def _gate(self, batch: _Batch, probs: torch.Tensor) -> RollbackRecord | None:
+        cfg = self.cfg
+        if not cfg.gate or self.version == self.good_version:
+            return None
+        good_probs = self._predict_batch(batch, good=True)
+        y = batch.labels
+        eps = 1e-7
+        def ll(p: torch.Tensor) -> float:
+            p = p.clamp(eps, 1 - eps)
+            return float(-(y * p.log() + (1 - y) * (1 - p).log()).sum())
+        self._gate_sums[0] += ll(probs)
+        self._gate_sums[1] += ll(good_probs)
+        self._gate_sums[2] += len(y)
+        if self._gate_sums[2] < cfg.gate_window:
+            return None
+        cand, good = self._gate_sums[0] / self._gate_sums[2], self._gate_sums[1] / self._gate_sums[2]
+        self._gate_sums = [0.0, 0.0, 0]
+        if not math.isfinite(cand) or cand > good * (1 + cfg.gate_tolerance):
+            return self.rollback(cand, good, "candidate logloss above tolerance" if math.isfinite(cand) else "non-finite loss")
+        self.promote()
+        return None
+
+    def promote(self) -> None:
+        """Declare the current version good: the undo log starts over from here."""
+        self._undo.clear()
+        self._good_dense = copy.deepcopy(self.dense.state_dict())
+        self._good_dense_opt = copy.deepcopy(self.dense_opt.state_dict())
+        self.good_version = self.version
+        self.counters["promotions"] += 1
+
+    def rollback(self, cand: float = float("nan"), good: float = float("nan"), reason: str = "manual") -> RollbackRecord:
+        """Restore the last good version's rows; the restored state gets a new version number."""
+        self._flush_pending_delta()
+        rejected = self.version
+        tables = self.tables()
+        for table in tables.values():
+            table.on_change = None
+        for (name, key), snap in self._undo.items():
+            tables[name].restore_row(key, snap, self.now_ms)
+        self.dense.load_state_dict(self._good_dense)
+        self.dense_opt.load_state_dict(self._good_dense_opt)
+        self._dense_dirty = True
+        self._attach_undo()
+        self._reset_accumulators()
+        self.version += 1
+        record = RollbackRecord(self.shard, rejected, self.good_version, self.version, cand, good, reason)
+        self._undo.clear()
+        self.good_version = self.version
+        self.counters["rollbacks"] += 1
+        self._pending.extend(self._collect_deltas(is_rollback=True))
+        return record
+
+    # ------------------------------------------------------------------ periodic retrain baseline
+    def _retrain_if_due(self, events: Sequence[dict[str, Any]]) -> None:
+        self._replay.extend(dict(e) for e in events)
+        if self._last_retrain_ms is None:
+            self._last_retrain_ms = self.now_ms
+        if self.now_ms - self._last_retrain_ms < self.cfg.retrain_every_ms:
+            return
+        self._last_retrain_ms = self.now_ms
+        if self.cfg.retrain_window_ms is not None:
+            cutoff = self.now_ms - self.cfg.retrain_window_ms
+            self._replay = [e for e in self._replay if e["event_time_ms"] >= cutoff]
+        fresh = IncrementalLearner(replace(self.cfg, mode="incremental", gate=False, l2_to_good=0.0), self.shard)
+        for _ in range(self.cfg.retrain_epochs):
+            for i in range(0, len(self._replay), self.cfg.retrain_batch):
+                fresh._learn_batch(self._replay[i : i + self.cfg.retrain_batch])
+        old_ids = {name: set(t.index) for name, t in self.tables().items()}
+        self.users, self.items, self.queries = fresh.users, fresh.items, fresh.queries
+        self.dense, self.dense_opt = fresh.dense, fresh.dense_opt
+        for name, table in self.tables().items():
+            table.dirty = set(table.index)
+            table.tombstones = old_ids[name] - set(table.index)
+        self._attach_undo()
+        self._dense_dirty = True
+        self.version += 1
+        self.counters["retrains"] += 1
+
+    # ------------------------------------------------------------------ deltas
+    def _collect_deltas(self, is_rollback: bool = False) -> list[ModelDelta]:
+        if self.version == self.published_version and not is_rollback:
+            return []
+        out = []
+        for name, table in self.tables().items():
+            ids, values, tombs = table.take_changes()
+            if ids or tombs:
+                out.append(ModelDelta(self.shard, self.version, self.published_version, name, ids, values, tombs, is_rollback))
+        if self._dense_dirty:
+            params = self.dense.item_parameters()
+            names = list(params) + ["bias"]
+            flat = [params[n].detach().reshape(-1).cpu() for n in params] + [self.dense.bias.detach().cpu()]
+            width = max(len(f) for f in flat)
+            values = torch.zeros(len(flat), width)
+            for i, f in enumerate(flat):
+                values[i, : len(f)] = f
+            out.append(ModelDelta(self.shard, self.version, self.published_version, DENSE, names, values, [], is_rollback))
+            self._dense_dirty = False
+        self.published_version = self.version
+        return out
+
+    def _flush_pending_delta(self) -> None:
+        self._pending.extend(self._collect_deltas())
+
+    def take_deltas(self) -> list[ModelDelta]:
+        """Every row changed since the previous call, grouped per table and version."""
+        self._flush_pending_delta()
+        out, self._pending = self._pending, []
+        return out
+
+    def apply_delta(self, delta: ModelDelta) -> None:
+        """Write a published delta's rows into this learner (replay after a snapshot restore)."""
+        if delta.table == DENSE:
+            load_dense_rows(self.dense, delta.row_ids, delta.row_values)
+        else:
+            table = self.tables()[delta.table]
+            for key, values in zip(delta.row_ids, delta.row_values):
+                table.set_values(key, values.to(self.device), self.now_ms)
+            for key in delta.tombstones:
+                table.remove(key)
+            table.dirty.clear()
+            table.tombstones.clear()
+        self.version = self.published_version = max(self.version, delta.model_version)
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        if self._acc_batches:
+            raise RuntimeError("state_dict: gradients are still being accumulated; checkpoint after a step")
+        return {
+            "format": FORMAT_VERSION,
+            "config": self.cfg.to_dict(),
+            "shard": self.shard,
+            "version": self.version,
+            "published_version": self.published_version,
+            "good_version": self.good_version,
+            "now_ms": self.now_ms,
+            "tables": {name: t.state_dict() for name, t in self.tables().items()},
+            "dense": {k: v.cpu() for k, v in self.dense.state_dict().items()},
+            "dense_opt": self.dense_opt.state_dict(),
+            "good_dense": {k: v.cpu() for k, v in self._good_dense.items()},
+            "good_dense_opt": self._good_dense_opt,
+            "undo": [[name, key, snap] for (name, key), snap in self._undo.items()],
+            "gate_sums": list(self._gate_sums),
+            "generator": self.gen.get_state(),
+            "counters": dict(self.counters),
+            "history": dict(self._history),
+            "dense_dirty": self._dense_dirty,
+            "replay": list(self._replay),
+            "last_retrain_ms": self._last_retrain_ms,
+        }
+
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
+        if sd.get("format") != FORMAT_VERSION:
+            raise ValueError(f"checkpoint format {sd.get('format')!r} is not {FORMAT_VERSION}")
+        self.shard = int(sd["shard"])
+        self.version, self.published_version = int(sd["version"]), int(sd["published_version"])
+        self.good_version, self.now_ms = int(sd["good_version"]), int(sd["now_ms"])
+        for name, table in self.tables().items():
+            table.load_state_dict(sd["tables"][name])
+        self.dense.load_state_dict(sd["dense"])
+        self.dense_opt.load_state_dict(sd["dense_opt"])
+        self._good_dense = sd["good_dense"]
+        self._good_dense_opt = sd["good_dense_opt"]
+        self._undo = {(name, key): snap for name, key, snap in sd["undo"]}
+        self._gate_sums = list(sd["gate_sums"])
+        self.gen.set_state(sd["generator"])
+        self.counters = Counter(sd["counters"])
+        self._history = {k: list(v) for k, v in sd["history"].items()}
+        self._dense_dirty = bool(sd["dense_dirty"])
+        self._replay = list(sd["replay"])
+        self._last_retrain_ms = sd["last_retrain_ms"]
+        self._reset_accumulators()
+        self._attach_undo()
+
+    def to_bytes(self) -> bytes:
+        buf = io.BytesIO()
+        torch.save(self.state_dict(), buf)
+        return buf.getvalue()
+
+    @classmethod
+    def from_bytes(cls, data: bytes, cfg: LearnerConfig | None = None) -> IncrementalLearner:
+        sd = torch.load(io.BytesIO(data), weights_only=True, map_location="cpu")
+        learner = cls(cfg or LearnerConfig.from_dict(sd["config"]), int(sd["shard"]))
+        learner.load_state_dict(sd)
+        return learner
+
+    def parameters_snapshot(self) -> dict[str, dict[str, list[float]]]:
+        """Published values of every row, by table and id (for equality checks)."""
+        out = {name: {k: t.published_values(k).tolist() for k in sorted(t.index)} for name, t in self.tables().items()}
+        out[DENSE] = {k: v.reshape(-1).tolist() for k, v in self.dense.state_dict().items()}
+        return out
+
+    def memory_bytes(self) -> int:
+        return sum(t.memory_bytes() for t in self.tables().values())
+
+
+def load_dense_rows(dense: DenseTower, names: list[str], values: torch.Tensor) -> None:
+    """Write published dense rows (flattened parameters, zero-padded) back into a DenseTower."""
+    params = dict(dense.named_parameters())
+    with torch.no_grad():
+        for name, row in zip(names, values):
+            p = params[name]
+            p.copy_(row[: p.numel()].reshape(p.shape).to(p.device))
+
+
+@torch.no_grad()
+def topk_from_tables(
+    queries: Any, items: Any, dense: DenseTower, user_ids: list[str], k: int
+) -> dict[str, list[tuple[str, float]]]:
+    """Shared by the learner and the serving copy so that both compute scores the same way."""
+    out: dict[str, list[tuple[str, float]]] = {}
+    item_rows = items.active_rows()
+    if item_rows.numel() == 0:
+        return {u: [] for u in user_ids}
+    d = items.cfg.dim
+    W = items.weights[item_rows]
+    static = W[:, d] + dense.item_term(items.extra[item_rows])
+    kk = min(k, len(item_rows))
+    for user in user_ids:
+        row = queries.row_of(user)
+        if row < 0:
+            out[user] = []
+            continue
+        qc = queries.weights[row]
+        logits = W[:, :d] @ qc[:d] + static + qc[d]
+        top = torch.topk(logits, kk)
+        probs = torch.sigmoid(top.values).tolist()
+        out[user] = [(items.ids[int(item_rows[j])], p) for j, p in zip(top.indices.tolist(), probs)]
+    return out
+
+
+__all__ = [
+    "IncrementalLearner", "LearnResult", "ModelDelta", "RollbackRecord", "DenseTower", "TableConfig",
+    "resolve_device", "topk_from_tables", "load_dense_rows",
+]

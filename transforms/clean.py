@@ -1,0 +1,157 @@
+"""CleanEvents: decode + validate, drop late events, dedupe by event id. Every refusal is dead-lettered."""
+
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+import apache_beam as beam
+from apache_beam.coders import VarIntCoder
+from apache_beam.metrics import Metrics
+from apache_beam.pvalue import TaggedOutput
+from apache_beam.transforms.timeutil import TimeDomain
+from apache_beam.transforms.userstate import ReadModifyWriteStateSpec, TimerSpec, on_timer
+from apache_beam.utils.timestamp import Timestamp
+
+from model.hashing import shard_of
+from transforms.cleaning import CleanConfig, InvalidEvent, LatenessTracker, decode_event, raw_bytes
+
+DEAD_LETTER = "dead_letter"
+NAMESPACE = "freshrec"
+
+
+def dead_letter(payload: Any, reason: str, step: str, event: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A record for ``schemas/dead_letter.avsc``."""
+    return {
+        "raw": raw_bytes(payload if event is None else event),
+        "reason": reason,
+        "step": step,
+        "event_id": None if event is None else event.get("event_id"),
+        "event_time_ms": None if event is None else event.get("event_time_ms"),
+    }
+
+
+def ts_ms(ts: Timestamp) -> int:
+    return int(ts.micros // 1000)
+
+
+class DecodeAndValidate(beam.DoFn):
+    STEP = "DecodeAndValidate"
+
+    def __init__(self, cfg: CleanConfig = CleanConfig()):
+        self.cfg = cfg
+        self.events_in = Metrics.counter(NAMESPACE, "events_in")
+        self.malformed = Metrics.counter(NAMESPACE, "dead_letter_malformed")
+
+    def process(self, payload: Any) -> Iterable[Any]:
+        self.events_in.inc()
+        try:
+            event = decode_event(payload, self.cfg)
+        except InvalidEvent as exc:
+            self.malformed.inc()
+            yield TaggedOutput(DEAD_LETTER, dead_letter(payload, f"malformed: {exc.reason}", self.STEP))
+            return
+        yield event
+
+
+class DropLateEvents(beam.DoFn):
+    """Keyed by shard. Late = older than the proven watermark minus allowed lateness (see LatenessTracker)."""
+
+    STEP = "DropLateEvents"
+    WATERMARK = ReadModifyWriteStateSpec("watermark_ms", VarIntCoder())
+    NEWEST = ReadModifyWriteStateSpec("newest_ms", VarIntCoder())
+    PROBE = TimerSpec("watermark_probe", TimeDomain.WATERMARK)
+
+    def __init__(self, allowed_lateness_ms: int):
+        if allowed_lateness_ms < 0:
+            raise ValueError(f"{self.STEP}: allowed_lateness_ms must be >= 0, got {allowed_lateness_ms}")
+        self.allowed_lateness_ms = allowed_lateness_ms
+        self.late = Metrics.counter(NAMESPACE, "dead_letter_late")
+
+    def process(
+        self,
+        element: tuple[int, dict[str, Any]],
+        timestamp=beam.DoFn.TimestampParam,
+        watermark=beam.DoFn.StateParam(WATERMARK),
+        newest=beam.DoFn.StateParam(NEWEST),
+        probe=beam.DoFn.TimerParam(PROBE),
+    ):
+        _, event = element
+        tracker = LatenessTracker(self.allowed_lateness_ms)
+        proven = watermark.read()
+        if proven is not None:
+            tracker.advance(proven)
+        event_ms = ts_ms(timestamp)
+        if tracker.is_late(event_ms):
+            self.late.inc()
+            behind = tracker.watermark_ms - event_ms
+            reason = f"late: event time is {behind} ms behind the watermark (allowed lateness {self.allowed_lateness_ms} ms)"
+            yield TaggedOutput(DEAD_LETTER, dead_letter(None, reason, self.STEP, event))
+            return
+        latest = max(event_ms, newest.read() or event_ms)
+        newest.write(latest)
+        probe.set(Timestamp(micros=latest * 1000))
+        yield event
+
+    @on_timer(PROBE)
+    def on_probe(self, fired=beam.DoFn.TimestampParam, watermark=beam.DoFn.StateParam(WATERMARK)):
+        watermark.write(max(ts_ms(fired), watermark.read() or ts_ms(fired)))
+
+
+class DedupeEvents(beam.DoFn):
+    """Keyed by event id; remembers an id for ``ttl_ms`` of event time after its event."""
+
+    STEP = "DedupeEvents"
+    SEEN = ReadModifyWriteStateSpec("seen", VarIntCoder())
+    EXPIRY = TimerSpec("expiry", TimeDomain.WATERMARK)
+
+    def __init__(self, ttl_ms: int):
+        if ttl_ms <= 0:
+            raise ValueError(f"{self.STEP}: ttl_ms must be > 0, got {ttl_ms}")
+        self.ttl_ms = ttl_ms
+        self.duplicates = Metrics.counter(NAMESPACE, "dead_letter_duplicate")
+
+    def process(
+        self,
+        element: tuple[str, dict[str, Any]],
+        timestamp=beam.DoFn.TimestampParam,
+        seen=beam.DoFn.StateParam(SEEN),
+        expiry=beam.DoFn.TimerParam(EXPIRY),
+    ):
+        _, event = element
+        if seen.read():
+            self.duplicates.inc()
+            yield TaggedOutput(DEAD_LETTER, dead_letter(None, "duplicate event_id", self.STEP, event))
+            return
+        seen.write(1)
+        expiry.set(timestamp + self.ttl_ms / 1000.0)
+        yield event
+
+    @on_timer(EXPIRY)
+    def expire(self, seen=beam.DoFn.StateParam(SEEN)):
+        seen.clear()
+
+
+class CleanEvents(beam.PTransform):
+    """Raw payloads -> valid, on-time, unique events (main output) + dead letters (``DEAD_LETTER``)."""
+
+    def __init__(self, shards: int, allowed_lateness_ms: int, dedupe_ttl_ms: int, cfg: CleanConfig = CleanConfig()):
+        super().__init__()
+        self.shards, self.allowed_lateness_ms, self.dedupe_ttl_ms, self.cfg = shards, allowed_lateness_ms, dedupe_ttl_ms, cfg
+
+    def expand(self, payloads):
+        decoded = payloads | "DecodeAndValidate" >> beam.ParDo(DecodeAndValidate(self.cfg)).with_outputs(
+            DEAD_LETTER, main="events")
+        shards = self.shards
+        on_time = (
+            decoded.events
+            | "KeyByShardForLateness" >> beam.Map(lambda e: (shard_of(e["user_id"], shards), e))
+            | "DropLateEvents" >> beam.ParDo(DropLateEvents(self.allowed_lateness_ms)).with_outputs(
+                DEAD_LETTER, main="events")
+        )
+        unique = (
+            on_time.events
+            | "KeyByEventId" >> beam.Map(lambda e: (e["event_id"], e))
+            | "DedupeEvents" >> beam.ParDo(DedupeEvents(self.dedupe_ttl_ms)).with_outputs(DEAD_LETTER, main="events")
+        )
+        dead = (decoded[DEAD_LETTER], on_time[DEAD_LETTER], unique[DEAD_LETTER]) | "FlattenCleanDeadLetters" >> beam.Flatten()
+        return {"events": unique.events, DEAD_LETTER: dead}

@@ -1,0 +1,146 @@
+"""Sinks: Avro files (windowed writes) for scores, deltas, rollbacks and dead letters; the run summary."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Any
+
+import apache_beam as beam
+import fastavro
+from apache_beam.io import fileio
+from apache_beam.transforms import window
+
+import schemas
+from model.metrics import BinaryStats
+
+
+class AvroFileSink(fileio.FileSink):
+    """One Avro container file per (window, pane, shard), records checked against the schema."""
+
+    def __init__(self, schema_name: str):
+        self.schema_name = schema_name
+        self._writer: Any = None
+
+    def open(self, fh):
+        self._writer = fastavro.write.Writer(fh, schemas.load_schema(self.schema_name), validator=True)
+
+    def write(self, record):
+        self._writer.write(record)
+
+    def flush(self):
+        self._writer.flush()
+
+
+class WriteAvroRecords(beam.PTransform):
+    """Write records of ``schema_name`` under ``directory``; fixed windows of ``window_s`` seconds
+    (0 = one global window, for bounded runs)."""
+
+    def __init__(self, directory: str, schema_name: str, window_s: int = 0):
+        super().__init__()
+        self.directory, self.schema_name, self.window_s = directory, schema_name, window_s
+
+    def expand(self, records):
+        if self.window_s:
+            records = records | "WindowForFiles" >> beam.WindowInto(window.FixedWindows(self.window_s))
+        name = self.schema_name
+        return records | "WriteAvroFiles" >> fileio.WriteToFiles(
+            path=self.directory,
+            file_naming=fileio.default_file_naming(prefix=name, suffix=".avro"),
+            sink=lambda _dest: AvroFileSink(name),
+            shards=1,
+        )
+
+
+class SummaryFn(beam.CombineFn):
+    """Merges flush reports and dead letters into the run summary (mergeable: counts and histograms)."""
+
+    def create_accumulator(self):
+        return {"applied": 0, "dead_letter": {}, "stats": BinaryStats().to_dict(), "versions": {},
+                "steps": 0, "skipped_nonfinite": 0, "rollbacks": 0, "flushes": 0, "table_rows": {}}
+
+    def add_input(self, acc, item):
+        kind, rec = item
+        if kind == "dead_letter":
+            reason = rec["reason"].split(":")[0]
+            acc["dead_letter"][reason] = acc["dead_letter"].get(reason, 0) + 1
+            return acc
+        acc["applied"] += rec["events"]
+        acc["steps"] += rec["steps"]
+        acc["skipped_nonfinite"] += rec["skipped_nonfinite"]
+        acc["rollbacks"] += rec["rollbacks"]
+        acc["flushes"] += 1
+        acc["stats"] = BinaryStats.from_dict(acc["stats"]).merge(BinaryStats.from_dict(rec["stats"])).to_dict()
+        shard = str(rec["shard"])
+        if rec["version"] >= acc["versions"].get(shard, -1):
+            acc["versions"][shard] = rec["version"]
+            acc["table_rows"][shard] = rec["table_rows"]
+        return acc
+
+    def merge_accumulators(self, accs):
+        accs = list(accs)
+        out = self.create_accumulator()
+        for a in accs:
+            out["applied"] += a["applied"]
+            for k in ("steps", "skipped_nonfinite", "rollbacks", "flushes"):
+                out[k] += a[k]
+            for r, n in a["dead_letter"].items():
+                out["dead_letter"][r] = out["dead_letter"].get(r, 0) + n
+            out["stats"] = BinaryStats.from_dict(out["stats"]).merge(BinaryStats.from_dict(a["stats"])).to_dict()
+            for s, v in a["versions"].items():
+                if v >= out["versions"].get(s, -1):
+                    out["versions"][s] = v
+                    out["table_rows"][s] = a["table_rows"][s]
+        return out
+
+    def extract_output(self, acc):
+        stats = BinaryStats.from_dict(acc["stats"])
+        dead = sum(acc["dead_letter"].values())
+        auc, ll = stats.auc(), stats.logloss()
+        return {
+            "events_applied": acc["applied"],
+            "events_dead_lettered": dead,
+            "events_accounted": acc["applied"] + dead,
+            "dead_letter_by_reason": dict(sorted(acc["dead_letter"].items())),
+            "prequential": {"examples": stats.count, "auc": None if math.isnan(auc) else round(auc, 5),
+                            "logloss": None if math.isnan(ll) else round(ll, 5)},
+            "model_versions": dict(sorted(acc["versions"].items(), key=lambda kv: int(kv[0]))),
+            "table_rows": acc["table_rows"],
+            "flushes": acc["flushes"],
+            "optimizer_steps": acc["steps"],
+            "steps_skipped_nonfinite": acc["skipped_nonfinite"],
+            "rollbacks": acc["rollbacks"],
+        }
+
+
+def write_summary(summary: dict[str, Any], path: str) -> str:
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as fh:
+        json.dump(summary, fh, indent=2, sort_keys=True)
+    os.replace(tmp, path)
+    return path
+
+
+class SummarizeRun(beam.PTransform):
+    def __init__(self, path: str | None, window_s: int = 0):
+        super().__init__()
+        self.path, self.window_s = path, window_s
+
+    def expand(self, pcolls):
+        reports, dead = pcolls
+        tagged = (
+            (reports | "TagReports" >> beam.Map(lambda r: ("report", r)),
+             dead | "TagDeadLetters" >> beam.Map(lambda r: ("dead_letter", r)))
+            | "FlattenLedger" >> beam.Flatten()
+        )
+        if self.window_s:
+            tagged = tagged | "WindowSummary" >> beam.WindowInto(window.FixedWindows(self.window_s))
+            summary = tagged | "CombineSummary" >> beam.CombineGlobally(SummaryFn()).without_defaults()
+        else:
+            summary = tagged | "CombineSummary" >> beam.CombineGlobally(SummaryFn())
+        if self.path:
+            path = self.path
+            summary | "WriteSummary" >> beam.Map(write_summary, path)
+        return summary

@@ -1,0 +1,264 @@
+"""UpdateShardModels: one stateful DoFn per shard holds its model partition in Beam state.
+
+Events are buffered in BagState and flushed when ``batch_size`` are buffered (``batch_size=1`` is
+online learning), when the watermark passes the newest buffered event, or ``flush_interval_s`` of
+processing time after the buffer became non-empty. A flush scores first (prequential metrics),
+takes one optimizer step, and emits refreshed scores for the touched users, a delta of exactly the
+rows that changed, rollback records, and a report for the run summary.
+
+The partition is kept in state as a snapshot (``IncrementalLearner.to_bytes``, loadable with
+``weights_only=True``) plus a journal of the micro-batches applied since; the learner is
+deterministic, so snapshot + journal replay rebuilds it exactly after a restart. A live copy is
+cached per worker and used only while its flush count matches the one in state.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import apache_beam as beam
+from apache_beam.coders import BytesCoder, VarIntCoder
+from apache_beam.coders.coders import FastPrimitivesCoder
+from apache_beam.metrics import Metrics
+from apache_beam.pvalue import TaggedOutput
+from apache_beam.transforms.combiners import CountCombineFn
+from apache_beam.transforms.timeutil import TimeDomain
+from apache_beam.transforms.userstate import (
+    BagStateSpec, CombiningValueStateSpec, ReadModifyWriteStateSpec, TimerSpec, on_timer)
+from apache_beam.transforms.window import TimestampedValue
+from apache_beam.utils.timestamp import Timestamp
+
+import schemas
+from model.config import LearnerConfig
+from model.hashing import shard_of
+from model.learner import IncrementalLearner
+from model.metrics import BinaryStats
+from transforms.coders import AvroRecordCoder, frame, unframe
+from transforms.featurize import featurized_record
+
+SCORES, DELTAS, ROLLBACKS, REPORTS = "scores", "deltas", "rollbacks", "reports"
+NAMESPACE = "freshrec"
+
+# Live learners of this worker, by (DoFn instance id, shard): (learner, flushes it has applied).
+_LIVE: dict[tuple[str, int], tuple[IncrementalLearner, int]] = {}
+
+
+@dataclass(frozen=True)
+class UpdateConfig:
+    shards: int = 4
+    batch_size: int = 256
+    flush_interval_s: float | None = 5.0
+    top_k: int = 10
+    snapshot_every: int = 50
+    checkpoint_dir: str | None = None
+    checkpoint_every: int = 0
+
+    def __post_init__(self) -> None:
+        if self.shards < 1:
+            raise ValueError(f"UpdateConfig.shards must be >= 1, got {self.shards}")
+        if self.batch_size < 1:
+            raise ValueError(f"UpdateConfig.batch_size must be >= 1, got {self.batch_size}")
+        if self.flush_interval_s is not None and self.flush_interval_s <= 0:
+            raise ValueError("UpdateConfig.flush_interval_s must be > 0 or None")
+        if self.top_k < 1 or self.snapshot_every < 1 or self.checkpoint_every < 0:
+            raise ValueError("UpdateConfig.top_k and snapshot_every must be >= 1, checkpoint_every >= 0")
+
+
+def restore_learner(cfg: LearnerConfig, shard: int, snapshot: bytes | None, journal: list[bytes]) -> IncrementalLearner:
+    """Rebuild a shard's learner from its state: the snapshot, then every journaled micro-batch in order."""
+    learner = IncrementalLearner.from_bytes(snapshot, cfg) if snapshot else IncrementalLearner(cfg, shard)
+    for entry in journal:
+        learner.learn([schemas.decode(schemas.FEATURIZED_EVENT, rec) for rec in unframe(entry)])
+        learner.take_deltas()
+    return learner
+
+
+class UpdateShardModel(beam.DoFn):
+    BUFFER = BagStateSpec("buffer", AvroRecordCoder(schemas.FEATURIZED_EVENT))
+    BUFFERED = CombiningValueStateSpec("buffered", VarIntCoder(), CountCombineFn())
+    SNAPSHOT = ReadModifyWriteStateSpec("snapshot", BytesCoder())
+    JOURNAL = BagStateSpec("journal", BytesCoder())
+    META = ReadModifyWriteStateSpec("meta", FastPrimitivesCoder())
+    WATERMARK_TIMER = TimerSpec("flush_at_watermark", TimeDomain.WATERMARK)
+
+    def __init__(self, learner_cfg: LearnerConfig, cfg: UpdateConfig, clock: Callable[[], float] = time.time):
+        self.learner_cfg, self.cfg, self.clock = learner_cfg, cfg, clock
+        self.instance_id = uuid.uuid4().hex
+        self.applied = Metrics.counter(NAMESPACE, "events_applied")
+        self.flushes = Metrics.counter(NAMESPACE, "flushes")
+        self.rollbacks = Metrics.counter(NAMESPACE, "rollbacks")
+        self.restores = Metrics.counter(NAMESPACE, "learner_restores")
+        self.skipped = Metrics.counter(NAMESPACE, "steps_skipped_nonfinite")
+
+    # -------------------------------------------------------------- triggers
+    def process(
+        self,
+        element: tuple[int, dict[str, Any]],
+        buffer=beam.DoFn.StateParam(BUFFER),
+        buffered=beam.DoFn.StateParam(BUFFERED),
+        snapshot=beam.DoFn.StateParam(SNAPSHOT),
+        journal=beam.DoFn.StateParam(JOURNAL),
+        meta=beam.DoFn.StateParam(META),
+        watermark_timer=beam.DoFn.TimerParam(WATERMARK_TIMER),
+    ):
+        yield from self._buffer(element, buffer, buffered, snapshot, journal, meta, watermark_timer, None)
+
+    def _buffer(self, element, buffer, buffered, snapshot, journal, meta, watermark_timer, flush_timer):
+        shard, event = element
+        record = featurized_record(event)
+        buffer.add(record)
+        buffered.add(1)
+        count = buffered.read()
+        state = meta.read() or _new_meta()
+        if count == 1 and flush_timer is not None:
+            flush_timer.set(Timestamp.of(self.clock() + self.cfg.flush_interval_s))
+        newest = max(state.get("buffer_newest_ms") or 0, record["event_time_ms"])
+        state["buffer_newest_ms"] = newest
+        meta.write(state)
+        if count >= self.cfg.batch_size:
+            yield from self._flush(shard, buffer, buffered, snapshot, journal, meta, flush_timer)
+        else:
+            watermark_timer.set(Timestamp(micros=newest * 1000))
+
+    @on_timer(WATERMARK_TIMER)
+    def on_watermark(
+        self,
+        key=beam.DoFn.KeyParam,
+        buffer=beam.DoFn.StateParam(BUFFER),
+        buffered=beam.DoFn.StateParam(BUFFERED),
+        snapshot=beam.DoFn.StateParam(SNAPSHOT),
+        journal=beam.DoFn.StateParam(JOURNAL),
+        meta=beam.DoFn.StateParam(META),
+    ):
+        yield from self._flush(key, buffer, buffered, snapshot, journal, meta, None)
+
+    # -------------------------------------------------------------- the flush
+    def _learner(self, shard: int, state: dict[str, Any], snapshot, journal) -> IncrementalLearner:
+        live = _LIVE.get((self.instance_id, shard))
+        if live is not None and live[1] == state["flushes"]:
+            return live[0]
+        if state["flushes"]:
+            self.restores.inc()
+        return restore_learner(self.learner_cfg, shard, snapshot.read(), list(journal.read()))
+
+    def _flush(self, shard, buffer, buffered, snapshot, journal, meta, flush_timer):
+        events = list(buffer.read())
+        if not events:
+            return
+        buffer.clear()
+        buffered.clear()
+        if flush_timer is not None:
+            flush_timer.clear()
+        state = meta.read() or _new_meta()
+        learner = self._learner(shard, state, snapshot, journal)
+        result = learner.learn(events)
+        deltas = learner.take_deltas()
+        now_ms = int(self.clock() * 1000)
+        newest = max(e["event_time_ms"] for e in events)
+        out_ts = newest / 1000.0
+
+        latest_by_user: dict[str, int] = {}
+        for e in events:
+            latest_by_user[e["user_id"]] = max(latest_by_user.get(e["user_id"], 0), e["event_time_ms"])
+        for user, items in learner.topk(sorted(latest_by_user), self.cfg.top_k).items():
+            state["score_seq"] += 1
+            yield TimestampedValue({
+                "user_id": user, "shard": shard, "model_version": learner.version, "sequence": state["score_seq"],
+                "items": [{"item_id": i, "score": float(s)} for i, s in items],
+                "event_time_ms": latest_by_user[user], "emit_time_ms": now_ms,
+            }, out_ts)
+        for delta in deltas:
+            state["delta_seq"] += 1
+            yield TaggedOutput(DELTAS, TimestampedValue(delta.to_record(state["delta_seq"], now_ms), out_ts))
+        for rb in result.rollbacks:
+            self.rollbacks.inc()
+            yield TaggedOutput(ROLLBACKS, TimestampedValue(rb.to_record(), out_ts))
+
+        stats = BinaryStats()
+        stats.update(result.labels, result.probs)
+        self.applied.inc(len(events))
+        self.flushes.inc()
+        self.skipped.inc(result.skipped_nonfinite)
+        yield TaggedOutput(REPORTS, TimestampedValue({
+            "shard": shard, "events": len(events), "version": learner.version, "steps": result.steps,
+            "skipped_nonfinite": result.skipped_nonfinite, "rollbacks": len(result.rollbacks),
+            "stats": stats.to_dict(), "max_event_time_ms": newest, "emit_time_ms": now_ms,
+            "table_rows": {name: len(t) for name, t in learner.tables().items()},
+        }, out_ts))
+
+        journal.add(frame([schemas.encode(schemas.FEATURIZED_EVENT, e) for e in events]))
+        state["flushes"] += 1
+        state["journal_len"] += 1
+        state["buffer_newest_ms"] = None
+        if state["journal_len"] >= self.cfg.snapshot_every and not learner._acc_batches:
+            snapshot.write(learner.to_bytes())
+            journal.clear()
+            state["journal_len"] = 0
+        if self.cfg.checkpoint_dir and self.cfg.checkpoint_every and state["flushes"] % self.cfg.checkpoint_every == 0 \
+                and not learner._acc_batches:
+            from model.checkpoint import save_checkpoint
+            save_checkpoint(learner, self.cfg.checkpoint_dir)
+        meta.write(state)
+        _LIVE[(self.instance_id, shard)] = (learner, state["flushes"])
+
+
+class UpdateShardModelWithIntervalFlush(UpdateShardModel):
+    """Also flushes ``flush_interval_s`` of processing time after the buffer became non-empty (streaming).
+
+    Processing-time timers keep the DirectRunner off its faster batch engine, so bounded runs use
+    the base class: count and watermark flushes cover them."""
+
+    FLUSH_TIMER = TimerSpec("flush_after_interval", TimeDomain.REAL_TIME)
+
+    def process(
+        self,
+        element: tuple[int, dict[str, Any]],
+        buffer=beam.DoFn.StateParam(UpdateShardModel.BUFFER),
+        buffered=beam.DoFn.StateParam(UpdateShardModel.BUFFERED),
+        snapshot=beam.DoFn.StateParam(UpdateShardModel.SNAPSHOT),
+        journal=beam.DoFn.StateParam(UpdateShardModel.JOURNAL),
+        meta=beam.DoFn.StateParam(UpdateShardModel.META),
+        watermark_timer=beam.DoFn.TimerParam(UpdateShardModel.WATERMARK_TIMER),
+        flush_timer=beam.DoFn.TimerParam(FLUSH_TIMER),
+    ):
+        yield from self._buffer(element, buffer, buffered, snapshot, journal, meta, watermark_timer, flush_timer)
+
+    @on_timer(FLUSH_TIMER)
+    def on_interval(
+        self,
+        key=beam.DoFn.KeyParam,
+        buffer=beam.DoFn.StateParam(UpdateShardModel.BUFFER),
+        buffered=beam.DoFn.StateParam(UpdateShardModel.BUFFERED),
+        snapshot=beam.DoFn.StateParam(UpdateShardModel.SNAPSHOT),
+        journal=beam.DoFn.StateParam(UpdateShardModel.JOURNAL),
+        meta=beam.DoFn.StateParam(UpdateShardModel.META),
+        flush_timer=beam.DoFn.TimerParam(FLUSH_TIMER),
+    ):
+        yield from self._flush(key, buffer, buffered, snapshot, journal, meta, flush_timer)
+
+
+def _new_meta() -> dict[str, Any]:
+    return {"flushes": 0, "journal_len": 0, "score_seq": 0, "delta_seq": 0, "buffer_newest_ms": None}
+
+
+class UpdateShardModels(beam.PTransform):
+    """Featurized events -> {scores, deltas, rollbacks, reports}."""
+
+    def __init__(self, learner_cfg: LearnerConfig, cfg: UpdateConfig, clock: Callable[[], float] = time.time):
+        super().__init__()
+        self.learner_cfg, self.cfg, self.clock = learner_cfg, cfg, clock
+
+    def expand(self, events):
+        shards = self.cfg.shards
+        cls = UpdateShardModelWithIntervalFlush if self.cfg.flush_interval_s else UpdateShardModel
+        dofn = cls(self.learner_cfg, self.cfg, self.clock)
+        outputs = (
+            events
+            | "KeyByShard" >> beam.Map(lambda e: (shard_of(e["user_id"], shards), e))
+            | "UpdateShardModel" >> beam.ParDo(dofn).with_outputs(
+                DELTAS, ROLLBACKS, REPORTS, main=SCORES)
+        )
+        return {SCORES: outputs[SCORES], DELTAS: outputs[DELTAS], ROLLBACKS: outputs[ROLLBACKS], REPORTS: outputs[REPORTS]}
