@@ -12,6 +12,7 @@ A row holds ``width`` trainable values (embedding then bias) plus ``extra`` non-
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -67,7 +68,8 @@ class DynamicEmbeddingTable:
         self.dirty: set[str] = set()
         self.tombstones: set[str] = set()
         self.evictions = 0
-        self.on_change = None  # callback(table, id) before a row changes or disappears (undo log)
+        # callback(table, id) before a row changes or disappears (the learner's undo log)
+        self.on_change: Callable[[DynamicEmbeddingTable, str | None], None] | None = None
 
     # ---------------------------------------------------------------- ids and rows
     def __len__(self) -> int:
@@ -186,7 +188,7 @@ class DynamicEmbeddingTable:
         self.dirty.update(self.ids[r] for r in rows.tolist())  # type: ignore[misc]
 
     def write_extra(self, keys: list[str], values: torch.Tensor) -> None:
-        for key, value in zip(keys, values):
+        for key, value in zip(keys, values, strict=False):
             row = self.index.get(key)
             if row is not None and self.extra_width:
                 if self.on_change is not None:
@@ -247,6 +249,9 @@ class DynamicEmbeddingTable:
         rows = self.rows(keys)
         out: dict[str, Any] = {
             "ids": keys,
+            "rows": rows.cpu().clone(),
+            "capacity": int(self.weights.shape[0]),
+            "free": list(self.free),
             "weights": self.weights[rows].cpu().clone(),
             "extra": self.extra[rows].cpu().clone(),
             "last_seen": torch.from_numpy(self.last_seen[rows.cpu().numpy()].copy()),
@@ -261,22 +266,26 @@ class DynamicEmbeddingTable:
         return out
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
+        """Restore the exact physical layout (rows, free list), so sampling and allocation replay identically."""
         keys: list[str] = list(sd["ids"])
-        n = len(keys)
-        cap = max(min(1024, self.cfg.capacity), n)
+        rows = sd["rows"].to(torch.long)
+        cap = int(sd["capacity"])
         self.weights = torch.zeros(cap, self.width, device=self.device)
         self.extra = torch.zeros(cap, self.extra_width, device=self.device)
         self.state = {k: torch.zeros(cap, self.width, device=self.device) for k in self.optimizer.state_names}
-        if n:
-            self.weights[:n] = sd["weights"].to(self.device)
-            self.extra[:n] = sd["extra"].to(self.device)
-            for k in self.state:
-                self.state[k][:n] = sd[f"state.{k}"].to(self.device)
-        self.ids = keys + [None] * (cap - n)
-        self.index = {k: i for i, k in enumerate(keys)}
+        self.ids = [None] * cap
         self.last_seen = np.zeros(cap, dtype=np.int64)
-        self.last_seen[:n] = sd["last_seen"].numpy()
-        self.free = list(range(cap - 1, n - 1, -1))
+        if keys:
+            dev_rows = rows.to(self.device)
+            self.weights[dev_rows] = sd["weights"].to(self.device)
+            self.extra[dev_rows] = sd["extra"].to(self.device)
+            for k in self.state:
+                self.state[k][dev_rows] = sd[f"state.{k}"].to(self.device)
+            self.last_seen[rows.numpy()] = sd["last_seen"].numpy()
+        for key, row in zip(keys, rows.tolist(), strict=False):
+            self.ids[row] = key
+        self.index = {k: r for k, r in zip(keys, rows.tolist(), strict=False)}
+        self.free = [int(r) for r in sd["free"]]
         self.evictions = int(sd["evictions"])
         self.dirty = set(sd["dirty"])
         self.tombstones = set(sd["tombstones"])

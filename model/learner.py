@@ -19,8 +19,9 @@ import copy
 import io
 import math
 from collections import Counter
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
-from typing import Any, Iterable, Sequence
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -101,9 +102,10 @@ class LearnResult:
 class _MLP(nn.Module):
     def __init__(self, width: int, hidden: int):
         super().__init__()
-        self.net = nn.Sequential(nn.Linear(width, hidden), nn.ReLU(), nn.Linear(hidden, 1))
-        nn.init.zeros_(self.net[2].weight)
-        nn.init.zeros_(self.net[2].bias)
+        out = nn.Linear(hidden, 1)
+        nn.init.zeros_(out.weight)
+        nn.init.zeros_(out.bias)
+        self.net = nn.Sequential(nn.Linear(width, hidden), nn.ReLU(), out)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x).squeeze(-1)
@@ -225,7 +227,14 @@ class IncrementalLearner:
 
     def _build(self, events: Sequence[dict[str, Any]], negatives: bool = True) -> _Batch:
         cfg = self.cfg
-        users, items, hists, labels, weights, ufs, ifs, pos_idx = [], [], [], [], [], [], [], []
+        users: list[str] = []
+        items: list[str] = []
+        hists: list[list[str]] = []
+        labels: list[float] = []
+        weights: list[float] = []
+        ufs: list[list[float]] = []
+        ifs: list[list[float]] = []
+        pos_idx: list[int] = []
         for ev in events:
             step = f"learn(event {ev.get('event_id')!r})"
             uf = _float_list(ev.get("user_features"), cfg.user_features, f"{step} user_features")
@@ -317,7 +326,7 @@ class IncrementalLearner:
         events = sorted(events, key=lambda e: e["event_time_ms"])
         if self.cfg.mode == "online" and len(events) > 1:
             parts = [self._learn_batch([ev]) for ev in events]
-            offset, pos = 0, []
+            offset, pos = 0, cast(list[int], [])
             for p in parts:
                 pos.extend(offset + i for i in p.positive_index)
                 offset += len(p.labels)
@@ -465,7 +474,7 @@ class IncrementalLearner:
         keys = list(latest)
         hists = [(list(latest[k].get("history") or []) + [latest[k]["item_id"]])[-self.cfg.history:]
                  if self.cfg.history else [] for k in keys]
-        for k, h in zip(keys, hists):
+        for k, h in zip(keys, hists, strict=False):
             self._history[k] = h
         uf = torch.tensor([latest[k]["user_features"] for k in keys], device=self.device)
         uf = uf.reshape(len(keys), self.cfg.user_features)
@@ -612,7 +621,7 @@ class IncrementalLearner:
             load_dense_rows(self.dense, delta.row_ids, delta.row_values)
         else:
             table = self.tables()[delta.table]
-            for key, values in zip(delta.row_ids, delta.row_values):
+            for key, values in zip(delta.row_ids, delta.row_values, strict=False):
                 table.set_values(key, values.to(self.device), self.now_ms)
             for key in delta.tombstones:
                 table.remove(key)
@@ -696,7 +705,7 @@ def load_dense_rows(dense: DenseTower, names: list[str], values: torch.Tensor) -
     """Write published dense rows (flattened parameters, zero-padded) back into a DenseTower."""
     params = dict(dense.named_parameters())
     with torch.no_grad():
-        for name, row in zip(names, values):
+        for name, row in zip(names, values, strict=False):
             p = params[name]
             p.copy_(row[: p.numel()].reshape(p.shape).to(p.device))
 
@@ -723,7 +732,7 @@ def topk_from_tables(
         logits = W[:, :d] @ qc[:d] + static + qc[d]
         top = torch.topk(logits, kk)
         probs = torch.sigmoid(top.values).tolist()
-        out[user] = [(items.ids[int(item_rows[j])], p) for j, p in zip(top.indices.tolist(), probs)]
+        out[user] = [(items.ids[int(item_rows[j])], p) for j, p in zip(top.indices.tolist(), probs, strict=False)]
     return out
 
 

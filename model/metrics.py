@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 
@@ -45,15 +46,15 @@ class BinaryStats:
     """Histogram AUC (``bins`` equal-width probability buckets) plus exact logloss; mergeable."""
 
     bins: int = 1000
-    pos: np.ndarray = field(default=None)  # type: ignore[assignment]
-    neg: np.ndarray = field(default=None)  # type: ignore[assignment]
+    pos: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    neg: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
     loss_sum: float = 0.0
     count: int = 0
 
     def __post_init__(self) -> None:
-        if self.pos is None:
+        if self.pos.size == 0:
             self.pos = np.zeros(self.bins, dtype=np.int64)
-        if self.neg is None:
+        if self.neg.size == 0:
             self.neg = np.zeros(self.bins, dtype=np.int64)
 
     def update(self, labels: Iterable[float], probs: Iterable[float]) -> None:

@@ -11,6 +11,7 @@ import glob
 import json
 import logging
 import os
+import shutil
 import sys
 import time
 from typing import Any
@@ -19,6 +20,7 @@ import apache_beam as beam
 import yaml
 
 from pipelines.freshrec_pipeline import build_pipeline, make_options, output_paths
+from transforms.sinks import write_summary
 
 
 def load_runner_config(path: str) -> list[str]:
@@ -69,10 +71,20 @@ def metric_counters(result: Any) -> dict[str, int]:
     return out
 
 
+def clear_outputs(paths: dict[str, str]) -> None:
+    """Remove what an earlier run left at exactly our output paths (never anything else)."""
+    for path in paths.values():
+        if os.path.isdir(path):
+            shutil.rmtree(path)
+        elif os.path.isfile(path):
+            os.unlink(path)
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.getLogger().setLevel(logging.WARNING)
     argv = split_runner_config(list(sys.argv[1:] if argv is None else argv))
     opts = make_options(argv)
+    clear_outputs(output_paths(opts.output_dir))
     started = time.time()
     with beam.Pipeline(options=opts) as p:
         built = build_pipeline(p, opts)
@@ -89,6 +101,8 @@ def main(argv: list[str] | None = None) -> int:
         counters = metric_counters(result) if result is not None else {}
         if counters:
             summary["counters"] = counters
+            summary["events_in"] = counters.get("events_in")
+            write_summary(summary, paths["summary"])
         print(json.dumps(summary, indent=2, sort_keys=True))
         events_in = counters.get("events_in")
         if events_in is not None and events_in != summary["events_accounted"]:

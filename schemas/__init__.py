@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import io
 import json
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -37,14 +37,14 @@ def schema_path(name: str) -> Path:
     return path
 
 
-@lru_cache(maxsize=None)
+@cache
 def load_schema(name: str) -> Any:
     """The parsed (fastavro) schema called ``name`` (file stem in ``schemas/``)."""
     with schema_path(name).open() as fh:
         return fastavro.parse_schema(json.load(fh))
 
 
-@lru_cache(maxsize=None)
+@cache
 def schema_fingerprint(name: str) -> str:
     """Hex CRC-64-AVRO fingerprint of the schema's parsing canonical form."""
     return str(fingerprint(to_parsing_canonical_form(load_schema(name)), "CRC-64-AVRO"))

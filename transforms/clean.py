@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 import apache_beam as beam
 from apache_beam.coders import VarIntCoder
@@ -14,6 +15,7 @@ from apache_beam.utils.timestamp import Timestamp
 
 from model.hashing import shard_of
 from transforms.cleaning import CleanConfig, InvalidEvent, LatenessTracker, decode_event, raw_bytes
+from transforms.runtime import tune_state_cache_sizing
 
 DEAD_LETTER = "dead_letter"
 NAMESPACE = "freshrec"
@@ -67,6 +69,9 @@ class DropLateEvents(beam.DoFn):
         self.allowed_lateness_ms = allowed_lateness_ms
         self.late = Metrics.counter(NAMESPACE, "dead_letter_late")
 
+    def setup(self):
+        tune_state_cache_sizing()
+
     def process(
         self,
         element: tuple[int, dict[str, Any]],
@@ -93,8 +98,20 @@ class DropLateEvents(beam.DoFn):
         yield event
 
     @on_timer(PROBE)
-    def on_probe(self, fired=beam.DoFn.TimestampParam, watermark=beam.DoFn.StateParam(WATERMARK)):
-        watermark.write(max(ts_ms(fired), watermark.read() or ts_ms(fired)))
+    def on_probe(
+        self,
+        fired=beam.DoFn.TimestampParam,
+        watermark=beam.DoFn.StateParam(WATERMARK),
+        newest=beam.DoFn.StateParam(NEWEST),
+        probe=beam.DoFn.TimerParam(PROBE),
+    ):
+        fired_ms = ts_ms(fired)
+        watermark.write(max(fired_ms, watermark.read() or fired_ms))
+        # Keep probing ahead (up to newest + allowed lateness) so the proof keeps up with the watermark
+        # while this key is quiet; bounded, so a watermark at +inf ends the loop.
+        step = max(1000, self.allowed_lateness_ms // 4)
+        if fired_ms + step <= (newest.read() or fired_ms) + self.allowed_lateness_ms:
+            probe.set(Timestamp(micros=(fired_ms + step) * 1000))
 
 
 class DedupeEvents(beam.DoFn):
@@ -109,6 +126,9 @@ class DedupeEvents(beam.DoFn):
             raise ValueError(f"{self.STEP}: ttl_ms must be > 0, got {ttl_ms}")
         self.ttl_ms = ttl_ms
         self.duplicates = Metrics.counter(NAMESPACE, "dead_letter_duplicate")
+
+    def setup(self):
+        tune_state_cache_sizing()
 
     def process(
         self,
@@ -144,13 +164,14 @@ class CleanEvents(beam.PTransform):
         shards = self.shards
         on_time = (
             decoded.events
-            | "KeyByShardForLateness" >> beam.Map(lambda e: (shard_of(e["user_id"], shards), e))
+            | "KeyByShardForLateness" >> beam.Map(lambda e: (shard_of(e["user_id"], shards), e)).with_output_types(
+                tuple[int, Any])
             | "DropLateEvents" >> beam.ParDo(DropLateEvents(self.allowed_lateness_ms)).with_outputs(
                 DEAD_LETTER, main="events")
         )
         unique = (
             on_time.events
-            | "KeyByEventId" >> beam.Map(lambda e: (e["event_id"], e))
+            | "KeyByEventId" >> beam.Map(lambda e: (e["event_id"], e)).with_output_types(tuple[str, Any])
             | "DedupeEvents" >> beam.ParDo(DedupeEvents(self.dedupe_ttl_ms)).with_outputs(DEAD_LETTER, main="events")
         )
         dead = (decoded[DEAD_LETTER], on_time[DEAD_LETTER], unique[DEAD_LETTER]) | "FlattenCleanDeadLetters" >> beam.Flatten()

@@ -63,7 +63,7 @@ def _id(record: dict[str, Any], name: str, cfg: CleanConfig) -> str:
 def validate_event(record: Any, cfg: CleanConfig = CleanConfig()) -> dict[str, Any]:
     if not isinstance(record, dict):
         raise InvalidEvent(f"expected a record (dict), got {type(record).__name__}")
-    event = {name: _id(record, name, cfg) for name in ("event_id", "user_id", "item_id")}
+    event: dict[str, Any] = {name: _id(record, name, cfg) for name in ("event_id", "user_id", "item_id")}
     etype = record.get("event_type")
     if etype not in schemas.EVENT_TYPES:
         raise InvalidEvent(f"unknown event_type {str(etype)[:40]!r}; expected one of {', '.join(schemas.EVENT_TYPES)}")

@@ -13,6 +13,7 @@ from apache_beam.transforms.timeutil import TimeDomain
 from apache_beam.transforms.userstate import ReadModifyWriteStateSpec, TimerSpec, on_timer
 
 from transforms.featurizers import FeatureConfig, ItemPopularity, UserFeaturizer
+from transforms.runtime import tune_state_cache_sizing
 
 
 class AnnotateItemPopularity(beam.DoFn):
@@ -23,6 +24,7 @@ class AnnotateItemPopularity(beam.DoFn):
         self.cfg, self.state_ttl_ms = cfg, state_ttl_ms
 
     def setup(self):
+        tune_state_cache_sizing()
         self.featurizer = ItemPopularity(self.cfg)
 
     def process(self, element, timestamp=beam.DoFn.TimestampParam,
@@ -47,6 +49,7 @@ class AnnotateUserFeatures(beam.DoFn):
         self.cfg, self.state_ttl_ms = cfg, state_ttl_ms
 
     def setup(self):
+        tune_state_cache_sizing()
         self.featurizer = UserFeaturizer(self.cfg)
 
     def process(self, element, timestamp=beam.DoFn.TimestampParam,
@@ -71,9 +74,9 @@ class FeaturizeEvents(beam.PTransform):
     def expand(self, events):
         return (
             events
-            | "KeyByItem" >> beam.Map(lambda e: (e["item_id"], e))
+            | "KeyByItem" >> beam.Map(lambda e: (e["item_id"], e)).with_output_types(tuple[str, Any])
             | "AnnotateItemPopularity" >> beam.ParDo(AnnotateItemPopularity(self.cfg, self.state_ttl_ms))
-            | "KeyByUser" >> beam.Map(lambda e: (e["user_id"], e))
+            | "KeyByUser" >> beam.Map(lambda e: (e["user_id"], e)).with_output_types(tuple[str, Any])
             | "AnnotateUserFeatures" >> beam.ParDo(AnnotateUserFeatures(self.cfg, self.state_ttl_ms))
         )
 

@@ -8,7 +8,7 @@ window's count is exact up to one bucket at its old edge, and statistics merge b
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from schemas import EVENT_TYPES

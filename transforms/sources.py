@@ -13,9 +13,10 @@ import json
 import math
 import os
 import random
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Any, Iterator
+from typing import Any
 
 import apache_beam as beam
 from apache_beam.io.restriction_trackers import OffsetRange, OffsetRestrictionTracker
@@ -102,7 +103,7 @@ def _rows(path: str, mapping: ColumnMapping) -> Iterator[dict[str, Any]]:
         with open(path, newline="", encoding="utf-8", errors="replace") as fh:
             if mapping.columns:
                 for row in csv.reader(fh, delimiter=delim):
-                    yield dict(zip(mapping.columns, row))
+                    yield dict(zip(mapping.columns, row, strict=False))
             else:
                 yield from csv.DictReader(fh, delimiter=delim)
     elif mapping.format == "jsonl":
@@ -296,7 +297,7 @@ def synthetic_events(cfg: SyntheticConfig) -> Iterator[dict[str, Any]]:
         by_topic.setdefault(t, []).append(i)
     prefer = [rng.randrange(cfg.topics) for _ in range(cfg.users)]
     user_weights = [1.0 / (u + 1) ** 0.6 for u in range(cfg.users)]
-    types, type_w = zip(*cfg.type_mix)
+    types, type_w = zip(*cfg.type_mix, strict=False)
     now = cfg.start_ms
     next_drift = cfg.start_ms + cfg.drift_every_ms
     previous: dict[str, Any] | None = None

@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import apache_beam as beam
 from apache_beam.coders import BytesCoder, VarIntCoder
@@ -27,7 +28,12 @@ from apache_beam.pvalue import TaggedOutput
 from apache_beam.transforms.combiners import CountCombineFn
 from apache_beam.transforms.timeutil import TimeDomain
 from apache_beam.transforms.userstate import (
-    BagStateSpec, CombiningValueStateSpec, ReadModifyWriteStateSpec, TimerSpec, on_timer)
+    BagStateSpec,
+    CombiningValueStateSpec,
+    ReadModifyWriteStateSpec,
+    TimerSpec,
+    on_timer,
+)
 from apache_beam.transforms.window import TimestampedValue
 from apache_beam.utils.timestamp import Timestamp
 
@@ -38,6 +44,7 @@ from model.learner import IncrementalLearner
 from model.metrics import BinaryStats
 from transforms.coders import AvroRecordCoder, frame, unframe
 from transforms.featurize import featurized_record
+from transforms.runtime import tune_state_cache_sizing
 
 SCORES, DELTAS, ROLLBACKS, REPORTS = "scores", "deltas", "rollbacks", "reports"
 NAMESPACE = "freshrec"
@@ -92,6 +99,9 @@ class UpdateShardModel(beam.DoFn):
         self.rollbacks = Metrics.counter(NAMESPACE, "rollbacks")
         self.restores = Metrics.counter(NAMESPACE, "learner_restores")
         self.skipped = Metrics.counter(NAMESPACE, "steps_skipped_nonfinite")
+
+    def setup(self):
+        tune_state_cache_sizing()
 
     # -------------------------------------------------------------- triggers
     def process(
@@ -257,7 +267,7 @@ class UpdateShardModels(beam.PTransform):
         dofn = cls(self.learner_cfg, self.cfg, self.clock)
         outputs = (
             events
-            | "KeyByShard" >> beam.Map(lambda e: (shard_of(e["user_id"], shards), e))
+            | "KeyByShard" >> beam.Map(lambda e: (shard_of(e["user_id"], shards), e)).with_output_types(tuple[int, Any])
             | "UpdateShardModel" >> beam.ParDo(dofn).with_outputs(
                 DELTAS, ROLLBACKS, REPORTS, main=SCORES)
         )

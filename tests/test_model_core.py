@@ -1,0 +1,319 @@
+"""The learning core without any runner: tables, optimizers, modes, stability guard, checkpoints."""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import replace
+
+import pytest
+import torch
+
+from model.checkpoint import latest_checkpoint, load_checkpoint, replay_deltas, save_checkpoint
+from model.config import LearnerConfig, TableConfig
+from model.embedding import DynamicEmbeddingTable
+from model.learner import IncrementalLearner
+from model.metrics import BinaryStats, exact_auc
+from model.optim import FTRL, Adagrad
+from tests.helpers import FEATURES, featurized, topic_stream
+
+
+def cfg(**kw) -> LearnerConfig:
+    table = kw.pop("table", TableConfig(dim=8))
+    base = dict(user_features=FEATURES.user_width, item_features=FEATURES.item_width, user_table=table,
+                item_table=table, gate=False, lr=0.1, negatives=3)
+    base.update(kw)
+    return LearnerConfig(**base)
+
+
+def replay(learner: IncrementalLearner, events, batch: int):
+    labels, probs = [], []
+    for i in range(0, len(events), batch):
+        r = learner.learn(events[i : i + batch])
+        labels += r.labels
+        probs += r.probs
+    return labels, probs
+
+
+# ------------------------------------------------------------------ config
+def test_config_validation_names_the_field():
+    with pytest.raises(ValueError, match="mode"):
+        LearnerConfig(mode="sometimes")
+    with pytest.raises(ValueError, match="accumulate_steps"):
+        LearnerConfig(accumulate_steps=0)
+    with pytest.raises(ValueError, match="admit_after"):
+        TableConfig(admit_after=0)
+    assert LearnerConfig.from_dict(LearnerConfig().to_dict()) == LearnerConfig()
+
+
+# ------------------------------------------------------------------ dynamic table
+def table(**kw) -> DynamicEmbeddingTable:
+    return DynamicEmbeddingTable("t", TableConfig(dim=4, **kw), Adagrad(lr=0.1), extra=0, initial_rows=2)
+
+
+def test_table_is_collisionless_and_grows():
+    t = table()
+    keys = [f"id{i}" for i in range(100)]
+    t.observe(keys, now_ms=1)
+    rows = t.rows(keys).tolist()
+    assert len(set(rows)) == 100 and min(rows) >= 0
+    assert len(t) == 100
+
+
+def test_admission_after_n_occurrences():
+    t = table(admit_after=3)
+    t.observe(["a"], 1); t.observe(["a"], 2)
+    assert "a" not in t and t.row_of("a") == -1
+    t.observe(["a"], 3)
+    assert "a" in t
+
+
+def test_ttl_eviction_tombstones_and_capacity_bound():
+    t = table(ttl_ms=100, capacity=8)
+    t.observe(["old"], now_ms=0)
+    t.observe(["new"], now_ms=150)
+    assert t.evict_expired(now_ms=150) == ["old"]
+    ids, _, tombs = t.take_changes()
+    assert tombs == ["old"] and ids == ["new"]
+    for i in range(50):  # far more ids than capacity: least recently seen rows make room
+        t.observe([f"k{i}"], now_ms=200 + i)
+    assert len(t) == 8 and t.weights.shape[0] <= 8
+    assert "k49" in t and "k0" not in t
+
+
+def test_memory_stays_bounded_as_id_space_grows():
+    t = table(ttl_ms=1_000, capacity=10_000)
+    for step in range(20):
+        t.observe([f"s{step}-{i}" for i in range(500)], now_ms=step * 2_000)
+        t.evict_expired(step * 2_000)
+    assert len(t) == 500  # only the ids of the last TTL survive
+    assert t.weights.shape[0] <= 1024
+
+
+# ------------------------------------------------------------------ optimizers
+def test_ftrl_starts_at_initial_weights_and_descends():
+    opt = FTRL(alpha=0.1, beta=1.0)
+    w0 = torch.tensor([[0.5, -0.2]])
+    state = opt.init_state(w0)
+    w1, state = opt.step(w0, torch.zeros_like(w0), state)
+    assert torch.allclose(w1, w0, atol=1e-6)
+    w2, _ = opt.step(w0, torch.tensor([[1.0, -1.0]]), state)
+    assert w2[0, 0] < w0[0, 0] and w2[0, 1] > w0[0, 1]
+
+
+@pytest.mark.parametrize("optimizer", ["adagrad", "ftrl", "sgd"])
+def test_each_optimizer_learns_the_topic_stream(optimizer):
+    events = topic_stream(3000)
+    learner = IncrementalLearner(cfg(optimizer=optimizer, lr=0.1 if optimizer != "sgd" else 0.5, ftrl_alpha=0.1))
+    labels, probs = replay(learner, events, 32)
+    n = len(labels) // 4
+    early, late = exact_auc(labels[:n], probs[:n]), exact_auc(labels[-n:], probs[-n:])
+    assert late > 0.75 and late > early + 0.1, (optimizer, early, late)
+
+
+# ------------------------------------------------------------------ modes and accumulation
+def test_online_mode_steps_once_per_event_and_incremental_once_per_batch():
+    events = topic_stream(64)
+    online = IncrementalLearner(cfg(mode="online"))
+    r = online.learn(events[:16])
+    assert r.steps == 16 and online.version == 16
+    inc = IncrementalLearner(cfg(mode="incremental"))
+    r = inc.learn(events[:16])
+    assert r.steps == 1 and inc.version == 1
+
+
+def test_gradient_accumulation_steps_every_k_micro_batches():
+    learner = IncrementalLearner(cfg(accumulate_steps=3))
+    events = topic_stream(40)
+    steps = [learner.learn(events[i : i + 4]).steps for i in range(0, 24, 4)]
+    assert steps == [0, 0, 1, 0, 0, 1]
+    assert learner.version == 2
+    deltas = learner.take_deltas()
+    assert deltas and all(d.model_version == 2 for d in deltas)
+
+
+def test_prequential_scores_come_before_learning():
+    learner = IncrementalLearner(cfg(negatives=0))
+    ev = topic_stream(1)
+    first = learner.learn(ev)
+    assert first.probs == [pytest.approx(0.5)]  # unseen ids, untrained dense part: prior 0.5
+    again = learner.predict(ev)
+    assert again[0] > 0.5  # learning happened after scoring
+
+
+def test_ratings_map_to_labels_by_threshold():
+    learner = IncrementalLearner(cfg(rating_threshold=4.0))
+    assert learner.label_of({"event_type": "rating", "value": 4.0}) == 1.0
+    assert learner.label_of({"event_type": "rating", "value": 3.0}) == 0.0
+    assert learner.label_of({"event_type": "view", "value": None}) == 1.0
+
+
+def test_retrain_mode_rebuilds_from_its_replay_buffer_on_schedule():
+    learner = IncrementalLearner(cfg(mode="retrain", retrain_every_ms=60_000, retrain_epochs=1))
+    events = topic_stream(300)  # 1 s apart: 300 s -> retrains at 60 s intervals
+    replay(learner, events, 10)
+    assert learner.counters["retrains"] == 4
+    assert learner.version == 4
+    assert {d.table for d in learner.take_deltas()} >= {"user", "item", "dense"}
+
+
+# ------------------------------------------------------------------ numerical faults
+def test_non_finite_gradients_skip_the_step_and_never_reach_a_delta():
+    learner = IncrementalLearner(cfg())
+    good = topic_stream(20)
+    learner.learn(good)
+    learner.take_deltas()
+    before = learner.parameters_snapshot()
+    bad = [dict(e, user_features=[float("nan")] * FEATURES.user_width) for e in topic_stream(8, seed=3)]
+    r = learner.learn(bad)
+    assert r.skipped_nonfinite == 1 and r.steps == 0
+    for d in learner.take_deltas():
+        assert torch.isfinite(d.row_values).all()
+    after = learner.parameters_snapshot()
+    for name in ("user", "item", "dense"):
+        for key, vals in after[name].items():
+            assert all(math.isfinite(v) for v in vals)
+            if key in before[name] and name != "item":
+                assert vals == before[name][key]
+
+
+def test_exploding_gradients_are_clipped():
+    learner = IncrementalLearner(cfg(clip_norm=0.01, optimizer="sgd", lr=1.0))
+    events = topic_stream(10)
+    huge = [dict(e, item_features=[1e6] * FEATURES.item_width) for e in events]
+    learner.learn(huge)
+    for d in learner.take_deltas():
+        assert torch.isfinite(d.row_values).all()
+    u = learner.users.weights[: len(learner.users)]
+    assert float(u.abs().max()) < 1.0
+
+
+# ------------------------------------------------------------------ stability guard
+def test_harmful_update_is_rolled_back_to_last_good_version():
+    c = cfg(gate=True, gate_window=60, gate_tolerance=0.05, negatives=2)
+    learner = IncrementalLearner(c)
+    stream = topic_stream(2000)
+    replay(learner, stream[:1500], 20)
+    good_version = learner.good_version
+    assert good_version > 0 and learner.counters["rollbacks"] == 0
+    learner.take_deltas()
+    # a poisoned update: every user's rows and the item rows pushed far off
+    with torch.no_grad():
+        n = len(learner.items)
+        learner.items.weights[:n] += torch.randn(n, learner.items.width) * 3
+        rows = learner.items.active_rows()
+        learner.items.write_rows(rows, learner.items.weights[rows], {k: v[rows] for k, v in learner.items.state.items()})
+    learner.version += 1  # the poisoned state is a new candidate version
+    poisoned = learner.version
+    results = [learner.learn(stream[i : i + 20]) for i in range(1500, 1700, 20)]
+    records = [rb for r in results for rb in r.rollbacks]
+    assert len(records) >= 1
+    rb = records[0]
+    assert rb.rejected_version >= poisoned and rb.candidate_logloss > rb.good_logloss
+    deltas = learner.take_deltas()
+    assert any(d.is_rollback for d in deltas)
+
+
+def test_rollback_restores_exact_last_good_rows():
+    learner = IncrementalLearner(cfg(gate=True))
+    stream = topic_stream(200)
+    learner.learn(stream[:50])
+    learner.promote()
+    good = learner.parameters_snapshot()
+    learner.learn(stream[50:100])
+    learner.learn(stream[100:150])
+    assert learner.parameters_snapshot() != good
+    rec = learner.rollback(reason="test")
+    restored = learner.parameters_snapshot()
+    for name in ("user", "item", "dense"):
+        assert restored[name] == good[name], name
+    assert rec.new_version == learner.version and rec.restored_version < rec.new_version
+
+
+def test_l2_towards_last_good_parameters_limits_drift():
+    stream = topic_stream(400)
+    def drift(l2):
+        learner = IncrementalLearner(cfg(gate=False, l2_to_good=l2, lr=0.3))
+        learner.learn(stream[:100]); learner.promote()
+        start = learner.users.weights.clone()
+        replay(learner, stream[100:], 20)
+        n = start.shape[0]
+        return float((learner.users.weights[:n] - start).norm())
+    assert drift(5.0) < drift(0.0)
+
+
+# ------------------------------------------------------------------ checkpoints and deltas
+def test_checkpoint_is_atomic_versioned_and_loads_weights_only(tmp_path):
+    learner = IncrementalLearner(cfg())
+    replay(learner, topic_stream(300), 25)
+    path = save_checkpoint(learner, tmp_path)
+    assert path.name == f"shard-0000-v{learner.version:012d}.pt"
+    assert not [p for p in os.listdir(tmp_path) if p.startswith(".tmp-")]
+    sd = torch.load(path, weights_only=True)  # raises if anything needs unpickling of code
+    assert sd["version"] == learner.version
+    loaded = load_checkpoint(path)
+    assert loaded.parameters_snapshot() == learner.parameters_snapshot()
+    assert latest_checkpoint(tmp_path, 0) == path
+    # the restored learner continues exactly like the original
+    more = topic_stream(100, seed=5, start_ms=2_000_000_000_000)
+    a, b = learner.learn(more), loaded.learn(more)
+    assert a.probs == b.probs and learner.parameters_snapshot() == loaded.parameters_snapshot()
+
+
+def test_snapshot_plus_delta_replay_gives_the_same_parameters(tmp_path):
+    c = cfg(table=TableConfig(dim=8, ttl_ms=120_000))
+    learner = IncrementalLearner(c)
+    stream = topic_stream(1200)
+    replay(learner, stream[:400], 20)
+    learner.take_deltas()
+    snap = save_checkpoint(learner, tmp_path)
+    deltas = []
+    for i in range(400, 1200, 20):
+        learner.learn(stream[i : i + 20])
+        deltas.extend(learner.take_deltas())
+    assert any(d.tombstones for d in deltas), "TTL evictions must appear as tombstones"
+    restored = replay_deltas(load_checkpoint(snap), deltas)
+    got, want = restored.parameters_snapshot(), learner.parameters_snapshot()
+    for name in ("user", "item", "user_query"):
+        assert set(got[name]) == set(want[name]), name
+        for key in want[name]:
+            assert got[name][key] == pytest.approx(want[name][key], abs=1e-6)
+    dense_names = [k for k in want["dense"] if k.startswith("item.") or k == "bias"]
+    for k in dense_names:
+        assert got["dense"][k] == pytest.approx(want["dense"][k], abs=1e-6)
+
+
+def test_delta_contains_exactly_the_rows_that_changed():
+    learner = IncrementalLearner(cfg(negatives=0, history=0))
+    learner.learn([featurized(1, "u1", "a", 1_700_000_000_000), featurized(2, "u2", "b", 1_700_000_001_000)])
+    learner.take_deltas()
+    learner.learn([featurized(3, "u1", "a", 1_700_000_002_000)])
+    by_table = {d.table: d for d in learner.take_deltas()}
+    assert by_table["user"].row_ids == ["u1"]
+    assert by_table["item"].row_ids == ["a"]
+    assert by_table["user_query"].row_ids == ["u1"]
+    assert by_table["user"].base_version == 1 and by_table["user"].model_version == 2
+
+
+# ------------------------------------------------------------------ metrics
+def test_histogram_auc_matches_exact_auc_and_merges():
+    import random
+    rng = random.Random(0)
+    y = [float(rng.random() < 0.3) for _ in range(5000)]
+    p = [min(0.999, max(0.001, 0.3 * yi + rng.random() * 0.7)) for yi in y]
+    a, b = BinaryStats(), BinaryStats()
+    a.update(y[:2500], p[:2500]); b.update(y[2500:], p[2500:])
+    merged = a.merge(b)
+    assert merged.count == 5000
+    assert merged.auc() == pytest.approx(exact_auc(y, p), abs=2e-3)
+    assert exact_auc([1, 0, 1, 0], [0.9, 0.1, 0.8, 0.2]) == 1.0
+    assert math.isnan(exact_auc([1, 1], [0.2, 0.3]))
+
+
+def test_device_auto_falls_back_to_cpu():
+    learner = IncrementalLearner(cfg(device="auto"))
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    assert learner.device.type == expected
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="cuda"):
+            IncrementalLearner(replace(cfg(), device="cuda"))
