@@ -84,6 +84,7 @@ class LearnerConfig:
     retrain_batch: int = 256
     seed: int = 0
     device: str = "auto"
+    cpu_threads: int | None = 1  # torch intra-op threads on CPU; small sparse steps run fastest on one
 
     def __post_init__(self) -> None:
         _check(self.mode in MODES, f"LearnerConfig.mode must be one of {MODES}, got {self.mode!r}")

@@ -18,6 +18,7 @@ from __future__ import annotations
 import copy
 import io
 import math
+import random
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
@@ -167,7 +168,9 @@ class IncrementalLearner:
         self.queries = DynamicEmbeddingTable(QUERY, query_cfg, SGD(lr=0.0), 0, self.device, cfg.seed + 2)
         self.dense = DenseTower(cfg.user_features, cfg.item_features, cfg.dense_hidden).to(self.device)
         self.dense_opt = torch.optim.Adagrad(self.dense.parameters(), lr=cfg.dense_lr)
-        self.gen = torch.Generator().manual_seed(cfg.seed)
+        self.rng = random.Random(cfg.seed)
+        if cfg.cpu_threads and self.device.type == "cpu":
+            torch.set_num_threads(cfg.cpu_threads)
         self.version = 0
         self.published_version = 0
         self.now_ms = 0
@@ -206,6 +209,10 @@ class IncrementalLearner:
             self._undo[k] = table.snapshot_row(key)
 
     def label_of(self, event: dict[str, Any]) -> float:
+        """1/0 for an event: an explicit ``label`` wins (externally sampled negatives), ratings by threshold,
+        other behaviour is implicit positive feedback."""
+        if event.get("label") is not None:
+            return float(event["label"])
         if event["event_type"] == "rating":
             value = event.get("value")
             return 1.0 if value is not None and value >= self.cfg.rating_threshold else 0.0
@@ -217,7 +224,7 @@ class IncrementalLearner:
         cap = self.items.weights.shape[0]
         out: list[str] = []
         for _ in range(n * 8):
-            row = int(torch.randint(cap, (1,), generator=self.gen))
+            row = self.rng.randrange(cap)
             key = self.items.ids[row]
             if key is not None and key != exclude:
                 out.append(key)
@@ -261,11 +268,9 @@ class IncrementalLearner:
 
     def _history_rows(self, hists: list[list[str]]) -> torch.Tensor:
         width = max(1, max((len(h) for h in hists), default=0))
-        rows = torch.full((len(hists), width), -1, dtype=torch.long)
-        for i, h in enumerate(hists):
-            for j, key in enumerate(h):
-                rows[i, j] = self.items.row_of(key)
-        return rows.to(self.device)
+        index = self.items.index
+        rows = [[index.get(k, -1) for k in h] + [-1] * (width - len(h)) for h in hists]
+        return torch.tensor(rows, dtype=torch.long, device=self.device).reshape(len(hists), width)
 
     def _logits(self, U, I, H, hmask, uf, itf, dense_params=None) -> torch.Tensor:
         d = self.cfg.dim
@@ -369,9 +374,12 @@ class IncrementalLearner:
         return result
 
     def _accumulate(self, events: Sequence[dict[str, Any]], batch: _Batch) -> float:
-        self.users.observe([e["user_id"] for e in events], self.now_ms)
-        self.items.observe([e["item_id"] for e in events], self.now_ms)
-        self.items.write_extra([e["item_id"] for e in events], batch.item_feats[batch.positive_index])
+        # Externally sampled negatives ("sampled": true) are not behaviour: they neither count towards
+        # admission nor keep rows alive, and they never enter a user's history.
+        real = [i for i, e in enumerate(events) if not e.get("sampled")]
+        self.users.observe([events[i]["user_id"] for i in real], self.now_ms)
+        self.items.observe([events[i]["item_id"] for i in real], self.now_ms)
+        self.items.write_extra([events[i]["item_id"] for i in real], batch.item_feats[[batch.positive_index[i] for i in real]])
         u_rows, i_rows, h_rows = self._gathered(batch)
         U = self.users.gather(u_rows).requires_grad_()
         I = self.items.gather(i_rows).requires_grad_()
@@ -439,12 +447,16 @@ class IncrementalLearner:
             self.counters["skipped_nonfinite"] += 1
             self._reset_accumulators()
             return False
-        dense_before = {k: v.detach().clone() for k, v in self.dense.state_dict().items()}
-        opt_before = copy.deepcopy(self.dense_opt.state_dict())
+        params = list(self.dense.parameters())
+        before = [p.detach().clone() for p in params]
+        sums_before = {id(p): self.dense_opt.state[p]["sum"].clone() for p in params if "sum" in self.dense_opt.state[p]}
         self.dense_opt.step()
-        if not all_finite(*(p.detach() for p in self.dense.parameters())):
-            self.dense.load_state_dict(dense_before)
-            self.dense_opt.load_state_dict(opt_before)
+        if not all_finite(*(p.detach() for p in params)):
+            with torch.no_grad():
+                for p, b in zip(params, before):
+                    p.copy_(b)
+                    if id(p) in sums_before:
+                        self.dense_opt.state[p]["sum"].copy_(sums_before[id(p)])
             self.counters["skipped_nonfinite"] += 1
             self._reset_accumulators()
             return False
@@ -468,7 +480,8 @@ class IncrementalLearner:
         """Recompute the published user tower (q_u, c_u) for the users these events touched."""
         latest: dict[str, dict[str, Any]] = {}
         for ev in events:
-            latest[ev["user_id"]] = ev
+            if not ev.get("sampled"):
+                latest[ev["user_id"]] = ev
         if not latest:
             return
         keys = list(latest)
@@ -504,6 +517,17 @@ class IncrementalLearner:
     def topk(self, user_ids: Iterable[str], k: int) -> dict[str, list[tuple[str, float]]]:
         """Top-k items (by probability) for each user from the published rows of this version."""
         return topk_from_tables(self.queries, self.items, self.dense, list(user_ids), k)
+
+    @torch.no_grad()
+    def score_candidates(self, user_id: str, item_ids: list[str]) -> list[float]:
+        """Logits of the published user tower against the given items (unknown items score from zeros)."""
+        row = self.queries.row_of(user_id)
+        qc = self.queries.weights[row] if row >= 0 else torch.zeros(self.queries.width, device=self.device)
+        rows = self.items.rows(item_ids)
+        W = self.items.gather(rows)
+        d = self.cfg.dim
+        logits = W[:, :d] @ qc[:d] + W[:, d] + self.dense.item_term(self.items.gather_extra(rows)) + qc[d]
+        return logits.tolist()
 
     # ------------------------------------------------------------------ stability guard
     def _gate(self, batch: _Batch, probs: torch.Tensor) -> RollbackRecord | None:
@@ -648,7 +672,7 @@ class IncrementalLearner:
             "good_dense_opt": self._good_dense_opt,
             "undo": [[name, key, snap] for (name, key), snap in self._undo.items()],
             "gate_sums": list(self._gate_sums),
-            "generator": self.gen.get_state(),
+            "rng": _rng_state(self.rng),
             "counters": dict(self.counters),
             "history": dict(self._history),
             "dense_dirty": self._dense_dirty,
@@ -670,7 +694,7 @@ class IncrementalLearner:
         self._good_dense_opt = sd["good_dense_opt"]
         self._undo = {(name, key): snap for name, key, snap in sd["undo"]}
         self._gate_sums = list(sd["gate_sums"])
-        self.gen.set_state(sd["generator"])
+        self.rng.setstate(_rng_from_state(sd["rng"]))
         self.counters = Counter(sd["counters"])
         self._history = {k: list(v) for k, v in sd["history"].items()}
         self._dense_dirty = bool(sd["dense_dirty"])
@@ -699,6 +723,16 @@ class IncrementalLearner:
 
     def memory_bytes(self) -> int:
         return sum(t.memory_bytes() for t in self.tables().values())
+
+
+def _rng_state(rng: random.Random) -> list[Any]:
+    version, internal, gauss = rng.getstate()
+    return [version, torch.tensor(internal, dtype=torch.int64), gauss]
+
+
+def _rng_from_state(state: list[Any]) -> tuple[Any, ...]:
+    version, internal, gauss = state
+    return (int(version), tuple(int(x) for x in internal.tolist()), gauss)
 
 
 def load_dense_rows(dense: DenseTower, names: list[str], values: torch.Tensor) -> None:
