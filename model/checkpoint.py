@@ -6,6 +6,7 @@ import os
 import re
 import tempfile
 from collections.abc import Iterable
+from typing import Any
 from pathlib import Path
 
 import torch
@@ -20,14 +21,17 @@ def checkpoint_path(directory: str | os.PathLike[str], shard: int, version: int)
     return Path(directory) / f"shard-{shard:04d}-v{version:012d}.pt"
 
 
-def save_checkpoint(learner: IncrementalLearner, directory: str | os.PathLike[str]) -> Path:
-    """Write ``learner`` to ``directory`` atomically (temp file in the same folder, fsync, rename)."""
+def save_checkpoint(learner: IncrementalLearner, directory: str | os.PathLike[str],
+                    meta: dict[str, Any] | None = None) -> Path:
+    """Write ``learner`` to ``directory`` atomically (temp file in the same folder, fsync, rename).
+
+    ``meta`` (plain values) travels with it, e.g. the delta sequence number published so far."""
     target = checkpoint_path(directory, learner.shard, learner.version)
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".tmp-", suffix=".pt")
     try:
         with os.fdopen(fd, "wb") as fh:
-            torch.save(learner.state_dict(), fh)
+            torch.save({**learner.state_dict(), "meta": dict(meta or {})}, fh)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, target)
@@ -43,6 +47,10 @@ def load_checkpoint(path: str | os.PathLike[str], cfg: LearnerConfig | None = No
     learner = IncrementalLearner(cfg or LearnerConfig.from_dict(sd["config"]), int(sd["shard"]))
     learner.load_state_dict(sd)
     return learner
+
+
+def checkpoint_meta(path: str | os.PathLike[str]) -> dict[str, Any]:
+    return dict(torch.load(path, weights_only=True, map_location="cpu").get("meta", {}))
 
 
 def latest_checkpoint(directory: str | os.PathLike[str], shard: int) -> Path | None:

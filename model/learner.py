@@ -131,6 +131,15 @@ class DenseTower(nn.Module):
     def forward(self, uf: torch.Tensor, itf: torch.Tensor) -> torch.Tensor:
         return self.user_term(uf) + self.item_term(itf)
 
+    def functional(self, params: dict[str, torch.Tensor], uf: torch.Tensor, itf: torch.Tensor) -> torch.Tensor:
+        """forward() with the given parameters (e.g. the last good version's) instead of the live ones."""
+        out = params["bias"].expand(uf.shape[0])
+        for name, x in (("user", uf), ("item", itf)):
+            if getattr(self, name) is not None:
+                h = nn.functional.relu(nn.functional.linear(x, params[f"{name}.net.0.weight"], params[f"{name}.net.0.bias"]))
+                out = out + nn.functional.linear(h, params[f"{name}.net.2.weight"], params[f"{name}.net.2.bias"]).squeeze(-1)
+        return out
+
     def item_parameters(self) -> dict[str, torch.Tensor]:
         return {k: v for k, v in self.named_parameters() if k.startswith("item.")}
 
@@ -279,7 +288,7 @@ class IncrementalLearner:
         if dense_params is None:
             dense = self.dense(uf, itf)
         else:
-            dense = torch.func.functional_call(self.dense, dense_params, (uf, itf))
+            dense = self.dense.functional(dense_params, uf, itf)
         return (q * I[:, :d]).sum(-1) + U[:, d] + I[:, d] + dense
 
     def _gathered(self, batch: _Batch):
@@ -330,7 +339,14 @@ class IncrementalLearner:
         """Score the events with the current version (prequential), then learn from them."""
         events = sorted(events, key=lambda e: e["event_time_ms"])
         if self.cfg.mode == "online" and len(events) > 1:
-            parts = [self._learn_batch([ev]) for ev in events]
+            # one step per event; externally sampled negatives ride with the event before them
+            groups: list[list[dict[str, Any]]] = []
+            for ev in events:
+                if ev.get("sampled") and groups:
+                    groups[-1].append(ev)
+                else:
+                    groups.append([ev])
+            parts = [self._learn_batch(g) for g in groups]
             offset, pos = 0, cast(list[int], [])
             for p in parts:
                 pos.extend(offset + i for i in p.positive_index)

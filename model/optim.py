@@ -102,7 +102,8 @@ def clip_rows(grads: torch.Tensor, max_norm: float | None) -> torch.Tensor:
 
 
 def all_finite(*tensors: torch.Tensor) -> bool:
-    return all(bool(torch.isfinite(t).all()) for t in tensors if t.numel())
+    flat = [t.reshape(-1) for t in tensors if t.numel()]
+    return not flat or bool(torch.isfinite(torch.cat(flat)).all())
 
 
 def finite_float(x: float) -> bool:

@@ -34,6 +34,12 @@ class FreshrecOptions(PipelineOptions):
                        help="column mapping preset (guessed from the path when omitted)")
         g.add_argument("--limit", type=int, default=None, help="replay only the first N events (in time order)")
         g.add_argument("--synthetic_events", type=int, default=20_000, help="events in the embedded synthetic stream")
+        g.add_argument("--events_subscription", default=None,
+                       help="read Avro events from this Pub/Sub subscription (projects/P/subscriptions/S); implies --streaming")
+        g.add_argument("--scores_topic", default=None, help="publish scored outputs here (projects/P/topics/T)")
+        g.add_argument("--deltas_topic", default=None, help="publish model deltas here")
+        g.add_argument("--dead_letter_topic", default=None, help="publish dead letters here")
+        g.add_argument("--rollbacks_topic", default=None, help="publish rollback records here")
         g.add_argument("--output_dir", default="out", help="where scores, deltas, dead letters and the summary go")
         g.add_argument("--output_window_s", type=int, default=0,
                        help="fixed event-time window for output files (0 = one window, for bounded runs)")
@@ -136,14 +142,29 @@ def output_paths(output_dir: str) -> dict[str, str]:
 
 
 def build_pipeline(p: beam.Pipeline, opts: FreshrecOptions, clock: Callable[[], float] = time.time) -> dict[str, Any]:
+    o = opts.view_as(FreshrecOptions)
     cfg = PipelineConfig.from_options(opts)
     paths = output_paths(cfg.output_dir)
-    outputs = p | "ReadEvents" >> ReadEvents(opts) | "RefreshModels" >> RefreshModels(cfg, clock)
+    if o.events_subscription:
+        from pipelines.pubsub import ReadEventsFromPubSub
+
+        payloads, bad_messages = p | "ReadEventsFromPubSub" >> ReadEventsFromPubSub(o.events_subscription)
+    else:
+        payloads, bad_messages = p | "ReadEvents" >> ReadEvents(opts), None
+    outputs = payloads | "RefreshModels" >> RefreshModels(cfg, clock)
+    if bad_messages is not None:
+        outputs[DEAD_LETTER] = (outputs[DEAD_LETTER], bad_messages) | "FlattenDeadLetters" >> beam.Flatten()
     w = cfg.output_window_s
-    outputs[SCORES] | "WriteScores" >> WriteAvroRecords(paths[SCORES], schemas.SCORED_OUTPUT, w)
-    outputs[DELTAS] | "WriteDeltas" >> WriteAvroRecords(paths[DELTAS], schemas.MODEL_DELTA, w)
-    outputs[ROLLBACKS] | "WriteRollbacks" >> WriteAvroRecords(paths[ROLLBACKS], schemas.ROLLBACK, w)
-    outputs[DEAD_LETTER] | "WriteDeadLetters" >> WriteAvroRecords(paths[DEAD_LETTER], schemas.DEAD_LETTER, w)
+    topics = {SCORES: o.scores_topic, DELTAS: o.deltas_topic, ROLLBACKS: o.rollbacks_topic, DEAD_LETTER: o.dead_letter_topic}
+    schema_of = {SCORES: schemas.SCORED_OUTPUT, DELTAS: schemas.MODEL_DELTA, ROLLBACKS: schemas.ROLLBACK,
+                 DEAD_LETTER: schemas.DEAD_LETTER}
+    for tag, label in ((SCORES, "Scores"), (DELTAS, "Deltas"), (ROLLBACKS, "Rollbacks"), (DEAD_LETTER, "DeadLetters")):
+        if topics[tag]:
+            from pipelines.pubsub import PublishRecords
+
+            outputs[tag] | f"Publish{label}" >> PublishRecords(topics[tag], schema_of[tag])
+        else:
+            outputs[tag] | f"Write{label}" >> WriteAvroRecords(paths[tag], schema_of[tag], w)
     (outputs[REPORTS], outputs[DEAD_LETTER]) | "SummarizeRun" >> SummarizeRun(None if w else paths["summary"], w)
     return {"outputs": outputs, "paths": paths, "config": cfg}
 
@@ -152,4 +173,11 @@ def make_options(argv: list[str] | None) -> FreshrecOptions:
     opts = PipelineOptions(argv)
     if opts.view_as(StandardOptions).runner is None:
         opts.view_as(StandardOptions).runner = "DirectRunner"
-    return opts.view_as(FreshrecOptions)
+    fr = opts.view_as(FreshrecOptions)
+    if fr.events_subscription:
+        opts.view_as(StandardOptions).streaming = True
+        if not fr.output_window_s:
+            fr.output_window_s = 60
+        if not fr.flush_interval_s:
+            fr.flush_interval_s = 5.0
+    return fr

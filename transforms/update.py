@@ -210,7 +210,7 @@ class UpdateShardModel(beam.DoFn):
         if self.cfg.checkpoint_dir and self.cfg.checkpoint_every and state["flushes"] % self.cfg.checkpoint_every == 0 \
                 and not learner._acc_batches:
             from model.checkpoint import save_checkpoint
-            save_checkpoint(learner, self.cfg.checkpoint_dir)
+            save_checkpoint(learner, self.cfg.checkpoint_dir, {"delta_sequence": state["delta_seq"]})
         meta.write(state)
         _LIVE[(self.instance_id, shard)] = (learner, state["flushes"])
 
