@@ -40,7 +40,7 @@ import numpy as np
 
 from model.config import LearnerConfig, TableConfig
 from model.learner import IncrementalLearner
-from model.metrics import BinaryStats, exact_auc, logloss
+from model.metrics import BinaryStats, exact_auc
 from transforms.cleaning import InvalidEvent, validate_event
 from transforms.featurizers import FeatureConfig, ItemPopularity, UserFeaturizer
 from transforms.sources import PRESETS, read_replay
@@ -49,7 +49,7 @@ DAY_MS = 86_400_000
 DEFAULT_DIR = os.environ.get("FRESHREC_DATASETS", os.path.join(os.path.dirname(__file__), "..", "..", "shared", "datasets"))
 DATASETS = {
     "movielens": {"folder": "movielens-100k", "preset": "movielens", "limit": None, "retrain_window_ms": None},
-    "globo": {"folder": "globo-news-clicks", "preset": "globo", "limit": 300_000, "retrain_window_ms": 2 * DAY_MS},
+    "globo": {"folder": "globo-news-clicks", "preset": "globo", "limit": 400_000, "retrain_window_ms": 2 * DAY_MS},
 }
 
 

@@ -6,8 +6,8 @@ import os
 import re
 import tempfile
 from collections.abc import Iterable
-from typing import Any
 from pathlib import Path
+from typing import Any
 
 import torch
 

@@ -368,7 +368,10 @@ class IncrementalLearner:
         result.labels, result.probs, result.positive_index = batch.labels.tolist(), probs.tolist(), batch.positive_index
         self.counters["events"] += len(events)
         self.counters["examples"] += len(batch.labels)
-        if self.frozen:
+        if self.frozen:  # parameters frozen; features and the user tower's history still flow
+            real = [i for i, e in enumerate(events) if not e.get("sampled")]
+            self.items.write_extra([events[i]["item_id"] for i in real], batch.item_feats[[batch.positive_index[i] for i in real]])
+            self._refresh_queries(events)
             return result
         if self.cfg.mode == "retrain":
             self._retrain_if_due(events)

@@ -15,12 +15,11 @@ import pytest
 
 import schemas
 from model.config import LearnerConfig, TableConfig
+from model.journal import frame, restore_learner
 from model.learner import IncrementalLearner
 from pipelines import cli
 from tests.helpers import FEATURES, Collected, CollectTo, topic_stream
-from transforms.coders import frame
 from transforms.sources import PRESETS, ReplayEvents, SyntheticConfig, guess_preset, read_replay, synthetic_events
-from transforms.update import restore_learner
 
 
 @pytest.fixture

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import struct
 from typing import Any
 
 from apache_beam import coders
@@ -31,17 +30,3 @@ class AvroRecordCoder(coders.Coder):
 
     def __hash__(self) -> int:
         return hash((type(self), self.schema_name))
-
-
-def frame(records: list[bytes]) -> bytes:
-    """Length-prefixed concatenation (one state entry holding a whole micro-batch)."""
-    return b"".join(struct.pack("<I", len(r)) + r for r in records)
-
-
-def unframe(data: bytes) -> list[bytes]:
-    out, pos = [], 0
-    while pos < len(data):
-        (n,) = struct.unpack_from("<I", data, pos)
-        out.append(data[pos + 4 : pos + 4 + n])
-        pos += 4 + n
-    return out

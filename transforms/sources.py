@@ -7,13 +7,8 @@ and advances the watermark as it goes (bounded out-of-orderness), like a real st
 
 from __future__ import annotations
 
-import csv
-import glob
-import json
 import math
 import os
-import random
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
@@ -25,160 +20,16 @@ from apache_beam.transforms.core import RestrictionProvider
 from apache_beam.transforms.window import TimestampedValue
 from apache_beam.utils.timestamp import Timestamp
 
-DATA_ENV = "FRESHREC_DATA"
-
-
-@dataclass(frozen=True)
-class ColumnMapping:
-    """How one file format's columns become raw-event fields.
-
-    A field given as ``"col:NAME"`` reads column NAME (or position N for header-less files);
-    any other string is a constant. ``event_id`` may be a ``{NAME}`` template over columns.
-    """
-
-    format: str = "csv"  # csv | tsv | jsonl | avro
-    columns: tuple[str, ...] | None = None  # names for header-less csv/tsv files
-    event_id: str = "{__line__}"
-    user_id: str = "col:user_id"
-    item_id: str = "col:item_id"
-    event_type: str = "col:event_type"
-    event_time: str = "col:event_time_ms"
-    time_unit: str = "ms"  # s | ms
-    value: str | None = None
-    context: tuple[str, ...] = ()
-    file_glob: str = "*"
-
-    def __post_init__(self) -> None:
-        if self.format not in ("csv", "tsv", "jsonl", "avro"):
-            raise ValueError(f"ColumnMapping.format must be csv, tsv, jsonl or avro, got {self.format!r}")
-        if self.time_unit not in ("s", "ms"):
-            raise ValueError(f"ColumnMapping.time_unit must be 's' or 'ms', got {self.time_unit!r}")
-
-
-PRESETS: dict[str, ColumnMapping] = {
-    # MovieLens 100K u.data: user \t item \t rating \t unix seconds, no header.
-    "movielens": ColumnMapping(
-        format="tsv", columns=("user", "item", "rating", "ts"), event_id="ml-{user}-{item}-{ts}",
-        user_id="col:user", item_id="col:item", event_type="rating", event_time="col:ts", time_unit="s",
-        value="col:rating", file_glob="u.data"),
-    # Globo.com news clicks: hourly CSV parts with a header.
-    "globo": ColumnMapping(
-        format="csv", event_id="g-{session_id}-{click_article_id}-{click_timestamp}", user_id="col:user_id",
-        item_id="col:click_article_id", event_type="click", event_time="col:click_timestamp", time_unit="ms",
-        context=("session_id", "click_environment", "click_deviceGroup", "click_os", "click_country",
-                 "click_region", "click_referrer_type"),
-        file_glob="clicks/clicks_hour_*.csv"),
-    # Our own JSON lines export: one raw event (schemas/raw_event.avsc fields) per line.
-    "jsonl": ColumnMapping(format="jsonl", event_id="col:event_id", value="col:value"),
-    "avro": ColumnMapping(format="avro", event_id="col:event_id", value="col:value"),
-}
-
-
-def guess_preset(path: str) -> str:
-    if os.path.isdir(path):
-        if os.path.exists(os.path.join(path, "u.data")):
-            return "movielens"
-        if glob.glob(os.path.join(path, "clicks", "clicks_hour_*.csv")):
-            return "globo"
-    if path.endswith(".jsonl"):
-        return "jsonl"
-    if path.endswith(".avro"):
-        return "avro"
-    raise ValueError(f"cannot tell the format of {path!r}; pass --data_format movielens|globo|jsonl|avro")
-
-
-def _files(path: str, mapping: ColumnMapping) -> list[str]:
-    if os.path.isdir(path):
-        files = sorted(glob.glob(os.path.join(path, mapping.file_glob)))
-    else:
-        files = [path]
-    if not files:
-        raise FileNotFoundError(f"no input files under {path!r} matching {mapping.file_glob!r}")
-    return files
-
-
-def _rows(path: str, mapping: ColumnMapping) -> Iterator[dict[str, Any]]:
-    if mapping.format in ("csv", "tsv"):
-        delim = "\t" if mapping.format == "tsv" else ","
-        with open(path, newline="", encoding="utf-8", errors="replace") as fh:
-            if mapping.columns:
-                for row in csv.reader(fh, delimiter=delim):
-                    yield dict(zip(mapping.columns, row, strict=False))
-            else:
-                yield from csv.DictReader(fh, delimiter=delim)
-    elif mapping.format == "jsonl":
-        with open(path, encoding="utf-8", errors="replace") as fh:
-            for line in fh:
-                if line.strip():
-                    try:
-                        rec = json.loads(line)
-                    except json.JSONDecodeError:
-                        rec = {"__unparsable__": line.rstrip("\n")[:1000]}
-                    yield rec if isinstance(rec, dict) else {"__unparsable__": line[:1000]}
-    else:
-        import fastavro
-
-        with open(path, "rb") as fh:
-            yield from fastavro.reader(fh)
-
-
-def _field(spec: str | None, row: dict[str, Any]) -> Any:
-    if spec is None:
-        return None
-    if spec.startswith("col:"):
-        return row.get(spec[4:])
-    return spec
-
-
-def _number(x: Any) -> Any:
-    """Numbers stay numbers; numeric strings become numbers; anything else is left for validation to refuse."""
-    if isinstance(x, (int, float)) or x is None:
-        return x
-    try:
-        f = float(x)
-    except (TypeError, ValueError):
-        return x
-    return int(f) if f.is_integer() else f
-
-
-def map_row(row: dict[str, Any], mapping: ColumnMapping, line: int) -> tuple[int, dict[str, Any]]:
-    """(sort key in ms, raw event dict) for one input row; unparsable times sort first and fail validation."""
-    if "__unparsable__" in row:
-        return (-1, {"__unparsable__": row["__unparsable__"], "line": line})
-    ts = _number(_field(mapping.event_time, row))
-    if isinstance(ts, (int, float)) and math.isfinite(ts) and mapping.time_unit == "s":
-        ts = int(ts * 1000)
-    values = {k: ("" if v is None else v) for k, v in row.items()}
-    try:
-        event_id = mapping.event_id.format(__line__=line, **values) if "{" in mapping.event_id else _field(mapping.event_id, row)
-    except (KeyError, IndexError, ValueError):
-        event_id = None
-    event = {
-        "event_id": event_id,
-        "user_id": _field(mapping.user_id, row),
-        "item_id": _field(mapping.item_id, row),
-        "event_type": _field(mapping.event_type, row),
-        "event_time_ms": ts,
-        "value": _number(_field(mapping.value, row)),
-        "context": row.get("context") if mapping.format in ("jsonl", "avro") and isinstance(row.get("context"), dict)
-        else {c: str(row[c]) for c in mapping.context if c in row},
-    }
-    key = int(ts) if isinstance(ts, (int, float)) and math.isfinite(ts) else -1
-    return key, event
-
-
-def read_replay(path: str, mapping: ColumnMapping, limit: int | None = None) -> list[dict[str, Any]]:
-    """Every row of the files, mapped to raw events and sorted by event time (stable: file order breaks ties)."""
-    keyed: list[tuple[int, int, dict[str, Any]]] = []
-    line = 0
-    for f in _files(path, mapping):
-        for row in _rows(f, mapping):
-            key, event = map_row(row, mapping, line)
-            keyed.append((key, line, event))
-            line += 1
-    keyed.sort(key=lambda t: (t[0], t[1]))
-    events = [e for _, _, e in keyed]
-    return events[:limit] if limit is not None else events
+from transforms.replay import (  # noqa: F401 (re-exported for callers of the Beam sources)
+    DATA_ENV,
+    PRESETS,
+    ColumnMapping,
+    SyntheticConfig,
+    guess_preset,
+    map_row,
+    read_replay,
+    synthetic_events,
+)
 
 
 @lru_cache(maxsize=2)
@@ -255,82 +106,6 @@ class ReplayEvents(beam.PTransform):
             | "ReplayTask" >> beam.Create([(self.path, self.mapping, self.limit)])
             | "ReadInTimeOrder" >> beam.ParDo(_ReplayFile(self.max_ooo))
         )
-
-
-# ---------------------------------------------------------------------- synthetic default
-@dataclass(frozen=True)
-class SyntheticConfig:
-    """Users with drifting topic interests clicking items of those topics.
-
-    Each user prefers one of ``topics`` topics; every ``drift_every_ms`` of event time each user
-    switches preference with probability ``drift_prob``. A fraction of the stream is deliberately
-    bad (``malformed_fraction``) or duplicated (``duplicate_fraction``) so the dead-letter path runs.
-    """
-
-    users: int = 500
-    items: int = 400
-    topics: int = 8
-    events: int = 20_000
-    start_ms: int = 1_700_000_000_000
-    mean_gap_ms: int = 2_000
-    drift_every_ms: int = 3_600_000
-    drift_prob: float = 0.3
-    on_topic: float = 0.85
-    malformed_fraction: float = 0.005
-    duplicate_fraction: float = 0.005
-    seed: int = 7
-    type_mix: tuple[tuple[str, float], ...] = (("view", 0.55), ("click", 0.3), ("purchase", 0.05), ("rating", 0.1))
-
-    def __post_init__(self) -> None:
-        if min(self.users, self.items, self.topics, self.events) < 1:
-            raise ValueError("SyntheticConfig: users, items, topics and events must be >= 1")
-        if not 0 <= self.malformed_fraction < 1 or not 0 <= self.duplicate_fraction < 1:
-            raise ValueError("SyntheticConfig: fractions must be in [0, 1)")
-
-
-def synthetic_events(cfg: SyntheticConfig) -> Iterator[dict[str, Any]]:
-    """Deterministic (seeded) stream of raw event dicts in event-time order, with some bad records."""
-    rng = random.Random(cfg.seed)
-    item_topic = [i % cfg.topics for i in range(cfg.items)]
-    by_topic: dict[int, list[int]] = {}
-    for i, t in enumerate(item_topic):
-        by_topic.setdefault(t, []).append(i)
-    prefer = [rng.randrange(cfg.topics) for _ in range(cfg.users)]
-    user_weights = [1.0 / (u + 1) ** 0.6 for u in range(cfg.users)]
-    types, type_w = zip(*cfg.type_mix, strict=False)
-    now = cfg.start_ms
-    next_drift = cfg.start_ms + cfg.drift_every_ms
-    previous: dict[str, Any] | None = None
-    for n in range(cfg.events):
-        now += int(rng.expovariate(1.0 / cfg.mean_gap_ms)) + 1
-        while now >= next_drift:
-            prefer = [rng.randrange(cfg.topics) if rng.random() < cfg.drift_prob else p for p in prefer]
-            next_drift += cfg.drift_every_ms
-        roll = rng.random()
-        if previous is not None and roll < cfg.duplicate_fraction:
-            yield dict(previous)
-            continue
-        if roll < cfg.duplicate_fraction + cfg.malformed_fraction:
-            yield rng.choice([
-                {"event_id": f"s{n}", "user_id": "u1", "item_id": "i1", "event_type": "teleport", "event_time_ms": now},
-                {"event_id": f"s{n}", "user_id": "", "item_id": "i1", "event_type": "view", "event_time_ms": now},
-                {"event_id": f"s{n}", "user_id": "u1", "item_id": "i1", "event_type": "view", "event_time_ms": "soon"},
-                {"event_id": f"s{n}", "user_id": "u1", "event_type": "click", "event_time_ms": now},
-            ])
-            continue
-        user = rng.choices(range(cfg.users), weights=user_weights)[0]
-        topic = prefer[user] if rng.random() < cfg.on_topic else rng.randrange(cfg.topics)
-        pool = by_topic[topic]
-        item = pool[min(int(rng.paretovariate(1.2)) - 1, len(pool) - 1)]
-        etype = rng.choices(types, weights=type_w)[0]
-        value = None
-        if etype == "rating":
-            value = float(5 if topic == prefer[user] and rng.random() < 0.8 else rng.randint(1, 3))
-        elif etype == "purchase":
-            value = round(rng.uniform(5, 50), 2)
-        previous = {"event_id": f"s{n}", "user_id": f"u{user}", "item_id": f"i{item}", "event_type": etype,
-                    "event_time_ms": now, "value": value, "context": {"topic": str(topic)}}
-        yield dict(previous)
 
 
 class SyntheticEvents(beam.PTransform):

@@ -40,9 +40,10 @@ from apache_beam.utils.timestamp import Timestamp
 import schemas
 from model.config import LearnerConfig
 from model.hashing import shard_of
+from model.journal import journal_entry, restore_learner
 from model.learner import IncrementalLearner
 from model.metrics import BinaryStats
-from transforms.coders import AvroRecordCoder, frame, unframe
+from transforms.coders import AvroRecordCoder
 from transforms.featurize import featurized_record
 from transforms.runtime import tune_state_cache_sizing
 
@@ -72,15 +73,6 @@ class UpdateConfig:
             raise ValueError("UpdateConfig.flush_interval_s must be > 0 or None")
         if self.top_k < 1 or self.snapshot_every < 1 or self.checkpoint_every < 0:
             raise ValueError("UpdateConfig.top_k and snapshot_every must be >= 1, checkpoint_every >= 0")
-
-
-def restore_learner(cfg: LearnerConfig, shard: int, snapshot: bytes | None, journal: list[bytes]) -> IncrementalLearner:
-    """Rebuild a shard's learner from its state: the snapshot, then every journaled micro-batch in order."""
-    learner = IncrementalLearner.from_bytes(snapshot, cfg) if snapshot else IncrementalLearner(cfg, shard)
-    for entry in journal:
-        learner.learn([schemas.decode(schemas.FEATURIZED_EVENT, rec) for rec in unframe(entry)])
-        learner.take_deltas()
-    return learner
 
 
 class UpdateShardModel(beam.DoFn):
@@ -199,7 +191,7 @@ class UpdateShardModel(beam.DoFn):
             "table_rows": {name: len(t) for name, t in learner.tables().items()},
         }, out_ts))
 
-        journal.add(frame([schemas.encode(schemas.FEATURIZED_EVENT, e) for e in events]))
+        journal.add(journal_entry(events))
         state["flushes"] += 1
         state["journal_len"] += 1
         state["buffer_newest_ms"] = None

@@ -1,0 +1,263 @@
+"""freshrec as a native PyFlink job (apache-flink 2.3, its own environment: scripts/setup_flink.sh).
+
+The same runner-free core as the Beam pipeline, behind thin Flink adapters:
+
+    FileSource (JSONL replay, checkpointed position)
+      -> DecodeAndValidate (ProcessFunction; dead letters to a side output)
+      -> key_by(event_id)  DedupeEvents        (ValueState)
+      -> key_by(item_id)   ItemPopularity      (ValueState, transforms.featurizers)
+      -> key_by(user_id)   UserFeatures        (ValueState, transforms.featurizers)
+      -> key_by(shard)     UpdateShardModel    (ListState buffer, snapshot + journal state, model.learner)
+      -> FileSink (exactly-once: part files are committed on checkpoints)
+
+Micro-batches flush on count during the stream and once more when the input ends (an event-time
+timer at the end of time), so batch boundaries, and therefore parameters, do not depend on timing:
+a run killed and restored from its last checkpoint ends with exactly the parameters and outputs of
+an uninterrupted run (tests/test_flink_job.py).
+
+    .venv-flink/bin/python -m pipelines.flink_job --input events.jsonl --output out/flink --checkpoint_dir /tmp/ck
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from typing import Any
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+from pyflink.common import Configuration, Encoder, Types, WatermarkStrategy  # noqa: E402
+from pyflink.common.watermark_strategy import TimestampAssigner  # noqa: E402
+from pyflink.datastream import (  # noqa: E402
+    CheckpointingMode,
+    OutputTag,
+    RuntimeExecutionMode,
+    StreamExecutionEnvironment,
+)
+from pyflink.datastream.connectors.file_system import FileSink, FileSource, OutputFileConfig, StreamFormat  # noqa: E402
+from pyflink.datastream.functions import KeyedProcessFunction, ProcessFunction, RuntimeContext  # noqa: E402
+from pyflink.datastream.state import ListStateDescriptor, ValueStateDescriptor  # noqa: E402
+
+from model.config import LearnerConfig  # noqa: E402
+from model.hashing import shard_of  # noqa: E402
+from model.journal import journal_entry, restore_learner  # noqa: E402
+from model.learner import IncrementalLearner  # noqa: E402
+from pipelines.flink_config import learner_config  # noqa: E402
+from transforms.cleaning import InvalidEvent, decode_event, raw_bytes  # noqa: E402
+from transforms.featurizers import FeatureConfig, ItemPopularity, UserFeaturizer  # noqa: E402
+
+DEAD_LETTER = OutputTag("dead-letter", Types.STRING())
+END_OF_TIME = 2**62
+
+
+def _dead(payload: Any, reason: str, step: str, event: dict[str, Any] | None = None) -> str:
+    return json.dumps({"kind": "dead_letter", "reason": reason, "step": step,
+                       "event_id": None if event is None else event.get("event_id"),
+                       "raw": raw_bytes(payload if event is None else event).decode("utf-8", "replace")})
+
+
+class EventTime(TimestampAssigner):
+    def extract_timestamp(self, value: str, record_timestamp: int) -> int:
+        try:
+            ts = json.loads(value).get("event_time_ms")
+            return int(ts) if isinstance(ts, (int, float)) else 0
+        except (ValueError, AttributeError):
+            return 0
+
+
+class DecodeAndValidate(ProcessFunction):
+    def __init__(self, throttle_ms: float = 0.0):
+        self.throttle_ms = throttle_ms
+
+    def process_element(self, value: str, ctx):
+        if self.throttle_ms:
+            time.sleep(self.throttle_ms / 1000.0)
+        try:
+            record = json.loads(value)
+        except ValueError:
+            yield DEAD_LETTER, _dead(value.encode(), "malformed: not JSON", "DecodeAndValidate")
+            return
+        try:
+            yield decode_event(record)
+        except InvalidEvent as exc:
+            yield DEAD_LETTER, _dead(record, f"malformed: {exc.reason}", "DecodeAndValidate")
+
+
+class DedupeEvents(KeyedProcessFunction):
+    def open(self, ctx: RuntimeContext):
+        self.seen = ctx.get_state(ValueStateDescriptor("seen", Types.BOOLEAN()))
+
+    def process_element(self, event, ctx):
+        if self.seen.value():
+            yield DEAD_LETTER, _dead(None, "duplicate event_id", "DedupeEvents", event)
+            return
+        self.seen.update(True)
+        yield event
+
+
+class AnnotateItemPopularity(KeyedProcessFunction):
+    def __init__(self, cfg: FeatureConfig):
+        self.cfg = cfg
+
+    def open(self, ctx: RuntimeContext):
+        self.state = ctx.get_state(ValueStateDescriptor("item_state", Types.PICKLED_BYTE_ARRAY()))
+        self.featurizer = ItemPopularity(self.cfg)
+
+    def process_element(self, event, ctx):
+        current = self.state.value() or self.featurizer.new_state()
+        features = self.featurizer.transform_one(current, event)
+        self.state.update(self.featurizer.learn_one(current, event))
+        yield {**event, "item_features": features}
+
+
+class AnnotateUserFeatures(KeyedProcessFunction):
+    def __init__(self, cfg: FeatureConfig):
+        self.cfg = cfg
+
+    def open(self, ctx: RuntimeContext):
+        self.state = ctx.get_state(ValueStateDescriptor("user_state", Types.PICKLED_BYTE_ARRAY()))
+        self.featurizer = UserFeaturizer(self.cfg)
+
+    def process_element(self, event, ctx):
+        current = self.state.value() or self.featurizer.new_state()
+        features, history = self.featurizer.transform_one(current, event)
+        self.state.update(self.featurizer.learn_one(current, event))
+        yield {**event, "user_features": features, "history": history}
+
+
+class UpdateShardModel(KeyedProcessFunction):
+    """Keyed by shard; the partition is a snapshot plus a journal of micro-batches in Flink state."""
+
+    def __init__(self, cfg: LearnerConfig, batch_size: int, top_k: int, snapshot_every: int):
+        self.cfg, self.batch_size, self.top_k, self.snapshot_every = cfg, batch_size, top_k, snapshot_every
+
+    def open(self, ctx: RuntimeContext):
+        self.buffer = ctx.get_list_state(ListStateDescriptor("buffer", Types.PICKLED_BYTE_ARRAY()))
+        self.snapshot = ctx.get_state(ValueStateDescriptor("snapshot", Types.PICKLED_BYTE_ARRAY()))
+        self.journal = ctx.get_list_state(ListStateDescriptor("journal", Types.PICKLED_BYTE_ARRAY()))
+        self.meta = ctx.get_state(ValueStateDescriptor("meta", Types.PICKLED_BYTE_ARRAY()))
+        self.live: dict[int, tuple[IncrementalLearner, int]] = {}
+
+    def process_element(self, event, ctx):
+        record = {k: event.get(k) for k in ("event_id", "user_id", "item_id", "event_type", "event_time_ms", "value",
+                                           "context", "user_features", "item_features", "history")}
+        self.buffer.add(record)
+        meta = self.meta.value() or {"flushes": 0, "journal_len": 0, "score_seq": 0, "delta_seq": 0, "buffered": 0}
+        meta["buffered"] += 1
+        self.meta.update(meta)
+        if meta["buffered"] >= self.batch_size:
+            yield from self._flush(ctx.get_current_key())
+        else:
+            ctx.timer_service().register_event_time_timer(END_OF_TIME)
+
+    def on_timer(self, timestamp, ctx):
+        yield from self._flush(ctx.get_current_key())
+
+    def _flush(self, shard: int):
+        events = list(self.buffer.get() or [])
+        if not events:
+            return
+        self.buffer.clear()
+        meta = self.meta.value()
+        live = self.live.get(shard)
+        if live is not None and live[1] == meta["flushes"]:
+            learner = live[0]
+        else:  # first flush here, or restored from a checkpoint: rebuild from state
+            learner = restore_learner(self.cfg, shard, self.snapshot.value(), list(self.journal.get() or []))
+        learner.learn(events)
+        deltas = learner.take_deltas()
+        users = sorted({e["user_id"] for e in events})
+        for user, items in learner.topk(users, self.top_k).items():
+            meta["score_seq"] += 1
+            yield json.dumps({"kind": "score", "user_id": user, "shard": shard, "model_version": learner.version,
+                              "sequence": meta["score_seq"], "items": [[i, s] for i, s in items]})
+        for delta in deltas:
+            meta["delta_seq"] += 1
+            yield json.dumps({"kind": "delta", **delta.to_record(meta["delta_seq"], 0)})
+        self.journal.add(journal_entry(events))
+        meta["flushes"] += 1
+        meta["journal_len"] += 1
+        meta["buffered"] = 0
+        if meta["journal_len"] >= self.snapshot_every and not learner._acc_batches:
+            self.snapshot.update(learner.to_bytes())
+            self.journal.clear()
+            meta["journal_len"] = 0
+        self.meta.update(meta)
+        self.live[shard] = (learner, meta["flushes"])
+
+
+def build(env: StreamExecutionEnvironment, args: argparse.Namespace) -> None:
+    features = FeatureConfig()
+    cfg = learner_config(features, args.dim)
+    shards = args.shards
+    source = FileSource.for_record_stream_format(StreamFormat.text_line_format(), args.input).build()
+    watermarks = WatermarkStrategy.for_monotonous_timestamps().with_timestamp_assigner(EventTime())
+    lines = env.from_source(source, watermarks, "ReplayEvents").uid("replay-source")
+    events = lines.process(DecodeAndValidate(args.throttle_ms), output_type=Types.PICKLED_BYTE_ARRAY()).uid("decode")
+    unique = (events.key_by(lambda e: e["event_id"], key_type=Types.STRING())
+              .process(DedupeEvents(), output_type=Types.PICKLED_BYTE_ARRAY()).uid("dedupe"))
+    with_items = (unique.key_by(lambda e: e["item_id"], key_type=Types.STRING())
+                  .process(AnnotateItemPopularity(features), output_type=Types.PICKLED_BYTE_ARRAY()).uid("item-features"))
+    with_users = (with_items.key_by(lambda e: e["user_id"], key_type=Types.STRING())
+                  .process(AnnotateUserFeatures(features), output_type=Types.PICKLED_BYTE_ARRAY()).uid("user-features"))
+    outputs = (with_users.key_by(lambda e: shard_of(e["user_id"], shards), key_type=Types.INT())
+               .process(UpdateShardModel(cfg, args.batch_size, args.top_k, args.snapshot_every), output_type=Types.STRING())
+               .uid("update-shard-model"))
+    dead = (events.get_side_output(DEAD_LETTER)
+            .union(unique.get_side_output(DEAD_LETTER)))
+    sink = (FileSink.for_row_format(args.output, Encoder.simple_string_encoder())
+            .with_output_file_config(OutputFileConfig.builder().with_part_prefix("part").with_part_suffix(".jsonl").build())
+            .build())
+    outputs.union(dead).sink_to(sink).uid("file-sink")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--input", required=True, help="time-ordered JSONL of raw events (see pipelines.flink_job.write_jsonl)")
+    ap.add_argument("--output", required=True)
+    ap.add_argument("--checkpoint_dir", required=True)
+    ap.add_argument("--checkpoint_interval_ms", type=int, default=1000)
+    ap.add_argument("--restore_from", default=None, help="a retained checkpoint (…/chk-N) to resume from")
+    ap.add_argument("--shards", type=int, default=2)
+    ap.add_argument("--batch_size", type=int, default=32)
+    ap.add_argument("--top_k", type=int, default=5)
+    ap.add_argument("--dim", type=int, default=8)
+    ap.add_argument("--snapshot_every", type=int, default=5)
+    ap.add_argument("--throttle_ms", type=float, default=0.0, help="sleep per input record (to stretch a test run)")
+    args = ap.parse_args(argv)
+    conf = Configuration()
+    conf.set_string("execution.checkpointing.dir", "file://" + os.path.abspath(args.checkpoint_dir))
+    conf.set_string("execution.checkpointing.externalized-checkpoint-retention", "RETAIN_ON_CANCELLATION")
+    conf.set_string("execution.checkpointing.checkpoints-after-tasks-finish", "true")
+    conf.set_string("restart-strategy.type", "none")
+    # small Python bundles: checkpoint barriers do not wait behind a large bundle in flight
+    conf.set_string("python.fn-execution.bundle.size", "50")
+    conf.set_string("python.fn-execution.bundle.time", "100")
+    conf.set_string("python.execution-mode", "process")
+    conf.set_string("python.executable", sys.executable)  # workers run in this (PyFlink) environment
+    conf.set_string("python.client.executable", sys.executable)
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p)
+    if args.restore_from:
+        conf.set_string("execution.state-recovery.path", "file://" + os.path.abspath(args.restore_from))
+    env = StreamExecutionEnvironment.get_execution_environment(conf)
+    env.set_runtime_mode(RuntimeExecutionMode.STREAMING)
+    env.set_parallelism(1)
+    env.enable_checkpointing(args.checkpoint_interval_ms, CheckpointingMode.EXACTLY_ONCE)
+    build(env, args)
+    env.execute("freshrec")
+    return 0
+
+
+def write_jsonl(events: list[dict[str, Any]], path: str) -> None:
+    with open(path, "w") as fh:
+        for e in events:
+            fh.write(json.dumps(e, default=str) + "\n")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

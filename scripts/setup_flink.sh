@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# The PyFlink job's own environment (.venv-flink): apache-flink 2.3 pins apache-beam<=2.61, so it
+# cannot share .venv (beam 2.77). Idempotent. The job imports only freshrec's runner-free core.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+stamp=.venv-flink/.freshrec-installed
+want="apache-flink==2.3.0 torch==2.13.0 fastavro avro numpy pytest"
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
+  exit 0
+fi
+[ -x .venv-flink/bin/python ] || "$PY" -m venv .venv-flink
+.venv-flink/bin/python -m pip install -q --upgrade pip
+.venv-flink/bin/python -m pip install -q "torch==2.13.0"
+.venv-flink/bin/python -m pip install -q "apache-flink==2.3.0" fastavro avro numpy pytest
+echo "$want" > "$stamp"
