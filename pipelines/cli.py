@@ -18,6 +18,7 @@ from typing import Any
 
 import apache_beam as beam
 import yaml
+from apache_beam.options.pipeline_options import StandardOptions
 
 from pipelines.freshrec_pipeline import build_pipeline, make_options, output_paths
 from transforms.sinks import write_summary
@@ -34,11 +35,42 @@ def load_runner_config(path: str) -> list[str]:
         if isinstance(value, bool):
             if value:
                 flags.append(f"--{key}")
-        elif isinstance(value, list):
-            flags.extend(f"--{key}={v}" for v in value)
-        else:
-            flags.append(f"--{key}={os.path.expandvars(str(value))}")
+            continue
+        for v in value if isinstance(value, list) else [value]:
+            text = os.path.expandvars(str(v))
+            if "${" in text:  # an environment variable the user did not set: leave the option out
+                continue
+            flags.append(f"--{key}={text}")
     return flags
+
+
+BEAM_VERSION = "2.77.0"
+
+
+def flink_job_server_jar_url(flink_version: str) -> str:
+    name = f"beam-runners-flink-{flink_version}-job-server"
+    return f"https://repo.maven.apache.org/maven2/org/apache/beam/{name}/{BEAM_VERSION}/{name}-{BEAM_VERSION}.jar"
+
+
+class RunnerSetupError(RuntimeError):
+    pass
+
+
+def check_runner(opts: Any) -> None:
+    """Fail early, and clearly, where a runner cannot start: Beam's FlinkRunner needs its job-server jar."""
+    from apache_beam.options.pipeline_options import FlinkRunnerOptions, StandardOptions
+
+    runner = str(opts.view_as(StandardOptions).runner or "")
+    if runner.split(".")[-1] not in ("FlinkRunner",):
+        return
+    flink = opts.view_as(FlinkRunnerOptions)
+    url = flink_job_server_jar_url(flink.flink_version)
+    jar = flink.flink_job_server_jar
+    if jar and "://" not in jar and not os.path.exists(jar):
+        raise RunnerSetupError(
+            f"FlinkRunner: job-server jar {jar!r} does not exist. Beam {BEAM_VERSION} with Flink {flink.flink_version} "
+            f"needs {url.rsplit('/', 1)[1]}: download it from {url} and pass --flink_job_server_jar=PATH "
+            f"(or set FRESHREC_FLINK_JOB_SERVER_JAR for runner_configs/flink.yaml).")
 
 
 def split_runner_config(argv: list[str]) -> list[str]:
@@ -84,10 +116,25 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger().setLevel(logging.WARNING)
     argv = split_runner_config(list(sys.argv[1:] if argv is None else argv))
     opts = make_options(argv)
+    try:
+        check_runner(opts)
+    except RunnerSetupError as exc:
+        print(f"freshrec: {exc}", file=sys.stderr)
+        return 2
     clear_outputs(output_paths(opts.output_dir))
     started = time.time()
-    with beam.Pipeline(options=opts) as p:
-        built = build_pipeline(p, opts)
+    try:
+        with beam.Pipeline(options=opts) as p:
+            built = build_pipeline(p, opts)
+    except Exception as exc:
+        if "flink" in str(opts.view_as(StandardOptions).runner or "").lower() and "jar" in str(exc).lower():
+            from apache_beam.options.pipeline_options import FlinkRunnerOptions
+
+            url = flink_job_server_jar_url(opts.view_as(FlinkRunnerOptions).flink_version)
+            print(f"freshrec: FlinkRunner could not get its job-server jar ({exc}). Download {url} "
+                  f"and pass --flink_job_server_jar=PATH.", file=sys.stderr)
+            return 2
+        raise
     result = p.result if hasattr(p, "result") else None
     elapsed = time.time() - started
     paths = output_paths(built["config"].output_dir)

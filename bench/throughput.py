@@ -1,0 +1,239 @@
+"""Throughput benchmark: events/s of the update core against a plain torch training loop over the
+same examples (the practical limit), River's online MF (a peer), and the full DirectRunner pipeline;
+on CPU and, where CUDA is available, on GPU. All figures come from this one run, printed as ratios
+against the plain torch loop measured on the same device.
+
+    python -m bench.throughput                       # CPU (and CUDA if present)
+    python -m bench.throughput --events 100000 --pipeline_events 50000
+
+The plain loop is the same model (user tower with history mean, biases, dense MLPs, BCE) on
+nn.Embedding tables with ids mapped to ints up front and torch's Adagrad: no admission, expiry,
+deltas, quality gate, undo log or published user tower. The difference is what those cost.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import io
+import json
+import math
+import os
+import resource
+import sys
+import time
+from typing import Any
+
+import torch
+from torch import nn
+
+from model.config import LearnerConfig, TableConfig
+from model.learner import IncrementalLearner
+from transforms.featurizers import FeatureConfig, ItemPopularity, UserFeaturizer
+from transforms.replay import SyntheticConfig, synthetic_events
+
+
+def make_stream(n: int, negatives: int, seed: int) -> list[dict[str, Any]]:
+    """Featurized synthetic events, each followed by ``negatives`` sampled items (the same for all models)."""
+    import random
+
+    cfg = FeatureConfig()
+    uf, itf = UserFeaturizer(cfg), ItemPopularity(cfg)
+    us: dict[str, Any] = {}
+    its: dict[str, Any] = {}
+    rng = random.Random(seed)
+    recent: list[str] = []
+    out: list[dict[str, Any]] = []
+    synth = SyntheticConfig(events=n, users=5_000, items=2_000, malformed_fraction=0, duplicate_fraction=0, seed=seed)
+    for ev in synthetic_events(synth):
+        u = us.setdefault(ev["user_id"], uf.new_state())
+        i = its.setdefault(ev["item_id"], itf.new_state())
+        feats, hist = uf.transform_one(u, ev)
+        e = {**ev, "user_features": feats, "history": hist, "item_features": itf.transform_one(i, ev)}
+        out.append(e)
+        for _ in range(negatives if recent else 0):
+            neg = recent[rng.randrange(len(recent))]
+            out.append({**e, "item_id": neg, "label": 0.0, "sampled": True, "event_type": "view", "value": None,
+                        "item_features": itf.transform_one(its[neg], ev)})
+        uf.learn_one(u, ev)
+        itf.learn_one(i, ev)
+        recent.append(ev["item_id"])
+        if len(recent) > 10_000:
+            recent.pop(0)
+    return out
+
+
+def learner_cfg(device: str, dim: int) -> LearnerConfig:
+    f = FeatureConfig()
+    table = TableConfig(dim=dim)
+    return LearnerConfig(user_features=f.user_width, item_features=f.item_width, history=f.history, user_table=table,
+                         item_table=table, negatives=0, gate=True, device=device, cpu_threads=torch.get_num_threads())
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def time_update_core(stream: list[dict[str, Any]], batch: int, device: str, dim: int) -> float:
+    learner = IncrementalLearner(learner_cfg(device, dim))
+    learner.learn(stream[:batch])  # warm-up (allocations, CUDA context)
+    learner.take_deltas()
+    sync(device)
+    t = time.perf_counter()
+    for i in range(batch, len(stream), batch):
+        learner.learn(stream[i : i + batch])
+        learner.take_deltas()  # publishing the changed rows is part of the update step
+    sync(device)
+    return time.perf_counter() - t
+
+
+class PlainModel(nn.Module):
+    def __init__(self, users: int, items: int, dim: int, fu: int, fi: int, hidden: int = 8):
+        super().__init__()
+        self.u = nn.Embedding(users, dim + 1, sparse=True)
+        self.i = nn.Embedding(items + 1, dim + 1, padding_idx=items, sparse=True)
+        nn.init.normal_(self.u.weight, std=0.05)
+        nn.init.normal_(self.i.weight, std=0.05)
+        self.fu = nn.Sequential(nn.Linear(fu, hidden), nn.ReLU(), nn.Linear(hidden, 1))
+        self.fi = nn.Sequential(nn.Linear(fi, hidden), nn.ReLU(), nn.Linear(hidden, 1))
+        self.bias = nn.Parameter(torch.zeros(1))
+        self.pad, self.dim = items, dim
+
+    def forward(self, u, i, h, uf, itf):
+        d = self.dim
+        U, I, H = self.u(u), self.i(i), self.i(h)
+        mask = (h != self.pad).float()
+        q = U[:, :d] + (H[..., :d] * mask.unsqueeze(-1)).sum(1) / mask.sum(1).clamp(min=1).unsqueeze(-1)
+        return (q * I[:, :d]).sum(-1) + U[:, d] + I[:, d] + self.fu(uf).squeeze(-1) + self.fi(itf).squeeze(-1) + self.bias
+
+
+def plain_vocab(stream: list[dict[str, Any]]) -> tuple[dict[str, int], dict[str, int]]:
+    """A fixed vocabulary known in advance: the plain loop's advantage over a dynamic table."""
+    users = {k: n for n, k in enumerate(sorted({e["user_id"] for e in stream}))}
+    items = {k: n for n, k in enumerate(sorted({e["item_id"] for e in stream} | {h for e in stream for h in e["history"]}))}
+    return users, items
+
+
+def plain_tensors(chunk: list[dict[str, Any]], users: dict[str, int], items: dict[str, int], device: str):
+    pad = len(items)
+    hist = [[items[h] for h in e["history"]] + [pad] * (10 - len(e["history"])) for e in chunk]
+    y = [float(e["label"]) if e.get("label") is not None else (1.0 if e["event_type"] != "rating" or (e["value"] or 0) >= 4 else 0.0)
+         for e in chunk]
+    return tuple(t.to(device) for t in (
+        torch.tensor([users[e["user_id"]] for e in chunk]), torch.tensor([items[e["item_id"]] for e in chunk]),
+        torch.tensor(hist), torch.tensor([e["user_features"] for e in chunk]),
+        torch.tensor([e["item_features"] for e in chunk]), torch.tensor(y)))
+
+
+def time_plain_loop(stream: list[dict[str, Any]], batch: int, device: str, dim: int) -> float:
+    """Same events, same model form, fixed vocabulary, torch's sparse embeddings + Adagrad; timed from the
+    event dicts (tensorising each micro-batch is inside the loop, as it is for the update core)."""
+    users, items = plain_vocab(stream)
+    f = FeatureConfig()
+    model = PlainModel(len(users), len(items), dim, f.user_width, f.item_width).to(device)
+    opt = torch.optim.Adagrad(model.parameters(), lr=0.05)
+    lossf = nn.BCEWithLogitsLoss()
+
+    def step(chunk):
+        u, i, h, uf, itf, y = plain_tensors(chunk, users, items, device)
+        with torch.no_grad():  # prequential: score first
+            model(u, i, h, uf, itf)
+        opt.zero_grad(set_to_none=True)
+        lossf(model(u, i, h, uf, itf), y).backward()
+        opt.step()
+
+    step(stream[:batch])
+    sync(device)
+    t = time.perf_counter()
+    for s0 in range(batch, len(stream), batch):
+        step(stream[s0 : s0 + batch])
+    sync(device)
+    return time.perf_counter() - t
+
+
+def time_river(stream: list[dict[str, Any]]) -> float:
+    from bench.prequential import RiverMF
+
+    model = RiverMF(4.0, 0)
+    t = time.perf_counter()
+    model.learn(stream)
+    return time.perf_counter() - t
+
+
+def time_pipeline(n: int, batch: int) -> tuple[float, dict[str, Any]]:
+    import tempfile
+
+    from pipelines import cli
+
+    out = tempfile.mkdtemp(prefix="freshrec-bench-")
+    t = time.perf_counter()
+    with contextlib.redirect_stdout(io.StringIO()):
+        rc = cli.main(["--output_dir", out, "--synthetic_events", str(n), "--batch_size", str(batch), "--shards", "2"])
+    elapsed = time.perf_counter() - t
+    with open(os.path.join(out, "summary.json")) as fh:
+        summary = json.load(fh)
+    assert rc == 0
+    return elapsed, summary
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--events", type=int, default=30_000)
+    ap.add_argument("--negatives", type=int, default=4)
+    ap.add_argument("--batch", type=int, default=256, help="events per micro-batch")
+    ap.add_argument("--dim", type=int, default=16)
+    ap.add_argument("--devices", default="cpu,cuda")
+    ap.add_argument("--pipeline_events", type=int, default=20_000, help="0 skips the full DirectRunner pipeline")
+    ap.add_argument("--no_river", action="store_true")
+    ap.add_argument("--json", default=None, help="also write the figures here")
+    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads for every model (the same for all)")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    stream = make_stream(args.events, args.negatives, seed=1)
+    per_event = 1 + args.negatives
+    ex_batch = args.batch * per_event
+    results: dict[str, Any] = {"events": args.events, "examples": len(stream), "batch_events": args.batch}
+    print(f"{args.events} events ({len(stream)} examples with {args.negatives} negatives each), micro-batch {args.batch} events")
+    for device in [d.strip() for d in args.devices.split(",") if d.strip()]:
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            print(f"  {device}: not available on this machine, skipped")
+            continue
+        name = torch.cuda.get_device_name(0) if device.startswith("cuda") else f"CPU ({torch.get_num_threads()} thread)"
+        plain = time_plain_loop(stream, ex_batch, device, args.dim)
+        core = time_update_core(stream, ex_batch, device, args.dim)
+        n = args.events * (1 - args.batch / max(1, args.events))
+        results[device] = {"device": name, "plain_torch_events_per_s": n / plain, "update_core_events_per_s": n / core,
+                           "core_vs_plain": plain / core}
+        print(f"  {device} [{name}]: plain torch loop {n / plain:9.0f} events/s | update core {n / core:9.0f} events/s "
+              f"| core/plain = {plain / core:.2f}x")
+        gc.collect()
+    if not args.no_river:
+        r = time_river(stream)
+        results["river_events_per_s"] = args.events / r
+        base = results.get("cpu", {}).get("plain_torch_events_per_s")
+        print(f"  River BiasedMF (CPU, one example at a time): {args.events / r:9.0f} events/s"
+              + (f" | vs plain torch on CPU = {args.events / r / base:.2f}x" if base else ""))
+    if args.pipeline_events:
+        elapsed, summary = time_pipeline(args.pipeline_events, args.batch)
+        eps = args.pipeline_events / elapsed
+        results["pipeline_events_per_s"] = eps
+        results["pipeline_summary_auc"] = summary["prequential"]["auc"]
+        base = results.get("cpu", {}).get("plain_torch_events_per_s")
+        print(f"  full DirectRunner pipeline (synthetic, 2 shards, CPU): {eps:9.0f} events/s end to end incl. start-up"
+              + (f" | vs plain torch on CPU = {eps / base:.3f}x" if base else ""))
+    results["peak_rss_mb"] = peak_rss_mb()
+    print(f"  peak resident memory of this process: {results['peak_rss_mb']:.0f} MB")
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(results, fh, indent=1, default=lambda x: None if isinstance(x, float) and math.isnan(x) else x)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
