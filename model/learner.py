@@ -266,14 +266,19 @@ class IncrementalLearner:
                     users.append(ev["user_id"]); items.append(neg); hists.append(hist)
                     labels.append(0.0); weights.append(1.0); ufs.append(uf)
                     ifs.append(self.items.extra[self.items.row_of(neg)].tolist())
-        dev = self.device
         return _Batch(
             users, items, hists,
-            torch.tensor(labels, device=dev), torch.tensor(weights, device=dev),
-            torch.tensor(ufs, device=dev).reshape(len(users), cfg.user_features),
-            torch.tensor(ifs, device=dev).reshape(len(users), cfg.item_features),
+            self._to_device(torch.tensor(labels)), self._to_device(torch.tensor(weights)),
+            self._to_device(torch.tensor(ufs).reshape(len(users), cfg.user_features)),
+            self._to_device(torch.tensor(ifs).reshape(len(users), cfg.item_features)),
             pos_idx,
         )
+
+    def _to_device(self, t: torch.Tensor) -> torch.Tensor:
+        """Host batch -> device; on CUDA through pinned memory with an asynchronous copy."""
+        if self.device.type == "cuda":
+            return t.pin_memory().to(self.device, non_blocking=True)
+        return t
 
     def _history_rows(self, hists: list[list[str]]) -> torch.Tensor:
         width = max(1, max((len(h) for h in hists), default=0))
