@@ -745,6 +745,12 @@ class IncrementalLearner:
         out[DENSE] = {k: v.reshape(-1).tolist() for k, v in self.dense.state_dict().items()}
         return out
 
+    def published_snapshot(self) -> dict[str, dict[str, list[float]]]:
+        """parameters_snapshot() restricted to what deltas publish (the user-side MLP is folded into user_query)."""
+        snap = self.parameters_snapshot()
+        snap[DENSE] = {k: v for k, v in snap[DENSE].items() if k.startswith("item.") or k == "bias"}
+        return snap
+
     def memory_bytes(self) -> int:
         return sum(t.memory_bytes() for t in self.tables().values())
 
