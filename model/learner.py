@@ -310,22 +310,21 @@ class IncrementalLearner:
         hmask = (h_rows >= 0).float()
         if not good:
             return torch.sigmoid(self._logits(U, I, H, hmask, batch.user_feats, batch.item_feats))
-        # the last good version: rows changed since then come from the undo log
+        # the last good version: rows changed since then come from the undo log (None = row did not exist)
         U, I, H, hmask = U.clone(), I.clone(), H.clone(), hmask.clone()
-        for i, key in enumerate(batch.users):
-            if (USER, key) in self._undo:
-                snap = self._undo[(USER, key)]
-                U[i] = snap["weights"] if snap is not None else 0.0
-        for i, key in enumerate(batch.items):
-            if (ITEM, key) in self._undo:
-                snap = self._undo[(ITEM, key)]
-                I[i] = snap["weights"] if snap is not None else 0.0
-        for i, hist in enumerate(batch.histories):
-            for j, key in enumerate(hist):
-                if (ITEM, key) in self._undo:
-                    snap = self._undo[(ITEM, key)]
-                    H[i, j] = snap["weights"] if snap is not None else 0.0
-                    hmask[i, j] = 1.0 if snap is not None else 0.0
+        width = H.shape[1]
+        flat_hist = [k for h in batch.histories for k in h + [""] * (width - len(h))]
+        for table, keys, target, mask in ((USER, batch.users, U, None), (ITEM, batch.items, I, None),
+                                          (ITEM, flat_hist, H.view(-1, H.shape[-1]), hmask.view(-1))):
+            undo = self._undo
+            hits = [(i, undo[(table, k)]) for i, k in enumerate(keys) if (table, k) in undo]
+            if not hits:
+                continue
+            idx = torch.tensor([i for i, _ in hits], device=self.device)
+            values = torch.stack([snap["weights"] if snap is not None else torch.zeros_like(target[0]) for _, snap in hits])
+            target[idx] = values
+            if mask is not None:
+                mask[idx] = torch.tensor([1.0 if snap is not None else 0.0 for _, snap in hits], device=self.device)
         return torch.sigmoid(self._logits(U, I, H, hmask, batch.user_feats, batch.item_feats, self._good_dense))
 
     def predict(self, events: Sequence[dict[str, Any]]) -> list[float]:

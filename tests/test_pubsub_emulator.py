@@ -7,11 +7,6 @@ emulator component is absent.
 
 from __future__ import annotations
 
-import os
-import shutil
-import signal
-import socket
-import subprocess
 import threading
 import time
 from collections import defaultdict
@@ -21,6 +16,7 @@ import pytest
 
 import schemas
 from pipelines.consumer import DeltaConsumer
+from pipelines.emulator import EmulatorUnavailable, start_emulator
 from pipelines.freshrec_pipeline import PipelineConfig, build_pipeline, make_options
 from pipelines.publisher import prepare, publish
 from pipelines.pubsub import FINGERPRINT_ATTR
@@ -29,45 +25,14 @@ pytestmark = pytest.mark.emulator
 PROJECT = "freshrec-test"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def emulator():
-    if shutil.which("gcloud") is None:
-        pytest.skip("Pub/Sub emulator absent: `gcloud` is not on PATH (install the Google Cloud SDK and "
-                    "`gcloud components install pubsub-emulator beta`)")
-    port = _free_port()
-    env = {**os.environ, "CLOUDSDK_CORE_DISABLE_PROMPTS": "1"}
-    proc = subprocess.Popen(
-        ["gcloud", "beta", "emulators", "pubsub", "start", f"--host-port=localhost:{port}", f"--project={PROJECT}"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    deadline = time.time() + 90
     try:
-        while time.time() < deadline:
-            if proc.poll() is not None:
-                out = proc.stdout.read().decode(errors="replace")[-2000:] if proc.stdout else ""
-                pytest.skip(f"Pub/Sub emulator did not start (exit {proc.returncode}): {out}")
-            try:
-                with socket.create_connection(("localhost", port), timeout=1):
-                    break
-            except OSError:
-                time.sleep(0.5)
-        else:
-            pytest.skip("Pub/Sub emulator did not open its port within 90 s")
-        os.environ["PUBSUB_EMULATOR_HOST"] = f"localhost:{port}"
-        yield f"localhost:{port}"
-    finally:
-        if os.environ.get("PUBSUB_EMULATOR_HOST") == f"localhost:{port}":
-            del os.environ["PUBSUB_EMULATOR_HOST"]
-        try:
-            os.killpg(proc.pid, signal.SIGTERM)  # gcloud and its Java child share the group
-            proc.wait(timeout=20)
-        except (ProcessLookupError, subprocess.TimeoutExpired):
-            os.killpg(proc.pid, signal.SIGKILL)
+        emu = start_emulator(PROJECT)
+    except EmulatorUnavailable as exc:
+        pytest.skip(f"Pub/Sub emulator absent: {exc}")
+    yield emu.host
+    emu.stop()
 
 
 def _topic(name):

@@ -1,0 +1,69 @@
+"""Start and stop the local Pub/Sub emulator (``gcloud beta emulators pubsub start``) by PID.
+
+Used by the emulator tests and the freshness benchmark. gcloud starts a Java child; both run in a
+new process group that ``stop`` ends as a whole."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from dataclasses import dataclass
+
+
+class EmulatorUnavailable(RuntimeError):
+    pass
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Emulator:
+    proc: subprocess.Popen
+    host: str
+    project: str
+
+    def stop(self) -> None:
+        if os.environ.get("PUBSUB_EMULATOR_HOST") == self.host:
+            del os.environ["PUBSUB_EMULATOR_HOST"]
+        try:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            self.proc.wait(timeout=20)
+        except ProcessLookupError:
+            return
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(timeout=10)
+
+
+def start_emulator(project: str, timeout_s: float = 90.0) -> Emulator:
+    """Start the emulator on a free port and point PUBSUB_EMULATOR_HOST at it; raises EmulatorUnavailable."""
+    if shutil.which("gcloud") is None:
+        raise EmulatorUnavailable("`gcloud` is not on PATH (install the Google Cloud SDK and "
+                                  "`gcloud components install pubsub-emulator beta`)")
+    port = free_port()
+    env = {**os.environ, "CLOUDSDK_CORE_DISABLE_PROMPTS": "1"}
+    proc = subprocess.Popen(
+        ["gcloud", "beta", "emulators", "pubsub", "start", f"--host-port=localhost:{port}", f"--project={project}"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    emulator = Emulator(proc, f"localhost:{port}", project)
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            out = proc.stdout.read().decode(errors="replace")[-2000:] if proc.stdout else ""
+            raise EmulatorUnavailable(f"the emulator exited ({proc.returncode}): {out}")
+        try:
+            with socket.create_connection(("localhost", port), timeout=1):
+                os.environ["PUBSUB_EMULATOR_HOST"] = emulator.host
+                return emulator
+        except OSError:
+            time.sleep(0.5)
+    emulator.stop()
+    raise EmulatorUnavailable(f"the emulator did not open port {port} within {timeout_s:.0f} s")
