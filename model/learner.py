@@ -190,7 +190,6 @@ class IncrementalLearner:
         self._acc_batches = 0
         self._acc_examples = 0
         self._pending: list[ModelDelta] = []
-        self._history: dict[str, list[str]] = {}
         # stability guard: undo log of rows changed since the last good version
         self.good_version = 0
         self._undo: dict[tuple[str, str], dict[str, torch.Tensor] | None] = {}
@@ -510,8 +509,6 @@ class IncrementalLearner:
         keys = list(latest)
         hists = [(list(latest[k].get("history") or []) + [latest[k]["item_id"]])[-self.cfg.history:]
                  if self.cfg.history else [] for k in keys]
-        for k, h in zip(keys, hists, strict=False):
-            self._history[k] = h
         uf = torch.tensor([latest[k]["user_features"] for k in keys], device=self.device)
         uf = uf.reshape(len(keys), self.cfg.user_features)
         self.queries.observe(keys, self.now_ms)
@@ -530,10 +527,8 @@ class IncrementalLearner:
     def _evict(self, now_ms: int) -> None:
         for key in self.users.evict_expired(now_ms):
             self.queries.remove(key)
-            self._history.pop(key, None)
         self.items.evict_expired(now_ms)
-        for key in self.queries.evict_expired(now_ms):
-            self._history.pop(key, None)
+        self.queries.evict_expired(now_ms)
 
     # ------------------------------------------------------------------ scores
     @torch.no_grad()
@@ -697,7 +692,6 @@ class IncrementalLearner:
             "gate_sums": list(self._gate_sums),
             "rng": _rng_state(self.rng),
             "counters": dict(self.counters),
-            "history": dict(self._history),
             "dense_dirty": self._dense_dirty,
             "replay": list(self._replay),
             "last_retrain_ms": self._last_retrain_ms,
@@ -719,7 +713,6 @@ class IncrementalLearner:
         self._gate_sums = list(sd["gate_sums"])
         self.rng.setstate(_rng_from_state(sd["rng"]))
         self.counters = Counter(sd["counters"])
-        self._history = {k: list(v) for k, v in sd["history"].items()}
         self._dense_dirty = bool(sd["dense_dirty"])
         self._replay = list(sd["replay"])
         self._last_retrain_ms = sd["last_retrain_ms"]
