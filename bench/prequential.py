@@ -94,6 +94,14 @@ def featurize_stream(raw: list[dict[str, Any]], feature_cfg: FeatureConfig, nega
     return out, invalid
 
 
+def expected_hit(scores: np.ndarray, target: int, k: int) -> float:
+    """P(target ranks in the top k) with ties broken uniformly at random: a model that scores many
+    candidates the same (unknown items) gets no credit for the tie."""
+    greater = int((scores > scores[target]).sum())
+    equal = int((scores == scores[target]).sum()) - 1
+    return float(min(1.0, max(0.0, (k - greater) / (equal + 1))))
+
+
 def label_of(ev: dict[str, Any], threshold: float) -> float:
     if ev.get("label") is not None:
         return float(ev["label"])
@@ -194,7 +202,7 @@ def run_dataset(name: str, path: str, limit: int | None, args: argparse.Namespac
     window_of = np.minimum((np.arange(len(stream)) * n_windows) // max(1, len(stream)), n_windows - 1)
     stats = {m.name: BinaryStats() for m in models}
     wstats = {m.name: [BinaryStats() for _ in range(n_windows)] for m in models}
-    hits = {m.name: {10: 0, 20: 0} for m in models}
+    hits = {m.name: {10: 0.0, 20: 0.0} for m in models}
     recall_n = 0
     seconds = {m.name: 0.0 for m in models}
     forgetting: dict[str, dict[str, float]] = {m.name: {} for m in models}
@@ -219,9 +227,8 @@ def run_dataset(name: str, path: str, limit: int | None, args: argparse.Namespac
                 recall_n += 1
                 for m in models:
                     scores = np.asarray(m.score_candidates(ev["user_id"], cands))
-                    rank = int((scores > scores[target]).sum())
                     for k in (10, 20):
-                        hits[m.name][k] += rank < k
+                        hits[m.name][k] += expected_hit(scores, target, k)
         for m in models:
             t = time.perf_counter()
             labels, probs = m.learn(chunk)
