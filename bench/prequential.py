@@ -203,6 +203,8 @@ def run_dataset(name: str, path: str, limit: int | None, args: argparse.Namespac
     stats = {m.name: BinaryStats() for m in models}
     wstats = {m.name: [BinaryStats() for _ in range(n_windows)] for m in models}
     hits = {m.name: {10: 0.0, 20: 0.0} for m in models}
+    whits = {m.name: [{10: 0.0, 20: 0.0} for _ in range(n_windows)] for m in models}
+    wprobes = [0] * n_windows
     recall_n = 0
     seconds = {m.name: 0.0 for m in models}
     forgetting: dict[str, dict[str, float]] = {m.name: {} for m in models}
@@ -225,10 +227,14 @@ def run_dataset(name: str, path: str, limit: int | None, args: argparse.Namespac
                 cands = candidates if ev["item_id"] in candidates else candidates + [ev["item_id"]]
                 target = cands.index(ev["item_id"])
                 recall_n += 1
+                w = window_of[start]
+                wprobes[w] += 1
                 for m in models:
                     scores = np.asarray(m.score_candidates(ev["user_id"], cands))
                     for k in (10, 20):
-                        hits[m.name][k] += expected_hit(scores, target, k)
+                        hit = expected_hit(scores, target, k)
+                        hits[m.name][k] += hit
+                        whits[m.name][w][k] += hit
         for m in models:
             t = time.perf_counter()
             labels, probs = m.learn(chunk)
@@ -265,6 +271,8 @@ def run_dataset(name: str, path: str, limit: int | None, args: argparse.Namespac
             "recall@20": hits[m.name][20] / recall_n if recall_n else None,
             "events_per_s": n_events / seconds[m.name] if seconds[m.name] else None,
             "auc_by_window": [w.auc() for w in wstats[m.name]],
+            "recall@10_by_window": [h[10] / n if n else None for h, n in zip(whits[m.name], wprobes)],
+            "recall@20_by_window": [h[20] / n if n else None for h, n in zip(whits[m.name], wprobes)],
             "logloss_by_window": [w.logloss() for w in wstats[m.name]],
             **forgetting[m.name],
         }
@@ -288,9 +296,10 @@ def report(result: dict[str, Any]) -> None:
         print(f"{name:12s} {fmt(m['auc']):>7s} {fmt(m['logloss']):>8s} {fmt(m['recall@10']):>7s} {fmt(m['recall@20']):>7s} "
               f"{fmt(m['events_per_s'], '.0f'):>10s} {fmt(ratio, '.2f') + 'x':>9s} "
               f"{fmt(m.get('auc_head_before')):>15s} {fmt(m.get('auc_head_after')):>7s}")
-    print("AUC by time window (equal example counts):")
-    for name, m in models.items():
-        print(f"  {name:12s} " + " ".join(fmt(a, ".3f") for a in m["auc_by_window"]))
+    for metric in ("auc", "logloss", "recall@10", "recall@20"):
+        print(f"{metric} by time window (equal example counts):")
+        for name, m in models.items():
+            print(f"  {name:12s} " + " ".join(fmt(a, ".3f") for a in m[f"{metric}_by_window"]))
     if "incremental" in models and base:
         verdict = "beats" if models["incremental"]["auc"] > base["auc"] else "does NOT beat"
         print(f"incremental {verdict} static: AUC {fmt(models['incremental']['auc'])} vs {fmt(base['auc'])}")
