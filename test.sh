@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Set up (first time), lint, type-check and run the default test suite.
-# Slow benchmarks are opt-in: FRESHREC_SLOW=1 ./test.sh
+# The benchmarks (bench/) are separate scripts, not part of this suite.
 set -euo pipefail
 cd "$(dirname "$0")"
 bash scripts/setup.sh
