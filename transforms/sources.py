@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
 
@@ -44,11 +43,8 @@ def event_timestamp(event: dict[str, Any]) -> Timestamp:
     return Timestamp(micros=0)  # unparsable time: validation dead-letters it
 
 
-ReplayTask = tuple  # (path, ColumnMapping, limit)
-
-
 class _ReplayRestrictions(RestrictionProvider):
-    """Offsets into the time-sorted event list of one replay task."""
+    """Offsets into the time-sorted event list of one replay task: (path, ColumnMapping, limit)."""
 
     def initial_restriction(self, task):
         path, mapping, limit = task
@@ -122,13 +118,3 @@ class SyntheticEvents(beam.PTransform):
             | "StampEventTime" >> beam.Map(lambda e: TimestampedValue(e, event_timestamp(e)))
         )
 
-
-@dataclass
-class SourceSpec:
-    """Which source a pipeline reads: synthetic (default), a replay path, or Pub/Sub (pipelines.pubsub)."""
-
-    kind: str = "synthetic"
-    path: str | None = None
-    preset: str | None = None
-    limit: int | None = None
-    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
