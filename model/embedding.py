@@ -188,9 +188,10 @@ class DynamicEmbeddingTable:
         self.dirty.update(self.ids[r] for r in rows.tolist())  # type: ignore[misc]
 
     def write_extra(self, keys: list[str], values: torch.Tensor) -> None:
+        """Store side features; non-finite ones are never written (the row keeps its last finite values)."""
         for key, value in zip(keys, values, strict=False):
             row = self.index.get(key)
-            if row is not None and self.extra_width:
+            if row is not None and self.extra_width and bool(torch.isfinite(value).all()):
                 if self.on_change is not None:
                     self.on_change(self, key)
                 self.extra[row] = value

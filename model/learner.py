@@ -521,6 +521,13 @@ class IncrementalLearner:
             q = U[:, :d] + (H[..., :d] * hmask.unsqueeze(-1)).sum(1) / hmask.sum(1).clamp(min=1).unsqueeze(-1)
             c = U[:, d] + self.dense.user_term(uf)
             values = torch.cat([q, c.unsqueeze(-1)], dim=1)
+        finite = torch.isfinite(values).all(dim=1)
+        if not bool(finite.all()):  # a user with non-finite features keeps its last published tower
+            self.counters["nonfinite_user_tower"] += int((~finite).sum())
+            keys = [k for k, ok in zip(keys, finite.tolist(), strict=True) if ok]
+            values = values[finite]
+            if not keys:
+                return
         rows = self.queries.rows(keys)
         self.queries.write_rows(rows, values, {})
 

@@ -50,6 +50,7 @@ class BinaryStats:
     neg: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
     loss_sum: float = 0.0
     count: int = 0
+    nonfinite: int = 0  # predictions that were NaN/Inf: counted, left out of AUC and logloss
 
     def __post_init__(self) -> None:
         if self.pos.size == 0:
@@ -59,7 +60,10 @@ class BinaryStats:
 
     def update(self, labels: Iterable[float], probs: Iterable[float]) -> None:
         y = np.asarray(list(labels), dtype=np.float64)
-        p = np.clip(np.asarray(list(probs), dtype=np.float64), EPS, 1 - EPS)
+        p = np.asarray(list(probs), dtype=np.float64)
+        finite = np.isfinite(p)
+        self.nonfinite += int((~finite).sum())
+        y, p = y[finite], np.clip(p[finite], EPS, 1 - EPS)
         if len(y) == 0:
             return
         idx = np.minimum((p * self.bins).astype(np.int64), self.bins - 1)
@@ -73,7 +77,7 @@ class BinaryStats:
         if other.bins != self.bins:
             raise ValueError(f"cannot merge BinaryStats with {other.bins} bins into one with {self.bins}")
         return BinaryStats(self.bins, self.pos + other.pos, self.neg + other.neg,
-                           self.loss_sum + other.loss_sum, self.count + other.count)
+                           self.loss_sum + other.loss_sum, self.count + other.count, self.nonfinite + other.nonfinite)
 
     def auc(self) -> float:
         n_pos, n_neg = int(self.pos.sum()), int(self.neg.sum())
@@ -88,12 +92,12 @@ class BinaryStats:
 
     def to_dict(self) -> dict[str, Any]:
         return {"bins": self.bins, "pos": self.pos.tolist(), "neg": self.neg.tolist(),
-                "loss_sum": self.loss_sum, "count": self.count}
+                "loss_sum": self.loss_sum, "count": self.count, "nonfinite": self.nonfinite}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> BinaryStats:
         return cls(int(d["bins"]), np.asarray(d["pos"], dtype=np.int64), np.asarray(d["neg"], dtype=np.int64),
-                   float(d["loss_sum"]), int(d["count"]))
+                   float(d["loss_sum"]), int(d["count"]), int(d.get("nonfinite", 0)))
 
 
 def finite_or_none(x: float) -> float | None:
