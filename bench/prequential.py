@@ -309,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dataset", choices=["movielens", "globo", "all"], default="all")
     ap.add_argument("--data", help="dataset folder (only with a single --dataset); default $FRESHREC_DATASETS/<name>")
-    ap.add_argument("--limit", type=int, default=None, help="events to replay (0 = all; default: all for MovieLens, 300000 for Globo)")
+    ap.add_argument("--limit", type=int, default=None, help="events to replay (0 = all; default: all for MovieLens, 400000 for Globo)")
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--negatives", type=int, default=4)
     ap.add_argument("--retrain_batch", type=int, default=512, help="batch size of the daily full retrain")
