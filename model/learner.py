@@ -285,10 +285,14 @@ class IncrementalLearner:
         rows = [[index.get(k, -1) for k in h] + [-1] * (width - len(h)) for h in hists]
         return torch.tensor(rows, dtype=torch.long, device=self.device).reshape(len(hists), width)
 
+    def _user_tower(self, U: torch.Tensor, H: torch.Tensor, hmask: torch.Tensor) -> torch.Tensor:
+        """q_u = e_u + mean of the embeddings of the user's last items (masked)."""
+        d = self.cfg.dim
+        return U[:, :d] + (H[..., :d] * hmask.unsqueeze(-1)).sum(1) / hmask.sum(1).clamp(min=1).unsqueeze(-1)
+
     def _logits(self, U, I, H, hmask, uf, itf, dense_params=None) -> torch.Tensor:
         d = self.cfg.dim
-        hsum = (H[..., :d] * hmask.unsqueeze(-1)).sum(1)
-        q = U[:, :d] + hsum / hmask.sum(1).clamp(min=1).unsqueeze(-1)
+        q = self._user_tower(U, H, hmask)
         if dense_params is None:
             dense = self.dense(uf, itf)
         else:
@@ -372,8 +376,7 @@ class IncrementalLearner:
         self.counters["events"] += len(events)
         self.counters["examples"] += len(batch.labels)
         if self.frozen:  # parameters frozen; features and the user tower's history still flow
-            real = [i for i, e in enumerate(events) if not e.get("sampled")]
-            self.items.write_extra([events[i]["item_id"] for i in real], batch.item_feats[[batch.positive_index[i] for i in real]])
+            self._store_item_features(events, batch)
             self._refresh_queries(events)
             return result
         if self.cfg.mode == "retrain":
@@ -395,13 +398,18 @@ class IncrementalLearner:
         result.version = self.version
         return result
 
+    def _store_item_features(self, events: Sequence[dict[str, Any]], batch: _Batch) -> None:
+        """Keep each (real, not sampled) event's item features beside the item's row, for ranking."""
+        real = [i for i, e in enumerate(events) if not e.get("sampled")]
+        self.items.write_extra([events[i]["item_id"] for i in real], batch.item_feats[[batch.positive_index[i] for i in real]])
+
     def _accumulate(self, events: Sequence[dict[str, Any]], batch: _Batch) -> float:
         # Externally sampled negatives ("sampled": true) are not behaviour: they neither count towards
         # admission nor keep rows alive, and they never enter a user's history.
-        real = [i for i, e in enumerate(events) if not e.get("sampled")]
-        self.users.observe([events[i]["user_id"] for i in real], self.now_ms)
-        self.items.observe([events[i]["item_id"] for i in real], self.now_ms)
-        self.items.write_extra([events[i]["item_id"] for i in real], batch.item_feats[[batch.positive_index[i] for i in real]])
+        real = [e for e in events if not e.get("sampled")]
+        self.users.observe([e["user_id"] for e in real], self.now_ms)
+        self.items.observe([e["item_id"] for e in real], self.now_ms)
+        self._store_item_features(events, batch)
         u_rows, i_rows, h_rows = self._gathered(batch)
         U = self.users.gather(u_rows).requires_grad_()
         I = self.items.gather(i_rows).requires_grad_()
@@ -516,10 +524,9 @@ class IncrementalLearner:
             h_rows = self._history_rows(hists)
             H = self.items.gather(h_rows)
             hmask = (h_rows >= 0).float()
-            d = self.cfg.dim
             U = self.users.gather(self.users.rows(keys))
-            q = U[:, :d] + (H[..., :d] * hmask.unsqueeze(-1)).sum(1) / hmask.sum(1).clamp(min=1).unsqueeze(-1)
-            c = U[:, d] + self.dense.user_term(uf)
+            q = self._user_tower(U, H, hmask)
+            c = U[:, self.cfg.dim] + self.dense.user_term(uf)
             values = torch.cat([q, c.unsqueeze(-1)], dim=1)
         finite = torch.isfinite(values).all(dim=1)
         if not bool(finite.all()):  # a user with non-finite features keeps its last published tower
@@ -550,9 +557,7 @@ class IncrementalLearner:
         qc = self.queries.weights[row] if row >= 0 else torch.zeros(self.queries.width, device=self.device)
         rows = self.items.rows(item_ids)
         W = self.items.gather(rows)
-        d = self.cfg.dim
-        logits = W[:, :d] @ qc[:d] + W[:, d] + self.dense.item_term(self.items.gather_extra(rows)) + qc[d]
-        return logits.tolist()
+        return item_logits(qc, W, self.dense.item_term(self.items.gather_extra(rows)), self.cfg.dim).tolist()
 
     # ------------------------------------------------------------------ stability guard
     def _gate(self, batch: _Batch, probs: torch.Tensor) -> RollbackRecord | None:
@@ -773,6 +778,11 @@ def load_dense_rows(dense: DenseTower, names: list[str], values: torch.Tensor) -
             p.copy_(row[: p.numel()].reshape(p.shape).to(p.device))
 
 
+def item_logits(qc: torch.Tensor, W: torch.Tensor, item_term: torch.Tensor, d: int) -> torch.Tensor:
+    """Serving score of one published user row (q_u, c_u) against item rows (e_i, b_i) and f_i(item feats)."""
+    return W[:, :d] @ qc[:d] + W[:, d] + item_term + qc[d]
+
+
 @torch.no_grad()
 def topk_from_tables(
     queries: Any, items: Any, dense: DenseTower, user_ids: list[str], k: int
@@ -784,15 +794,14 @@ def topk_from_tables(
         return {u: [] for u in user_ids}
     d = items.cfg.dim
     W = items.weights[item_rows]
-    static = W[:, d] + dense.item_term(items.extra[item_rows])
+    item_term = dense.item_term(items.extra[item_rows])
     kk = min(k, len(item_rows))
     for user in user_ids:
         row = queries.row_of(user)
         if row < 0:
             out[user] = []
             continue
-        qc = queries.weights[row]
-        logits = W[:, :d] @ qc[:d] + static + qc[d]
+        logits = item_logits(queries.weights[row], W, item_term, d)
         top = torch.topk(logits, kk)
         probs = torch.sigmoid(top.values).tolist()
         out[user] = [(items.ids[int(item_rows[j])], p) for j, p in zip(top.indices.tolist(), probs, strict=False)]
