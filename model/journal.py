@@ -5,10 +5,13 @@ exactly; Beam's UpdateShardModel and the PyFlink job both keep their partitions 
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass
+from typing import Any
 
 import schemas
 from model.config import LearnerConfig
-from model.learner import IncrementalLearner
+from model.learner import IncrementalLearner, LearnResult
 
 
 def frame(records: list[bytes]) -> bytes:
@@ -36,3 +39,65 @@ def restore_learner(cfg: LearnerConfig, shard: int, snapshot: bytes | None, jour
         learner.learn([schemas.decode(schemas.FEATURIZED_EVENT, rec) for rec in unframe(entry)])
         learner.take_deltas()
     return learner
+
+
+def new_meta() -> dict[str, Any]:
+    """Per-shard bookkeeping kept in keyed state beside the snapshot and journal."""
+    return {"flushes": 0, "journal_len": 0, "score_seq": 0, "delta_seq": 0}
+
+
+@dataclass
+class Flush:
+    """What one micro-batch flush produced; the adapter writes ``journal_entry`` (and, when set, replaces
+    the snapshot with ``snapshot`` and clears the journal) and emits the records."""
+
+    learner: IncrementalLearner
+    result: LearnResult
+    scores: list[dict[str, Any]]  # schemas/scored_output.avsc
+    deltas: list[dict[str, Any]]  # schemas/model_delta.avsc
+    journal_entry: bytes
+    snapshot: bytes | None
+    restored: bool
+
+
+def flush_micro_batch(
+    cfg: LearnerConfig,
+    shard: int,
+    events: list[dict[str, Any]],
+    meta: dict[str, Any],
+    load_state: Callable[[], tuple[bytes | None, list[bytes]]],
+    live: dict[Hashable, tuple[IncrementalLearner, int]],
+    live_key: Hashable,
+    top_k: int,
+    snapshot_every: int,
+    emit_time_ms: int,
+) -> Flush:
+    """Score first, learn, and number the refreshed scores and deltas of one shard's micro-batch.
+
+    The worker's live learner is reused while its flush count matches ``meta`` (updated in place);
+    otherwise (first flush here, a restart, a retried bundle) it is rebuilt from ``load_state()``."""
+    cached = live.get(live_key)
+    restored = cached is None or cached[1] != meta["flushes"]
+    learner = restore_learner(cfg, shard, *load_state()) if restored else cached[0]  # type: ignore[index]
+    result = learner.learn(events)
+    latest_by_user: dict[str, int] = {}
+    for e in events:
+        latest_by_user[e["user_id"]] = max(latest_by_user.get(e["user_id"], 0), e["event_time_ms"])
+    scores = []
+    for user, items in learner.topk(sorted(latest_by_user), top_k).items():
+        meta["score_seq"] += 1
+        scores.append({"user_id": user, "shard": shard, "model_version": learner.version, "sequence": meta["score_seq"],
+                       "items": [{"item_id": i, "score": float(s)} for i, s in items],
+                       "event_time_ms": latest_by_user[user], "emit_time_ms": emit_time_ms})
+    deltas = []
+    for delta in learner.take_deltas():
+        meta["delta_seq"] += 1
+        deltas.append(delta.to_record(meta["delta_seq"], emit_time_ms))
+    meta["flushes"] += 1
+    meta["journal_len"] += 1
+    snapshot = None
+    if meta["journal_len"] >= snapshot_every and not learner._acc_batches:
+        snapshot = learner.to_bytes()
+        meta["journal_len"] = 0
+    live[live_key] = (learner, meta["flushes"])
+    return Flush(learner, result, scores, deltas, journal_entry(events), snapshot, restored and meta["flushes"] > 1)

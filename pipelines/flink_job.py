@@ -45,7 +45,7 @@ from pyflink.datastream.state import ListStateDescriptor, ValueStateDescriptor  
 
 from model.config import LearnerConfig  # noqa: E402
 from model.hashing import shard_of  # noqa: E402
-from model.journal import journal_entry, restore_learner  # noqa: E402
+from model.journal import flush_micro_batch, new_meta  # noqa: E402
 from model.learner import IncrementalLearner  # noqa: E402
 from pipelines.flink_config import learner_config  # noqa: E402
 from transforms.cleaning import InvalidEvent, decode_event, raw_bytes  # noqa: E402
@@ -147,7 +147,7 @@ class UpdateShardModel(KeyedProcessFunction):
         record = {k: event.get(k) for k in ("event_id", "user_id", "item_id", "event_type", "event_time_ms", "value",
                                            "context", "user_features", "item_features", "history")}
         self.buffer.add(record)
-        meta = self.meta.value() or {"flushes": 0, "journal_len": 0, "score_seq": 0, "delta_seq": 0, "buffered": 0}
+        meta = self.meta.value() or {**new_meta(), "buffered": 0}
         meta["buffered"] += 1
         self.meta.update(meta)
         if meta["buffered"] >= self.batch_size:
@@ -164,31 +164,20 @@ class UpdateShardModel(KeyedProcessFunction):
             return
         self.buffer.clear()
         meta = self.meta.value()
-        live = self.live.get(shard)
-        if live is not None and live[1] == meta["flushes"]:
-            learner = live[0]
-        else:  # first flush here, or restored from a checkpoint: rebuild from state
-            learner = restore_learner(self.cfg, shard, self.snapshot.value(), list(self.journal.get() or []))
-        learner.learn(events)
-        deltas = learner.take_deltas()
-        users = sorted({e["user_id"] for e in events})
-        for user, items in learner.topk(users, self.top_k).items():
-            meta["score_seq"] += 1
-            yield json.dumps({"kind": "score", "user_id": user, "shard": shard, "model_version": learner.version,
-                              "sequence": meta["score_seq"], "items": [[i, s] for i, s in items]})
-        for delta in deltas:
-            meta["delta_seq"] += 1
-            yield json.dumps({"kind": "delta", **delta.to_record(meta["delta_seq"], 0)})
-        self.journal.add(journal_entry(events))
-        meta["flushes"] += 1
-        meta["journal_len"] += 1
-        meta["buffered"] = 0
-        if meta["journal_len"] >= self.snapshot_every and not learner._acc_batches:
-            self.snapshot.update(learner.to_bytes())
+        done = flush_micro_batch(self.cfg, shard, events, meta,
+                                 lambda: (self.snapshot.value(), list(self.journal.get() or [])),
+                                 self.live, shard, self.top_k, self.snapshot_every, emit_time_ms=0)
+        for record in done.scores:
+            yield json.dumps({"kind": "score", **record})
+        for record in done.deltas:
+            yield json.dumps({"kind": "delta", **record})
+        if done.snapshot is not None:
+            self.snapshot.update(done.snapshot)
             self.journal.clear()
-            meta["journal_len"] = 0
+        else:
+            self.journal.add(done.journal_entry)
+        meta["buffered"] = 0
         self.meta.update(meta)
-        self.live[shard] = (learner, meta["flushes"])
 
 
 def build(env: StreamExecutionEnvironment, args: argparse.Namespace) -> None:

@@ -40,7 +40,7 @@ from apache_beam.utils.timestamp import Timestamp
 import schemas
 from model.config import LearnerConfig
 from model.hashing import shard_of
-from model.journal import journal_entry, restore_learner
+from model.journal import flush_micro_batch, new_meta
 from model.learner import IncrementalLearner
 from model.metrics import BinaryStats
 from transforms.coders import AvroRecordCoder
@@ -138,14 +138,6 @@ class UpdateShardModel(beam.DoFn):
         yield from self._flush(key, buffer, buffered, snapshot, journal, meta, None)
 
     # -------------------------------------------------------------- the flush
-    def _learner(self, shard: int, state: dict[str, Any], snapshot, journal) -> IncrementalLearner:
-        live = _LIVE.get((self.instance_id, shard))
-        if live is not None and live[1] == state["flushes"]:
-            return live[0]
-        if state["flushes"]:
-            self.restores.inc()
-        return restore_learner(self.learner_cfg, shard, snapshot.read(), list(journal.read()))
-
     def _flush(self, shard, buffer, buffered, snapshot, journal, meta, flush_timer):
         events = list(buffer.read())
         if not events:
@@ -155,26 +147,18 @@ class UpdateShardModel(beam.DoFn):
         if flush_timer is not None:
             flush_timer.clear()
         state = meta.read() or _new_meta()
-        learner = self._learner(shard, state, snapshot, journal)
-        result = learner.learn(events)
-        deltas = learner.take_deltas()
         now_ms = int(self.clock() * 1000)
+        done = flush_micro_batch(self.learner_cfg, shard, events, state, lambda: (snapshot.read(), list(journal.read())),
+                                 _LIVE, (self.instance_id, shard), self.cfg.top_k, self.cfg.snapshot_every, now_ms)
+        learner, result = done.learner, done.result
+        if done.restored:
+            self.restores.inc()
         newest = max(e["event_time_ms"] for e in events)
         out_ts = newest / 1000.0
-
-        latest_by_user: dict[str, int] = {}
-        for e in events:
-            latest_by_user[e["user_id"]] = max(latest_by_user.get(e["user_id"], 0), e["event_time_ms"])
-        for user, items in learner.topk(sorted(latest_by_user), self.cfg.top_k).items():
-            state["score_seq"] += 1
-            yield TimestampedValue({
-                "user_id": user, "shard": shard, "model_version": learner.version, "sequence": state["score_seq"],
-                "items": [{"item_id": i, "score": float(s)} for i, s in items],
-                "event_time_ms": latest_by_user[user], "emit_time_ms": now_ms,
-            }, out_ts)
-        for delta in deltas:
-            state["delta_seq"] += 1
-            yield TaggedOutput(DELTAS, TimestampedValue(delta.to_record(state["delta_seq"], now_ms), out_ts))
+        for record in done.scores:
+            yield TimestampedValue(record, out_ts)
+        for record in done.deltas:
+            yield TaggedOutput(DELTAS, TimestampedValue(record, out_ts))
         for rb in result.rollbacks:
             self.rollbacks.inc()
             yield TaggedOutput(ROLLBACKS, TimestampedValue(rb.to_record(), out_ts))
@@ -191,20 +175,17 @@ class UpdateShardModel(beam.DoFn):
             "table_rows": {name: len(t) for name, t in learner.tables().items()},
         }, out_ts))
 
-        journal.add(journal_entry(events))
-        state["flushes"] += 1
-        state["journal_len"] += 1
-        state["buffer_newest_ms"] = None
-        if state["journal_len"] >= self.cfg.snapshot_every and not learner._acc_batches:
-            snapshot.write(learner.to_bytes())
+        if done.snapshot is not None:
+            snapshot.write(done.snapshot)
             journal.clear()
-            state["journal_len"] = 0
+        else:
+            journal.add(done.journal_entry)
+        state["buffer_newest_ms"] = None
         if self.cfg.checkpoint_dir and self.cfg.checkpoint_every and state["flushes"] % self.cfg.checkpoint_every == 0 \
                 and not learner._acc_batches:
             from model.checkpoint import save_checkpoint
             save_checkpoint(learner, self.cfg.checkpoint_dir, {"delta_sequence": state["delta_seq"]})
         meta.write(state)
-        _LIVE[(self.instance_id, shard)] = (learner, state["flushes"])
 
 
 class UpdateShardModelWithIntervalFlush(UpdateShardModel):
@@ -243,7 +224,7 @@ class UpdateShardModelWithIntervalFlush(UpdateShardModel):
 
 
 def _new_meta() -> dict[str, Any]:
-    return {"flushes": 0, "journal_len": 0, "score_seq": 0, "delta_seq": 0, "buffer_newest_ms": None}
+    return {**new_meta(), "buffer_newest_ms": None}
 
 
 class UpdateShardModels(beam.PTransform):
