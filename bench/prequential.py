@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 
 from model.config import LearnerConfig, TableConfig
-from model.learner import IncrementalLearner
+from model.learner import IncrementalLearner, event_label
 from model.metrics import BinaryStats, exact_auc
 from transforms.cleaning import InvalidEvent, validate_event
 from transforms.featurizers import FeatureConfig, ItemPopularity, UserFeaturizer
@@ -102,14 +102,6 @@ def expected_hit(scores: np.ndarray, target: int, k: int) -> float:
     return float(min(1.0, max(0.0, (k - greater) / (equal + 1))))
 
 
-def label_of(ev: dict[str, Any], threshold: float) -> float:
-    if ev.get("label") is not None:
-        return float(ev["label"])
-    if ev["event_type"] == "rating":
-        return 1.0 if ev["value"] >= threshold else 0.0
-    return 1.0
-
-
 # ---------------------------------------------------------------------- models
 class RiverMF:
     """River's BiasedMF with logistic loss, driven one example at a time (predict, then learn)."""
@@ -127,7 +119,7 @@ class RiverMF:
     def learn(self, batch: list[dict[str, Any]]) -> tuple[list[float], list[float]]:
         labels, probs = [], []
         for ev in batch:
-            y = label_of(ev, self.threshold)
+            y = event_label(ev, self.threshold)
             p = 1.0 / (1.0 + math.exp(-max(-30.0, min(30.0, self.model.predict_one(ev["user_id"], ev["item_id"])))))
             labels.append(y)
             probs.append(p)
@@ -195,7 +187,7 @@ def run_dataset(name: str, path: str, limit: int | None, args: argparse.Namespac
     if len(head_sample) > args.forgetting_sample:
         head_sample = rng.sample(head_sample, args.forgetting_sample)
     threshold = LearnerConfig().rating_threshold
-    head_labels = [label_of(e, threshold) for e in head_sample]
+    head_labels = [event_label(e, threshold) for e in head_sample]
 
     models = make_models(feature_cfg, args, spec["retrain_window_ms"])
     n_windows = args.windows
@@ -216,7 +208,7 @@ def run_dataset(name: str, path: str, limit: int | None, args: argparse.Namespac
         # Recall@K on sampled positive events, before anyone learns this chunk
         probes = []
         for ev in chunk:
-            if ev.get("sampled") or label_of(ev, threshold) < 0.5:
+            if ev.get("sampled") or event_label(ev, threshold) < 0.5:
                 continue
             positive_seen += 1
             if positive_seen % args.recall_every == 0 and len(recent) >= 20:

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from model.config import LearnerConfig, TableConfig
-from model.learner import IncrementalLearner
+from model.learner import IncrementalLearner, event_label
 from transforms.featurizers import FeatureConfig, ItemPopularity, UserFeaturizer
 from transforms.replay import SyntheticConfig, synthetic_events
 
@@ -119,8 +119,7 @@ def plain_vocab(stream: list[dict[str, Any]]) -> tuple[dict[str, int], dict[str,
 def plain_tensors(chunk: list[dict[str, Any]], users: dict[str, int], items: dict[str, int], device: str):
     pad = len(items)
     hist = [[items[h] for h in e["history"]] + [pad] * (10 - len(e["history"])) for e in chunk]
-    y = [float(e["label"]) if e.get("label") is not None else (1.0 if e["event_type"] != "rating" or (e["value"] or 0) >= 4 else 0.0)
-         for e in chunk]
+    y = [event_label(e, 4.0) for e in chunk]
     return tuple(t.to(device) for t in (
         torch.tensor([users[e["user_id"]] for e in chunk]), torch.tensor([items[e["item_id"]] for e in chunk]),
         torch.tensor(hist), torch.tensor([e["user_features"] for e in chunk]),

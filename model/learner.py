@@ -35,6 +35,17 @@ FORMAT_VERSION = 1
 USER, ITEM, QUERY, DENSE = "user", "item", "user_query", "dense"
 
 
+def event_label(event: dict[str, Any], rating_threshold: float) -> float:
+    """1/0 for an event: an explicit ``label`` wins (externally sampled negatives), ratings by threshold,
+    other behaviour is implicit positive feedback."""
+    if event.get("label") is not None:
+        return float(event["label"])
+    if event["event_type"] == "rating":
+        value = event.get("value")
+        return 1.0 if value is not None and value >= rating_threshold else 0.0
+    return 1.0
+
+
 def resolve_device(name: str) -> torch.device:
     """'auto' picks CUDA when this worker has a GPU, else CPU."""
     if name == "auto":
@@ -217,14 +228,7 @@ class IncrementalLearner:
             self._undo[k] = table.snapshot_row(key)
 
     def label_of(self, event: dict[str, Any]) -> float:
-        """1/0 for an event: an explicit ``label`` wins (externally sampled negatives), ratings by threshold,
-        other behaviour is implicit positive feedback."""
-        if event.get("label") is not None:
-            return float(event["label"])
-        if event["event_type"] == "rating":
-            value = event.get("value")
-            return 1.0 if value is not None and value >= self.cfg.rating_threshold else 0.0
-        return 1.0
+        return event_label(event, self.cfg.rating_threshold)
 
     def _sample_negatives(self, exclude: str, n: int) -> list[str]:
         if n == 0 or len(self.items) < 2:
