@@ -32,7 +32,7 @@ import os
 import random
 import sys
 import time
-from collections import deque
+from collections import Counter, deque
 from dataclasses import replace
 from typing import Any
 
@@ -59,11 +59,17 @@ def featurize_stream(raw: list[dict[str, Any]], feature_cfg: FeatureConfig, nega
     """Validate, featurize (runner-free featurizers) and attach ``negatives`` sampled items per event.
 
     Negatives are items of recent events (a ring of the last ``pool_size`` events: popularity- and
-    recency-proportional, so they are hard negatives), the same for every model."""
+    recency-proportional, so they are hard negatives), the same for every model. Every example of an
+    event carries ``sample_log_q`` = log(k * q(item)), q being the ring's share of the item (smoothed by
+    half an occurrence), so the learner can correct the sampling bias (see ``model.learner._log_q``)."""
     users, items = UserFeaturizer(feature_cfg), ItemPopularity(feature_cfg)
     ustate: dict[str, Any] = {}
     istate: dict[str, Any] = {}
     pool: deque[str] = deque(maxlen=pool_size)
+    in_pool: Counter[str] = Counter()
+
+    def log_q(item: str) -> float:
+        return math.log(max(1, negatives) * (in_pool[item] + 0.5) / (len(pool) + 0.5))
     rng = random.Random(seed)
     out: list[dict[str, Any]] = []
     invalid = 0
@@ -79,6 +85,8 @@ def featurize_stream(raw: list[dict[str, Any]], feature_cfg: FeatureConfig, nega
         ev["user_features"], ev["history"] = uf, hist
         ev["item_features"] = items.transform_one(it, ev)
         group = [ev]
+        if negatives:
+            ev["sample_log_q"] = log_q(ev["item_id"])
         if pool and negatives:
             for _ in range(negatives):
                 neg = pool[rng.randrange(len(pool))]
@@ -86,11 +94,14 @@ def featurize_stream(raw: list[dict[str, Any]], feature_cfg: FeatureConfig, nega
                     continue
                 group.append({**ev, "event_id": ev["event_id"] + "-n", "item_id": neg, "label": 0.0, "sampled": True,
                               "event_type": "view", "value": None,
-                              "item_features": items.transform_one(istate[neg], ev)})
+                              "item_features": items.transform_one(istate[neg], ev), "sample_log_q": log_q(neg)})
         out.extend(group)
         users.learn_one(us, ev)
         items.learn_one(it, ev)
+        if len(pool) == pool.maxlen:
+            in_pool[pool[0]] -= 1
         pool.append(ev["item_id"])
+        in_pool[ev["item_id"]] += 1
     return out, invalid
 
 

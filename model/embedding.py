@@ -68,8 +68,8 @@ class DynamicEmbeddingTable:
         self.dirty: set[str] = set()
         self.tombstones: set[str] = set()
         self.evictions = 0
-        # callback(table, id) before a row changes or disappears (the learner's undo log)
-        self.on_change: Callable[[DynamicEmbeddingTable, str | None], None] | None = None
+        # callback(table, ids) before those ids' rows change, appear or disappear (the learner's undo log)
+        self.on_change: Callable[[DynamicEmbeddingTable, list[str]], None] | None = None
 
     # ---------------------------------------------------------------- ids and rows
     def __len__(self) -> int:
@@ -89,21 +89,39 @@ class DynamicEmbeddingTable:
 
     def observe(self, keys: list[str], now_ms: int, admit: bool = True) -> None:
         """Count each occurrence, admit ids that reached ``admit_after`` and refresh last-seen."""
+        index, seen = self.index, self.last_seen
+        admitted: dict[str, None] = {}
         for key in keys:
-            row = self.index.get(key)
+            row = index.get(key)
             if row is None:
-                if not admit:
+                if not admit or key in admitted:
                     continue
                 if self.sketch is not None and self.sketch.add(key) < self.cfg.admit_after:
                     continue
-                row = self._allocate(key, now_ms)
-            self.last_seen[row] = max(self.last_seen[row], now_ms)
+                admitted[key] = None
+            elif seen[row] < now_ms:
+                seen[row] = now_ms
+        if admitted:
+            self._allocate_many(list(admitted), now_ms)
 
-    def _initial_row(self, key: str) -> torch.Tensor:
-        gen = torch.Generator().manual_seed((stable_hash(key) * 1_000_003 + self.seed) & 0x7FFFFFFF)
-        row = torch.randn(self.width, generator=gen) * self.cfg.init_std
-        row[-1] = 0.0  # bias starts at zero
-        return row.to(self.device)
+    def _initial_rows(self, keys: list[str]) -> torch.Tensor:
+        """Deterministic N(0, init_std) rows per id (the same id always starts the same), bias 0.
+
+        Counter-based (splitmix64 of the id's hash and the column, then Box-Muller), so a batch of new
+        ids costs a few vectorised numpy operations, not one generator per id."""
+        seeds = np.array([(stable_hash(k) * 1_000_003 + self.seed) & 0x7FFFFFFF for k in keys], dtype=np.uint64)
+        cols = np.arange(2 * self.width, dtype=np.uint64)
+        with np.errstate(over="ignore"):
+            z = seeds[:, None] * np.uint64(0x9E3779B97F4A7C15) + (cols[None, :] + np.uint64(1)) * np.uint64(0xBF58476D1CE4E5B9)
+            z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+            z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+            z = z ^ (z >> np.uint64(31))
+        u = ((z >> np.uint64(11)).astype(np.float64) + 0.5) / float(1 << 53)
+        u1, u2 = u[:, : self.width], u[:, self.width :]
+        normal = np.sqrt(-2.0 * np.log(u1)) * np.cos(2.0 * np.pi * u2)
+        rows = torch.from_numpy((normal * self.cfg.init_std).astype(np.float32))
+        rows[:, -1] = 0.0  # bias starts at zero
+        return rows.to(self.device)
 
     def _grow(self) -> None:
         old = self.weights.shape[0]
@@ -119,33 +137,44 @@ class DynamicEmbeddingTable:
         self.free.extend(range(new - 1, old - 1, -1))
 
     def _allocate(self, key: str, now_ms: int) -> int:
-        if not self.free:
+        return self._allocate_many([key], now_ms)[0]
+
+    def _allocate_many(self, keys: list[str], now_ms: int) -> list[int]:
+        """Rows for new (distinct, absent) ids; at capacity the least recently seen rows make room."""
+        while len(self.free) < len(keys) and self.weights.shape[0] < self.cfg.capacity:
             self._grow()
-        if not self.free:  # at capacity: the least recently seen row makes room
-            live = [r for r in self.index.values()]
-            victim = min(live, key=lambda r: self.last_seen[r])
-            self.remove(self.ids[victim])  # type: ignore[arg-type]
+        short = len(keys) - len(self.free)
+        if short > 0:
+            if short > len(self.index):
+                raise ValueError(f"table {self.name!r}: {len(keys)} new ids in one step exceed its capacity "
+                                 f"{self.cfg.capacity}")
+            live = np.fromiter(self.index.values(), dtype=np.int64, count=len(self.index))
+            victims = live[np.argsort(self.last_seen[live], kind="stable")[:short]]
+            for r in victims.tolist():
+                self.remove(self.ids[r])  # type: ignore[arg-type]
         if self.on_change is not None:
-            self.on_change(self, key)
-        row = self.free.pop()
-        self.index[key] = row
-        self.ids[row] = key
-        self.last_seen[row] = now_ms
-        init = self._initial_row(key)
-        self.weights[row] = init
-        self.extra[row] = 0.0
-        for name, value in self.optimizer.init_state(init.unsqueeze(0)).items():
-            self.state[name][row] = value[0]
-        self.dirty.add(key)
-        self.tombstones.discard(key)
-        return row
+            self.on_change(self, keys)
+        rows = [self.free.pop() for _ in keys]
+        for key, row in zip(keys, rows, strict=True):
+            self.index[key] = row
+            self.ids[row] = key
+            self.tombstones.discard(key)
+        self.dirty.update(keys)
+        self.last_seen[rows] = now_ms
+        init = self._initial_rows(keys)
+        idx = torch.tensor(rows, dtype=torch.long, device=self.device)
+        self.weights[idx] = init
+        self.extra[idx] = 0.0
+        for name, value in self.optimizer.init_state(init).items():
+            self.state[name][idx] = value
+        return rows
 
     def remove(self, key: str) -> None:
         row = self.index.get(key)
         if row is None:
             return
         if self.on_change is not None:
-            self.on_change(self, key)
+            self.on_change(self, [key])
         del self.index[key]
         self.ids[row] = None
         self.weights[row] = 0.0
@@ -179,23 +208,47 @@ class DynamicEmbeddingTable:
         return self.extra[rows.clamp(min=0)] * valid
 
     def write_rows(self, rows: torch.Tensor, values: torch.Tensor, state: dict[str, torch.Tensor]) -> None:
+        keys: list[str] = [self.ids[r] for r in rows.tolist()]  # type: ignore[misc]
         if self.on_change is not None:
-            for r in rows.tolist():
-                self.on_change(self, self.ids[r])
+            self.on_change(self, keys)
         self.weights[rows] = values
         for name, value in state.items():
             self.state[name][rows] = value
-        self.dirty.update(self.ids[r] for r in rows.tolist())  # type: ignore[misc]
+        self.dirty.update(keys)
 
     def write_extra(self, keys: list[str], values: torch.Tensor) -> None:
-        """Store side features; non-finite ones are never written (the row keeps its last finite values)."""
-        for key, value in zip(keys, values, strict=False):
-            row = self.index.get(key)
-            if row is not None and self.extra_width and bool(torch.isfinite(value).all()):
-                if self.on_change is not None:
-                    self.on_change(self, key)
-                self.extra[row] = value
-                self.dirty.add(key)
+        """Store side features (the last value per id wins); non-finite ones are never written (the row
+        keeps its last finite values)."""
+        if not self.extra_width or not keys:
+            return
+        finite = torch.isfinite(values).all(dim=1).tolist()
+        last: dict[str, int] = {}
+        for i, (key, ok) in enumerate(zip(keys, finite, strict=True)):
+            if ok and key in self.index:
+                last[key] = i
+        if not last:
+            return
+        kept = list(last)
+        if self.on_change is not None:
+            self.on_change(self, kept)
+        rows = torch.tensor([self.index[k] for k in kept], dtype=torch.long, device=self.device)
+        self.extra[rows] = values[list(last.values())]
+        self.dirty.update(kept)
+
+    def snapshot_rows(self, keys: list[str]) -> list[dict[str, torch.Tensor] | None]:
+        """snapshot_row for many ids with one gather per tensor."""
+        present = [(i, self.index[k]) for i, k in enumerate(keys) if k in self.index]
+        out: list[dict[str, torch.Tensor] | None] = [None] * len(keys)
+        if not present:
+            return out
+        idx = torch.tensor([r for _, r in present], dtype=torch.long, device=self.device)
+        w, x = self.weights[idx], self.extra[idx]
+        st = {k: v[idx] for k, v in self.state.items()}
+        for j, (i, _) in enumerate(present):
+            snap = {"weights": w[j], "extra": x[j]}
+            snap.update({f"state.{k}": v[j] for k, v in st.items()})
+            out[i] = snap
+        return out
 
     def snapshot_row(self, key: str) -> dict[str, torch.Tensor] | None:
         row = self.index.get(key)

@@ -24,6 +24,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, cast
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -165,13 +166,43 @@ class _Batch:
     user_feats: torch.Tensor
     item_feats: torch.Tensor
     positive_index: list[int]
+    log_q: torch.Tensor  # sampling-bias correction subtracted from each example's training logit
 
 
-def _float_list(values: Sequence[float] | None, width: int, step: str) -> list[float]:
-    vals = list(values or [])
-    if len(vals) != width:
-        raise ValueError(f"{step}: expected {width} feature values, got {len(vals)}")
-    return [float(v) for v in vals]
+def _log_q(event: dict[str, Any], step: str) -> float:
+    """Sampling-bias (logQ) correction of one example, as in Yi et al. 2019 and TFRS's
+    ``candidate_sampling_probability``: when negatives are drawn from a non-uniform distribution q
+    (e.g. popularity-proportional), an example may carry ``sample_log_q`` = log(k * q(item)), the log of
+    the expected number of times the sampler draws its item per positive. Training fits
+    s(u, i) - log(k q(i)), so the serving score s(u, i) estimates log p(i | u) instead of the
+    popularity-free ratio p(i | u) / q(i), which ranks rare items above the ones users click."""
+    value = event.get("sample_log_q")
+    if value is None:
+        return 0.0
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{step}: sample_log_q must be finite, got {value!r}")
+    return value
+
+
+def _feature_matrix(rows: list[Any], width: int, events: Sequence[dict[str, Any]], field: str) -> torch.Tensor:
+    """(len(rows), width) float32 from per-example feature lists; a wrong width names the event."""
+    try:
+        arr = np.asarray(rows, dtype=np.float32)
+        if arr.shape == (len(rows), width) or (width == 0 and arr.size == 0):
+            return torch.from_numpy(arr.reshape(len(rows), width))
+    except (TypeError, ValueError):
+        pass
+    for ev in events:
+        vals = list(ev.get(field) or ())
+        step = f"learn(event {ev.get('event_id')!r}) {field}"
+        if len(vals) != width:
+            raise ValueError(f"{step}: expected {width} feature values, got {len(vals)}")
+        try:
+            [float(v) for v in vals]
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"{step}: expected {width} numbers, got {vals!r}") from exc
+    raise ValueError(f"learn: {field} must be {width} numbers per example")
 
 
 class IncrementalLearner:
@@ -203,7 +234,7 @@ class IncrementalLearner:
         self._pending: list[ModelDelta] = []
         # stability guard: undo log of rows changed since the last good version
         self.good_version = 0
-        self._undo: dict[tuple[str, str], dict[str, torch.Tensor] | None] = {}
+        self._undo: dict[str, dict[str, dict[str, torch.Tensor] | None]] = {USER: {}, ITEM: {}, QUERY: {}}
         self._good_dense = copy.deepcopy(self.dense.state_dict())
         self._good_dense_opt = copy.deepcopy(self.dense_opt.state_dict())
         self._gate_sums = [0.0, 0.0, 0]  # candidate loss, good loss, examples
@@ -220,12 +251,11 @@ class IncrementalLearner:
         for table in self.tables().values():
             table.on_change = self._record_undo if track else None
 
-    def _record_undo(self, table: DynamicEmbeddingTable, key: str | None) -> None:
-        if key is None:
-            return
-        k = (table.name, key)
-        if k not in self._undo:
-            self._undo[k] = table.snapshot_row(key)
+    def _record_undo(self, table: DynamicEmbeddingTable, keys: list[str]) -> None:
+        undo = self._undo[table.name]
+        new = list(dict.fromkeys(k for k in keys if k not in undo))
+        if new:
+            undo.update(zip(new, table.snapshot_rows(new), strict=True))
 
     def label_of(self, event: dict[str, Any]) -> float:
         return event_label(event, self.cfg.rating_threshold)
@@ -254,27 +284,33 @@ class IncrementalLearner:
         ufs: list[list[float]] = []
         ifs: list[list[float]] = []
         pos_idx: list[int] = []
+        log_q: list[float] = []
+        type_weights, hlen = cfg.type_weights, cfg.history
         for ev in events:
-            step = f"learn(event {ev.get('event_id')!r})"
-            uf = _float_list(ev.get("user_features"), cfg.user_features, f"{step} user_features")
-            itf = _float_list(ev.get("item_features"), cfg.item_features, f"{step} item_features")
-            hist = list(ev.get("history") or [])[-cfg.history:] if cfg.history else []
+            uf = ev.get("user_features") or ()
+            itf = ev.get("item_features") or ()
+            hist = ev.get("history") or []  # shared, not copied: _history_rows memoises per list
+            if len(hist) > hlen:
+                hist = hist[-hlen:] if hlen else []
             label = self.label_of(ev)
             pos_idx.append(len(labels))
             users.append(ev["user_id"]); items.append(ev["item_id"]); hists.append(hist)
-            labels.append(label); weights.append(cfg.type_weights.get(ev["event_type"], 1.0))
+            labels.append(label); weights.append(type_weights.get(ev["event_type"], 1.0))
             ufs.append(uf); ifs.append(itf)
+            q = ev.get("sample_log_q")
+            log_q.append(0.0 if q is None else _log_q(ev, "learn"))
             if negatives and label > 0.5:
                 for neg in self._sample_negatives(ev["item_id"], cfg.negatives):
                     users.append(ev["user_id"]); items.append(neg); hists.append(hist)
                     labels.append(0.0); weights.append(1.0); ufs.append(uf)
                     ifs.append(self.items.extra[self.items.row_of(neg)].tolist())
+                    log_q.append(0.0)  # the internal sampler is uniform over the table: no correction
         return _Batch(
             users, items, hists,
             self._to_device(torch.tensor(labels)), self._to_device(torch.tensor(weights)),
-            self._to_device(torch.tensor(ufs).reshape(len(users), cfg.user_features)),
-            self._to_device(torch.tensor(ifs).reshape(len(users), cfg.item_features)),
-            pos_idx,
+            self._to_device(_feature_matrix(ufs, cfg.user_features, events, "user_features")),
+            self._to_device(_feature_matrix(ifs, cfg.item_features, events, "item_features")),
+            pos_idx, self._to_device(torch.tensor(log_q)),
         )
 
     def _to_device(self, t: torch.Tensor) -> torch.Tensor:
@@ -285,8 +321,14 @@ class IncrementalLearner:
 
     def _history_rows(self, hists: list[list[str]]) -> torch.Tensor:
         width = max(1, max((len(h) for h in hists), default=0))
-        index = self.items.index
-        rows = [[index.get(k, -1) for k in h] + [-1] * (width - len(h)) for h in hists]
+        get = self.items.index.get
+        memo: dict[int, list[int]] = {}  # an event's negatives share its history list
+        rows = []
+        for h in hists:
+            r = memo.get(id(h))
+            if r is None:
+                r = memo[id(h)] = [get(k, -1) for k in h] + [-1] * (width - len(h))
+            rows.append(r)
         return torch.tensor(rows, dtype=torch.long, device=self.device).reshape(len(hists), width)
 
     def _user_tower(self, U: torch.Tensor, H: torch.Tensor, hmask: torch.Tensor) -> torch.Tensor:
@@ -295,6 +337,7 @@ class IncrementalLearner:
         return U[:, :d] + (H[..., :d] * hmask.unsqueeze(-1)).sum(1) / hmask.sum(1).clamp(min=1).unsqueeze(-1)
 
     def _logits(self, U, I, H, hmask, uf, itf, dense_params=None) -> torch.Tensor:
+        """Serving logit s(u, i); training and prequential scores use s - log_q (see ``_log_q``)."""
         d = self.cfg.dim
         q = self._user_tower(U, H, hmask)
         if dense_params is None:
@@ -316,15 +359,15 @@ class IncrementalLearner:
         U, I, H = self.users.gather(u_rows), self.items.gather(i_rows), self.items.gather(h_rows)
         hmask = (h_rows >= 0).float()
         if not good:
-            return torch.sigmoid(self._logits(U, I, H, hmask, batch.user_feats, batch.item_feats))
+            return torch.sigmoid(self._logits(U, I, H, hmask, batch.user_feats, batch.item_feats) - batch.log_q)
         # the last good version: rows changed since then come from the undo log (None = row did not exist)
         U, I, H, hmask = U.clone(), I.clone(), H.clone(), hmask.clone()
         width = H.shape[1]
         flat_hist = [k for h in batch.histories for k in h + [""] * (width - len(h))]
         for table, keys, target, mask in ((USER, batch.users, U, None), (ITEM, batch.items, I, None),
                                           (ITEM, flat_hist, H.view(-1, H.shape[-1]), hmask.view(-1))):
-            undo = self._undo
-            hits = [(i, undo[(table, k)]) for i, k in enumerate(keys) if (table, k) in undo]
+            undo = self._undo[table]
+            hits = [(i, undo[k]) for i, k in enumerate(keys) if k in undo]
             if not hits:
                 continue
             idx = torch.tensor([i for i, _ in hits], device=self.device)
@@ -332,7 +375,7 @@ class IncrementalLearner:
             target[idx] = values
             if mask is not None:
                 mask[idx] = torch.tensor([1.0 if snap is not None else 0.0 for _, snap in hits], device=self.device)
-        return torch.sigmoid(self._logits(U, I, H, hmask, batch.user_feats, batch.item_feats, self._good_dense))
+        return torch.sigmoid(self._logits(U, I, H, hmask, batch.user_feats, batch.item_feats, self._good_dense) - batch.log_q)
 
     def predict(self, events: Sequence[dict[str, Any]]) -> list[float]:
         """P(label = 1) for each event's own (user, item) pair, without learning."""
@@ -419,7 +462,7 @@ class IncrementalLearner:
         I = self.items.gather(i_rows).requires_grad_()
         H = self.items.gather(h_rows).requires_grad_()
         hmask = (h_rows >= 0).float()
-        logits = self._logits(U, I, H, hmask, batch.user_feats, batch.item_feats)
+        logits = self._logits(U, I, H, hmask, batch.user_feats, batch.item_feats) - batch.log_q
         losses = nn.functional.binary_cross_entropy_with_logits(logits, batch.labels, reduction="none")
         loss = (losses * batch.weights).sum()
         loss.backward()
@@ -504,10 +547,11 @@ class IncrementalLearner:
 
     def _good_rows(self, table: DynamicEmbeddingTable, rows: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         good = weights.clone()
-        for i, r in enumerate(rows.tolist()):
-            snap = self._undo.get((table.name, table.ids[r]))  # type: ignore[arg-type]
-            if snap is not None:
-                good[i] = snap["weights"]
+        undo = self._undo[table.name]
+        hits = [(i, undo[k]) for i, r in enumerate(rows.tolist()) if (k := table.ids[r]) in undo]
+        hits = [(i, snap) for i, snap in hits if snap is not None]
+        if hits:
+            good[torch.tensor([i for i, _ in hits], device=self.device)] = torch.stack([snap["weights"] for _, snap in hits])
         return good
 
     def _refresh_queries(self, events: Sequence[dict[str, Any]]) -> None:
@@ -588,7 +632,8 @@ class IncrementalLearner:
 
     def promote(self) -> None:
         """Declare the current version good: the undo log starts over from here."""
-        self._undo.clear()
+        for undo in self._undo.values():
+            undo.clear()
         self._good_dense = copy.deepcopy(self.dense.state_dict())
         self._good_dense_opt = copy.deepcopy(self.dense_opt.state_dict())
         self.good_version = self.version
@@ -601,8 +646,9 @@ class IncrementalLearner:
         tables = self.tables()
         for table in tables.values():
             table.on_change = None
-        for (name, key), snap in self._undo.items():
-            tables[name].restore_row(key, snap, self.now_ms)
+        for name, undo in self._undo.items():
+            for key, snap in undo.items():
+                tables[name].restore_row(key, snap, self.now_ms)
         self.dense.load_state_dict(self._good_dense)
         self.dense_opt.load_state_dict(self._good_dense_opt)
         self._dense_dirty = True
@@ -610,7 +656,8 @@ class IncrementalLearner:
         self._reset_accumulators()
         self.version += 1
         record = RollbackRecord(self.shard, rejected, self.good_version, self.version, cand, good, reason)
-        self._undo.clear()
+        for undo in self._undo.values():
+            undo.clear()
         self.good_version = self.version
         self.counters["rollbacks"] += 1
         self._pending.extend(self._collect_deltas(is_rollback=True))
@@ -704,7 +751,8 @@ class IncrementalLearner:
             "dense_opt": self.dense_opt.state_dict(),
             "good_dense": {k: v.cpu() for k, v in self._good_dense.items()},
             "good_dense_opt": self._good_dense_opt,
-            "undo": [[name, key, snap] for (name, key), snap in self._undo.items()],
+            "undo": [[name, key, None if snap is None else {k: v.clone() for k, v in snap.items()}]
+                     for name, undo in self._undo.items() for key, snap in undo.items()],
             "gate_sums": list(self._gate_sums),
             "rng": _rng_state(self.rng),
             "counters": dict(self.counters),
@@ -725,7 +773,9 @@ class IncrementalLearner:
         self.dense_opt.load_state_dict(sd["dense_opt"])
         self._good_dense = sd["good_dense"]
         self._good_dense_opt = sd["good_dense_opt"]
-        self._undo = {(name, key): snap for name, key, snap in sd["undo"]}
+        self._undo = {USER: {}, ITEM: {}, QUERY: {}}
+        for name, key, snap in sd["undo"]:
+            self._undo[name][key] = snap
         self._gate_sums = list(sd["gate_sums"])
         self.rng.setstate(_rng_from_state(sd["rng"]))
         self.counters = Counter(sd["counters"])

@@ -90,6 +90,85 @@ def test_memory_stays_bounded_as_id_space_grows():
     assert t.weights.shape[0] <= 1024
 
 
+def test_batched_admission_gives_each_id_the_same_initial_row_in_any_batch():
+    a, b = table(), table()
+    a.observe(["x", "y", "z"], now_ms=1)
+    for key in ["z", "y", "x", "x"]:
+        b.observe([key], now_ms=1)
+    for key in "xyz":
+        assert torch.equal(a.weights[a.row_of(key)], b.weights[b.row_of(key)])
+        assert a.weights[a.row_of(key)][-1] == 0.0  # bias starts at zero
+    assert not torch.equal(a.weights[a.row_of("x")], a.weights[a.row_of("y")])
+    init = torch.cat([a.weights[a.row_of(k)][:-1] for k in "xyz"])
+    assert 0.0 < float(init.std()) < 1.0 and bool(torch.isfinite(init).all())
+
+
+def test_many_new_ids_in_one_step_evict_the_least_recently_seen():
+    t = table(capacity=8)
+    t.observe([f"old{i}" for i in range(6)], now_ms=10)
+    t.observe(["old0", "old1"], now_ms=20)  # refreshed: they must survive
+    t.observe([f"new{i}" for i in range(4)], now_ms=30)
+    assert len(t) == 8 and {"old0", "old1"} <= set(t.index)
+    assert sum(k.startswith("old") for k in t.index) == 4
+    with pytest.raises(ValueError, match="exceed its capacity"):
+        t.observe([f"burst{i}" for i in range(20)], now_ms=40)
+
+
+def test_write_extra_keeps_the_last_finite_value_per_id():
+    t = DynamicEmbeddingTable("t", TableConfig(dim=2), Adagrad(lr=0.1), extra=1)
+    t.observe(["a", "b"], now_ms=1)
+    t.write_extra(["a", "a", "b", "b", "unknown"], torch.tensor([[1.0], [2.0], [3.0], [float("nan")], [9.0]]))
+    assert t.extra[t.row_of("a")].item() == 2.0 and t.extra[t.row_of("b")].item() == 3.0
+    assert "unknown" not in t
+
+
+def test_sampling_bias_correction_lets_serving_scores_rank_by_popularity():
+    """Negatives drawn in proportion to popularity teach an uncorrected model p(i|u)/q(i), which is flat
+    across items; with sample_log_q = log(k q(i)) the serving score learns p(i|u), so the item users click
+    most ranks first (the Globo Recall@K failure before the correction)."""
+    import random
+    from collections import deque
+
+    def run(correct: bool) -> list[float]:
+        learner = IncrementalLearner(cfg(negatives=0, lr=0.05, history=0, user_features=0, item_features=0))
+        rng = random.Random(0)
+        items = ["hot"] * 12 + [f"rare{j}" for j in range(8)]  # hot: 60% of clicks
+        ring: deque[str] = deque(maxlen=500)
+        for step in range(150):
+            batch = []
+            for n in range(32):
+                t = step * 100 + n
+                item = rng.choice(items)
+                ev = {**featurized(t, f"u{rng.randrange(300)}", item, t), "user_features": [], "item_features": [],
+                      "history": []}
+                k = 4
+                def log_q(i: str) -> float:
+                    return math.log(k * (ring.count(i) + 0.5) / (len(ring) + 0.5))
+                if correct:
+                    ev["sample_log_q"] = log_q(item)
+                batch.append(ev)
+                for _ in range(k if ring else 0):
+                    neg = ring[rng.randrange(len(ring))]
+                    batch.append({**ev, "event_id": f"{t}-n", "item_id": neg, "label": 0.0, "sampled": True,
+                                  **({"sample_log_q": log_q(neg)} if correct else {})})
+                ring.append(item)
+            learner.learn(batch)
+        return learner.score_candidates("a-new-user", ["hot"] + [f"rare{j}" for j in range(8)])
+
+    def margin(scores: list[float]) -> float:  # the hot item's lead over the best rare item
+        return scores[0] - max(scores[1:])
+
+    assert margin(run(True)) > 0.3
+    assert margin(run(False)) < 0.1  # without it, popularity is not what the serving score learns
+
+
+def test_sample_log_q_must_be_finite():
+    learner = IncrementalLearner(cfg())
+    ev = {**featurized(0, "u", "i", 0), "sample_log_q": float("nan")}
+    with pytest.raises(ValueError, match="sample_log_q"):
+        learner.learn([ev])
+
+
 # ------------------------------------------------------------------ optimizers
 def test_ftrl_starts_at_initial_weights_and_descends():
     opt = FTRL(alpha=0.1, beta=1.0)
