@@ -281,8 +281,8 @@ class IncrementalLearner:
         hists: list[list[str]] = []
         labels: list[float] = []
         weights: list[float] = []
-        ufs: list[list[float]] = []
-        ifs: list[list[float]] = []
+        ufs: list[Sequence[float]] = []
+        ifs: list[Sequence[float]] = []
         pos_idx: list[int] = []
         log_q: list[float] = []
         type_weights, hlen = cfg.type_weights, cfg.history
@@ -548,8 +548,11 @@ class IncrementalLearner:
     def _good_rows(self, table: DynamicEmbeddingTable, rows: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         good = weights.clone()
         undo = self._undo[table.name]
-        hits = [(i, undo[k]) for i, r in enumerate(rows.tolist()) if (k := table.ids[r]) in undo]
-        hits = [(i, snap) for i, snap in hits if snap is not None]
+        hits: list[tuple[int, dict[str, torch.Tensor]]] = []
+        for i, r in enumerate(rows.tolist()):
+            snap = undo.get(table.ids[r])  # type: ignore[arg-type]
+            if snap is not None:
+                hits.append((i, snap))
         if hits:
             good[torch.tensor([i for i, _ in hits], device=self.device)] = torch.stack([snap["weights"] for _, snap in hits])
         return good
