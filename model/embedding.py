@@ -63,11 +63,13 @@ class DynamicEmbeddingTable:
         self.ids: list[str | None] = [None] * cap
         self.index: dict[str, int] = {}
         self.last_seen = np.zeros(cap, dtype=np.int64)
+        self.live = np.zeros(cap, dtype=bool)  # which physical rows hold an id
         self.free: list[int] = list(range(cap - 1, -1, -1))
         self.sketch = CountMinSketch(cfg.sketch_width, cfg.sketch_depth) if cfg.admit_after > 1 else None
         self.dirty: set[str] = set()
         self.tombstones: set[str] = set()
         self.evictions = 0
+        self._oldest_seen: int | None = None  # a lower bound of live rows' last-seen times (evict_expired)
         # callback(table, ids) before those ids' rows change, appear or disappear (the learner's undo log)
         self.on_change: Callable[[DynamicEmbeddingTable, list[str]], None] | None = None
 
@@ -84,8 +86,12 @@ class DynamicEmbeddingTable:
     def rows(self, keys: list[str]) -> torch.Tensor:
         return torch.tensor([self.index.get(k, -1) for k in keys], dtype=torch.long, device=self.device)
 
+    def live_rows(self) -> np.ndarray:
+        """Physical rows holding an id, ascending (the same after a checkpoint restore)."""
+        return np.flatnonzero(self.live)
+
     def active_rows(self) -> torch.Tensor:
-        return torch.tensor(sorted(self.index.values()), dtype=torch.long, device=self.device)
+        return torch.from_numpy(self.live_rows()).to(self.device)
 
     def observe(self, keys: list[str], now_ms: int, admit: bool = True) -> None:
         """Count each occurrence, admit ids that reached ``admit_after`` and refresh last-seen."""
@@ -134,6 +140,7 @@ class DynamicEmbeddingTable:
         self.state = {k: torch.cat([v, torch.zeros(pad, self.width, device=self.device)]) for k, v in self.state.items()}
         self.ids.extend([None] * pad)
         self.last_seen = np.concatenate([self.last_seen, np.zeros(pad, dtype=np.int64)])
+        self.live = np.concatenate([self.live, np.zeros(pad, dtype=bool)])
         self.free.extend(range(new - 1, old - 1, -1))
 
     def _allocate(self, key: str, now_ms: int) -> int:
@@ -161,6 +168,7 @@ class DynamicEmbeddingTable:
             self.tombstones.discard(key)
         self.dirty.update(keys)
         self.last_seen[rows] = now_ms
+        self.live[rows] = True
         init = self._initial_rows(keys)
         idx = torch.tensor(rows, dtype=torch.long, device=self.device)
         self.weights[idx] = init
@@ -182,6 +190,7 @@ class DynamicEmbeddingTable:
         for v in self.state.values():
             v[row] = 0.0
         self.last_seen[row] = 0
+        self.live[row] = False
         self.free.append(row)
         self.dirty.discard(key)
         self.tombstones.add(key)
@@ -192,9 +201,17 @@ class DynamicEmbeddingTable:
         if self.cfg.ttl_ms is None or not self.index:
             return []
         cutoff = now_ms - self.cfg.ttl_ms
-        expired = [k for k, r in self.index.items() if self.last_seen[r] < cutoff]
+        # last-seen times only grow and new rows start at "now", so nothing can expire before the oldest
+        # last-seen time found by the previous scan: skip the scan until then
+        if self._oldest_seen is not None and cutoff <= self._oldest_seen:
+            return []
+        keys = list(self.index)
+        seen = self.last_seen[np.fromiter(self.index.values(), dtype=np.int64, count=len(keys))]
+        stale = seen < cutoff
+        expired = [keys[i] for i in np.flatnonzero(stale).tolist()]
         for key in expired:
             self.remove(key)
+        self._oldest_seen = int(seen[~stale].min()) if len(expired) < len(keys) else None
         return expired
 
     # ---------------------------------------------------------------- values
@@ -329,6 +346,7 @@ class DynamicEmbeddingTable:
         self.state = {k: torch.zeros(cap, self.width, device=self.device) for k in self.optimizer.state_names}
         self.ids = [None] * cap
         self.last_seen = np.zeros(cap, dtype=np.int64)
+        self.live = np.zeros(cap, dtype=bool)
         if keys:
             dev_rows = rows.to(self.device)
             self.weights[dev_rows] = sd["weights"].to(self.device)
@@ -336,6 +354,7 @@ class DynamicEmbeddingTable:
             for k in self.state:
                 self.state[k][dev_rows] = sd[f"state.{k}"].to(self.device)
             self.last_seen[rows.numpy()] = sd["last_seen"].numpy()
+            self.live[rows.numpy()] = True
         for key, row in zip(keys, rows.tolist(), strict=False):
             self.ids[row] = key
         self.index = {k: r for k, r in zip(keys, rows.tolist(), strict=False)}
@@ -343,6 +362,7 @@ class DynamicEmbeddingTable:
         self.evictions = int(sd["evictions"])
         self.dirty = set(sd["dirty"])
         self.tombstones = set(sd["tombstones"])
+        self._oldest_seen = None
         if self.sketch is not None and "sketch" in sd:
             self.sketch.table = sd["sketch"].numpy().copy()
 

@@ -260,16 +260,17 @@ class IncrementalLearner:
     def label_of(self, event: dict[str, Any]) -> float:
         return event_label(event, self.cfg.rating_threshold)
 
-    def _sample_negatives(self, exclude: str, n: int) -> list[str]:
-        if n == 0 or len(self.items) < 2:
+    def _sample_negatives(self, exclude: str, n: int, live: np.ndarray) -> list[str]:
+        """n items drawn uniformly from the table's live rows (by physical row, so that a restored
+        checkpoint draws the same ones), never the event's own item."""
+        if n == 0 or len(live) < 2:
             return []
-        cap = self.items.weights.shape[0]
+        ids, rand, size = self.items.ids, self.rng.random, len(live)
         out: list[str] = []
         for _ in range(n * 8):
-            row = self.rng.randrange(cap)
-            key = self.items.ids[row]
-            if key is not None and key != exclude:
-                out.append(key)
+            key = ids[live[int(rand() * size)]]
+            if key != exclude:
+                out.append(key)  # type: ignore[arg-type]
                 if len(out) == n:
                     break
         return out
@@ -286,6 +287,7 @@ class IncrementalLearner:
         pos_idx: list[int] = []
         log_q: list[float] = []
         type_weights, hlen = cfg.type_weights, cfg.history
+        live = self.items.live_rows() if negatives and cfg.negatives else np.zeros(0, dtype=np.int64)
         for ev in events:
             uf = ev.get("user_features") or ()
             itf = ev.get("item_features") or ()
@@ -300,7 +302,7 @@ class IncrementalLearner:
             q = ev.get("sample_log_q")
             log_q.append(0.0 if q is None else _log_q(ev, "learn"))
             if negatives and label > 0.5:
-                for neg in self._sample_negatives(ev["item_id"], cfg.negatives):
+                for neg in self._sample_negatives(ev["item_id"], cfg.negatives, live):
                     users.append(ev["user_id"]); items.append(neg); hists.append(hist)
                     labels.append(0.0); weights.append(1.0); ufs.append(uf)
                     ifs.append(self.items.extra[self.items.row_of(neg)].tolist())
@@ -329,7 +331,7 @@ class IncrementalLearner:
             if r is None:
                 r = memo[id(h)] = [get(k, -1) for k in h] + [-1] * (width - len(h))
             rows.append(r)
-        return torch.tensor(rows, dtype=torch.long, device=self.device).reshape(len(hists), width)
+        return torch.from_numpy(np.asarray(rows, dtype=np.int64).reshape(len(hists), width)).to(self.device)
 
     def _user_tower(self, U: torch.Tensor, H: torch.Tensor, hmask: torch.Tensor) -> torch.Tensor:
         """q_u = e_u + mean of the embeddings of the user's last items (masked)."""
@@ -853,15 +855,21 @@ def topk_from_tables(
     W = items.weights[item_rows]
     item_term = dense.item_term(items.extra[item_rows])
     kk = min(k, len(item_rows))
+    known = [(u, queries.row_of(u)) for u in user_ids]
+    known = [(u, r) for u, r in known if r >= 0]
     for user in user_ids:
-        row = queries.row_of(user)
-        if row < 0:
-            out[user] = []
-            continue
-        logits = item_logits(queries.weights[row], W, item_term, d)
-        top = torch.topk(logits, kk)
-        probs = torch.sigmoid(top.values).tolist()
-        out[user] = [(items.ids[int(item_rows[j])], p) for j, p in zip(top.indices.tolist(), probs, strict=False)]
+        out[user] = []
+    if not known:
+        return out
+    qc = queries.weights[torch.tensor([r for _, r in known], dtype=torch.long, device=W.device)]
+    # all users of the batch against all items in one matmul (item_logits for many users)
+    logits = qc[:, :d] @ W[:, :d].T + (W[:, d] + item_term).unsqueeze(0) + qc[:, d : d + 1]
+    top = torch.topk(logits, kk, dim=1)
+    probs = torch.sigmoid(top.values).tolist()
+    ids = items.ids
+    rows = item_rows[top.indices].tolist()
+    for (user, _), r_row, p_row in zip(known, rows, probs, strict=True):
+        out[user] = [(ids[r], p) for r, p in zip(r_row, p_row, strict=True)]
     return out
 
 

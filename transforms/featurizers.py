@@ -53,15 +53,19 @@ class _Buckets:
         counts[slot] += 1
 
     @staticmethod
-    def window_sum(buckets: dict[str, list[int]], now_ms: int, window_ms: int, slots: int) -> list[int]:
-        total = [0] * slots
-        lo = now_ms - window_ms
+    def window_sums(buckets: dict[str, list[int]], now_ms: int, windows_ms: tuple[int, ...], slots: int) -> list[list[int]]:
+        """window_sum for several windows in one pass over the buckets."""
+        totals = [[0] * slots for _ in windows_ms]
+        los = [now_ms - w for w in windows_ms]
         for start, counts in buckets.items():
             s = int(start)
-            if lo < s <= now_ms:
-                for i, c in enumerate(counts):
-                    total[i] += c
-        return total
+            if s > now_ms:
+                continue
+            for total, lo in zip(totals, los):
+                if lo < s:
+                    for i, c in enumerate(counts):
+                        total[i] += c
+        return totals
 
     @staticmethod
     def prune(buckets: dict[str, list[int]], now_ms: int, keep_ms: int) -> None:
@@ -93,8 +97,8 @@ class UserFeaturizer:
         now = int(event["event_time_ms"])
         slots = len(EVENT_TYPES)
         feats: list[float] = []
-        for window in self.cfg.windows_ms:
-            feats.extend(_log1p(c) for c in _Buckets.window_sum(state["buckets"], now, window, slots))
+        for total in _Buckets.window_sums(state["buckets"], now, self.cfg.windows_ms, slots):
+            feats.extend(_log1p(c) for c in total)
         feats.append(_log1p(state["total"]))
         last = state["last_ms"]
         feats.append(_log1p(max(0, now - last) / 1000.0) / 10.0 if last is not None else 1.5)
@@ -141,7 +145,7 @@ class ItemPopularity:
 
     def transform_one(self, state: dict[str, Any], event: dict[str, Any]) -> list[float]:
         now = int(event["event_time_ms"])
-        feats = [_log1p(_Buckets.window_sum(state["buckets"], now, w, 1)[0]) for w in self.cfg.windows_ms]
+        feats = [_log1p(total[0]) for total in _Buckets.window_sums(state["buckets"], now, self.cfg.windows_ms, 1)]
         last = state["last_ms"]
         feats.append(_log1p(max(0, now - last) / 1000.0) / 10.0 if last is not None else 1.5)
         return feats
