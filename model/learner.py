@@ -363,21 +363,55 @@ class IncrementalLearner:
         if not good:
             return torch.sigmoid(self._logits(U, I, H, hmask, batch.user_feats, batch.item_feats) - batch.log_q)
         # the last good version: rows changed since then come from the undo log (None = row did not exist)
-        U, I, H, hmask = U.clone(), I.clone(), H.clone(), hmask.clone()
         width = H.shape[1]
-        flat_hist = [k for h in batch.histories for k in h + [""] * (width - len(h))]
-        for table, keys, target, mask in ((USER, batch.users, U, None), (ITEM, batch.items, I, None),
-                                          (ITEM, flat_hist, H.view(-1, H.shape[-1]), hmask.view(-1))):
-            undo = self._undo[table]
-            hits = [(i, undo[k]) for i, k in enumerate(keys) if k in undo]
-            if not hits:
-                continue
-            idx = torch.tensor([i for i, _ in hits], device=self.device)
-            values = torch.stack([snap["weights"] if snap is not None else torch.zeros_like(target[0]) for _, snap in hits])
-            target[idx] = values
-            if mask is not None:
-                mask[idx] = torch.tensor([1.0 if snap is not None else 0.0 for _, snap in hits], device=self.device)
+
+        def hist_key(p: int) -> str:
+            h = batch.histories[p // width]
+            return h[p % width] if p % width < len(h) else ""
+
+        U, _ = self._good_values(self.users, u_rows, U, None, batch.users.__getitem__)
+        I, _ = self._good_values(self.items, i_rows, I, None, batch.items.__getitem__)
+        Hf, hm = self._good_values(self.items, h_rows.reshape(-1), H.reshape(-1, H.shape[-1]), hmask.reshape(-1), hist_key)
+        H, hmask = Hf.view_as(H), hm.view_as(hmask)  # type: ignore[union-attr]
         return torch.sigmoid(self._logits(U, I, H, hmask, batch.user_feats, batch.item_feats, self._good_dense) - batch.log_q)
+
+    def _good_values(self, table: DynamicEmbeddingTable, rows: torch.Tensor, values: torch.Tensor,
+                     mask: torch.Tensor | None, key_at: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``values`` (table rows gathered at ``rows``; -1 = unknown id, zeros) as they were in the last good
+        version, with ``mask`` (1 = the row existed) updated alike. The undo log is consulted once per distinct
+        row, and per position only where the id has no row now (``key_at(position)`` gives its id)."""
+        undo = self._undo[table.name]
+        if not undo:
+            return values, mask
+        uniq, inverse = torch.unique(rows, return_inverse=True)
+        ids = table.ids
+        sel: list[int] = []
+        snaps: list[dict[str, torch.Tensor] | None] = []
+        for j, r in enumerate(uniq.tolist()):
+            if r >= 0 and (k := ids[r]) in undo:
+                sel.append(j)
+                snaps.append(undo[k])
+        values = values.clone()
+        mask = mask.clone() if mask is not None else None
+        if sel:
+            good = values.new_zeros(len(uniq), values.shape[-1])
+            exists = values.new_ones(len(uniq))
+            changed = torch.zeros(len(uniq), dtype=torch.bool, device=values.device)
+            sel_t = torch.tensor(sel, dtype=torch.long, device=values.device)
+            changed[sel_t] = True
+            good[sel_t] = torch.stack([snap["weights"] if snap is not None else torch.zeros_like(values[0]) for snap in snaps])
+            exists[sel_t] = torch.tensor([0.0 if snap is None else 1.0 for snap in snaps], device=values.device)
+            at = changed[inverse]
+            values[at] = good[inverse[at]]
+            if mask is not None:
+                mask[at] = exists[inverse[at]]
+        for p in torch.nonzero(rows < 0).reshape(-1).tolist():  # ids without a row now that had one then
+            snap = undo.get(key_at(p))
+            if snap is not None:
+                values[p] = snap["weights"]
+                if mask is not None:
+                    mask[p] = 1.0
+        return values, mask
 
     def predict(self, events: Sequence[dict[str, Any]]) -> list[float]:
         """P(label = 1) for each event's own (user, item) pair, without learning."""

@@ -303,6 +303,23 @@ def test_harmful_update_is_rolled_back_to_last_good_version():
     assert any(d.is_rollback for d in deltas)
 
 
+def test_gate_scores_the_last_good_version_exactly():
+    """The gate's "good" predictions (undo log + saved dense tower) equal those of a copy of the learner
+    taken when that version was promoted, including ids admitted or evicted since."""
+    c = cfg(gate=True, gate_window=10**9, table=TableConfig(dim=8, ttl_ms=400))
+    learner = IncrementalLearner(c)
+    stream = topic_stream(900)
+    replay(learner, stream[:300], 30)
+    learner.promote()
+    good_copy = IncrementalLearner.from_bytes(learner.to_bytes())
+    replay(learner, stream[300:600], 30)  # new rows, changed rows and TTL evictions since the good version
+    assert learner.users.evictions + learner.items.evictions > 0
+    batch = learner._build(stream[600:700], negatives=False)
+    expected = good_copy._predict_batch(good_copy._build(stream[600:700], negatives=False))
+    assert torch.allclose(learner._predict_batch(batch, good=True), expected, atol=1e-6)
+    assert not torch.allclose(learner._predict_batch(batch), expected, atol=1e-3)
+
+
 def test_rollback_restores_exact_last_good_rows():
     learner = IncrementalLearner(cfg(gate=True))
     stream = topic_stream(200)
