@@ -69,6 +69,7 @@ class DynamicEmbeddingTable:
         self.dirty: set[str] = set()
         self.tombstones: set[str] = set()
         self.evictions = 0
+        self.layout = 0  # bumped whenever an id gets or loses a row (cached row lookups are then stale)
         self._oldest_seen: int | None = None  # a lower bound of live rows' last-seen times (evict_expired)
         # callback(table, ids) before those ids' rows change, appear or disappear (the learner's undo log)
         self.on_change: Callable[[DynamicEmbeddingTable, list[str]], None] | None = None
@@ -162,6 +163,7 @@ class DynamicEmbeddingTable:
         if self.on_change is not None:
             self.on_change(self, keys)
         rows = [self.free.pop() for _ in keys]
+        self.layout += 1
         for key, row in zip(keys, rows, strict=True):
             self.index[key] = row
             self.ids[row] = key
@@ -195,6 +197,7 @@ class DynamicEmbeddingTable:
         self.dirty.discard(key)
         self.tombstones.add(key)
         self.evictions += 1
+        self.layout += 1
 
     def evict_expired(self, now_ms: int) -> list[str]:
         """Evict rows idle for longer than ``ttl_ms`` of event time; returns their ids."""
@@ -363,6 +366,7 @@ class DynamicEmbeddingTable:
         self.dirty = set(sd["dirty"])
         self.tombstones = set(sd["tombstones"])
         self._oldest_seen = None
+        self.layout += 1
         if self.sketch is not None and "sketch" in sd:
             self.sketch.table = sd["sketch"].numpy().copy()
 

@@ -167,6 +167,13 @@ class _Batch:
     item_feats: torch.Tensor
     positive_index: list[int]
     log_q: torch.Tensor  # sampling-bias correction subtracted from each example's training logit
+    rows: Any = None  # cached _gathered() result with the table layouts it was computed at
+
+
+def _history_positions(hists: list[list[str]], width: int, device: torch.device) -> torch.Tensor:
+    """Flat (len(hists) * width) mask of the history slots that hold an id (the rest is padding)."""
+    lengths = torch.tensor([len(h) for h in hists], device=device)
+    return (torch.arange(width, device=device).unsqueeze(0) < lengths.unsqueeze(1)).reshape(-1)
 
 
 def _log_q(event: dict[str, Any], step: str) -> float:
@@ -235,8 +242,7 @@ class IncrementalLearner:
         # stability guard: undo log of rows changed since the last good version
         self.good_version = 0
         self._undo: dict[str, dict[str, dict[str, torch.Tensor] | None]] = {USER: {}, ITEM: {}, QUERY: {}}
-        self._good_dense = copy.deepcopy(self.dense.state_dict())
-        self._good_dense_opt = copy.deepcopy(self.dense_opt.state_dict())
+        self._good_dense, self._good_dense_opt = self._copy_dense()
         self._gate_sums = [0.0, 0.0, 0]  # candidate loss, good loss, examples
         self._replay: list[dict[str, Any]] = []
         self._last_retrain_ms: int | None = None
@@ -245,6 +251,14 @@ class IncrementalLearner:
     # ------------------------------------------------------------------ helpers
     def tables(self) -> dict[str, DynamicEmbeddingTable]:
         return {USER: self.users, ITEM: self.items, QUERY: self.queries}
+
+    def _copy_dense(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """Copies of the dense tower's parameters and optimizer state (tensors cloned, the rest deep-copied)."""
+        params = {k: v.detach().clone() for k, v in self.dense.state_dict().items()}
+        opt = self.dense_opt.state_dict()
+        state = {k: {n: (t.clone() if isinstance(t, torch.Tensor) else copy.deepcopy(t)) for n, t in v.items()}
+                 for k, v in opt["state"].items()}
+        return params, {"state": state, "param_groups": copy.deepcopy(opt["param_groups"])}
 
     def _attach_undo(self) -> None:
         track = self.cfg.gate or self.cfg.l2_to_good > 0
@@ -349,15 +363,50 @@ class IncrementalLearner:
         return (q * I[:, :d]).sum(-1) + U[:, d] + I[:, d] + dense
 
     def _gathered(self, batch: _Batch):
+        """Row indices of the batch's users, items and history items. Cached on the batch: reused as they
+        are while no id got or lost a row, and only the unknown (-1) entries are looked up again when ids
+        were admitted but none removed."""
+        tables = (self.users, self.items)
+        layout = tuple((id(t), t.layout, t.evictions) for t in tables)
+        if batch.rows is not None:
+            old, (u_rows, i_rows, h_rows) = batch.rows
+            if old == layout:
+                return u_rows, i_rows, h_rows
+            if all(o[0] == n[0] and o[2] == n[2] for o, n in zip(old, layout, strict=True)):  # admissions only
+                u_rows = self._relookup(self.users, u_rows, batch.users.__getitem__)
+                i_rows = self._relookup(self.items, i_rows, batch.items.__getitem__)
+                width = h_rows.shape[1]
+                hists = batch.histories
+                flat = self._relookup(self.items, h_rows.reshape(-1), lambda p: hists[p // width][p % width],
+                                      real=_history_positions(hists, width, self.device))
+                h_rows = flat.view_as(h_rows)
+                batch.rows = (layout, (u_rows, i_rows, h_rows))
+                return u_rows, i_rows, h_rows
         u_rows = self.users.rows(batch.users)
         i_rows = self.items.rows(batch.items)
         h_rows = self._history_rows(batch.histories)
+        batch.rows = (layout, (u_rows, i_rows, h_rows))
         return u_rows, i_rows, h_rows
+
+    @staticmethod
+    def _relookup(table: DynamicEmbeddingTable, rows: torch.Tensor, key_at: Any,
+                  real: torch.Tensor | None = None) -> torch.Tensor:
+        unknown = rows < 0 if real is None else (rows < 0) & real
+        pos = torch.nonzero(unknown).reshape(-1).tolist()
+        if not pos:
+            return rows
+        found = [(p, r) for p in pos if (r := table.index.get(key_at(p), -1)) >= 0]
+        if not found:
+            return rows
+        rows = rows.clone()
+        rows[torch.tensor([p for p, _ in found], device=rows.device)] = torch.tensor([r for _, r in found], device=rows.device)
+        return rows
 
     # ------------------------------------------------------------------ predict
     @torch.no_grad()
-    def _predict_batch(self, batch: _Batch, good: bool = False) -> torch.Tensor:
-        u_rows, i_rows, h_rows = self._gathered(batch)
+    def _predict_batch(self, batch: _Batch, good: bool = False, rows: Any = None) -> torch.Tensor:
+        """``rows``: this batch's ``_gathered`` rows when the caller has them (no id admitted since)."""
+        u_rows, i_rows, h_rows = rows if rows is not None else self._gathered(batch)
         U, I, H = self.users.gather(u_rows), self.items.gather(i_rows), self.items.gather(h_rows)
         hmask = (h_rows >= 0).float()
         if not good:
@@ -366,20 +415,23 @@ class IncrementalLearner:
         width = H.shape[1]
 
         def hist_key(p: int) -> str:
-            h = batch.histories[p // width]
-            return h[p % width] if p % width < len(h) else ""
+            return batch.histories[p // width][p % width]
 
+        in_history = _history_positions(batch.histories, width, self.device)
         U, _ = self._good_values(self.users, u_rows, U, None, batch.users.__getitem__)
         I, _ = self._good_values(self.items, i_rows, I, None, batch.items.__getitem__)
-        Hf, hm = self._good_values(self.items, h_rows.reshape(-1), H.reshape(-1, H.shape[-1]), hmask.reshape(-1), hist_key)
+        Hf, hm = self._good_values(self.items, h_rows.reshape(-1), H.reshape(-1, H.shape[-1]), hmask.reshape(-1), hist_key,
+                                   real=in_history)
         H, hmask = Hf.view_as(H), hm.view_as(hmask)  # type: ignore[union-attr]
         return torch.sigmoid(self._logits(U, I, H, hmask, batch.user_feats, batch.item_feats, self._good_dense) - batch.log_q)
 
     def _good_values(self, table: DynamicEmbeddingTable, rows: torch.Tensor, values: torch.Tensor,
-                     mask: torch.Tensor | None, key_at: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+                     mask: torch.Tensor | None, key_at: Any,
+                     real: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``values`` (table rows gathered at ``rows``; -1 = unknown id, zeros) as they were in the last good
         version, with ``mask`` (1 = the row existed) updated alike. The undo log is consulted once per distinct
-        row, and per position only where the id has no row now (``key_at(position)`` gives its id)."""
+        row, and per position only where the id has no row now (``key_at(position)`` gives its id; ``real``
+        marks the positions that hold an id at all, the others being padding)."""
         undo = self._undo[table.name]
         if not undo:
             return values, mask
@@ -405,7 +457,8 @@ class IncrementalLearner:
             values[at] = good[inverse[at]]
             if mask is not None:
                 mask[at] = exists[inverse[at]]
-        for p in torch.nonzero(rows < 0).reshape(-1).tolist():  # ids without a row now that had one then
+        unknown = rows < 0 if real is None else (rows < 0) & real
+        for p in torch.nonzero(unknown).reshape(-1).tolist():  # ids without a row now that had one then
             snap = undo.get(key_at(p))
             if snap is not None:
                 values[p] = snap["weights"]
@@ -454,7 +507,8 @@ class IncrementalLearner:
             return result
         self.now_ms = max(self.now_ms, max(int(e["event_time_ms"]) for e in events))
         batch = self._build(events)
-        probs = self._predict_batch(batch)
+        rows = self._gathered(batch)
+        probs = self._predict_batch(batch, rows=rows)
         result.labels, result.probs, result.positive_index = batch.labels.tolist(), probs.tolist(), batch.positive_index
         self.counters["events"] += len(events)
         self.counters["examples"] += len(batch.labels)
@@ -467,7 +521,7 @@ class IncrementalLearner:
             self._refresh_queries(events)
             result.version = self.version
             return result
-        rollback = self._gate(batch, probs)
+        rollback = self._gate(batch, probs, rows)
         if rollback is not None:
             result.rollbacks.append(rollback)
         skipped_before = self.counters["skipped_nonfinite"]
@@ -647,11 +701,11 @@ class IncrementalLearner:
         return item_logits(qc, W, self.dense.item_term(self.items.gather_extra(rows)), self.cfg.dim).tolist()
 
     # ------------------------------------------------------------------ stability guard
-    def _gate(self, batch: _Batch, probs: torch.Tensor) -> RollbackRecord | None:
+    def _gate(self, batch: _Batch, probs: torch.Tensor, rows: Any = None) -> RollbackRecord | None:
         cfg = self.cfg
         if not cfg.gate or self.version == self.good_version:
             return None
-        good_probs = self._predict_batch(batch, good=True)
+        good_probs = self._predict_batch(batch, good=True, rows=rows)
         y = batch.labels
         eps = 1e-7
         def ll(p: torch.Tensor) -> float:
@@ -673,8 +727,7 @@ class IncrementalLearner:
         """Declare the current version good: the undo log starts over from here."""
         for undo in self._undo.values():
             undo.clear()
-        self._good_dense = copy.deepcopy(self.dense.state_dict())
-        self._good_dense_opt = copy.deepcopy(self.dense_opt.state_dict())
+        self._good_dense, self._good_dense_opt = self._copy_dense()
         self.good_version = self.version
         self.counters["promotions"] += 1
 
