@@ -12,7 +12,7 @@ A row holds ``width`` trainable values (embedding then bias) plus ``extra`` non-
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import numpy as np
@@ -38,6 +38,25 @@ class CountMinSketch:
         rows = np.arange(self.depth)
         self.table[rows, cols] = np.minimum(self.table[rows, cols] + 1, np.iinfo(np.int32).max)
         return int(self.table[rows, cols].min())
+
+
+class RowSnapshot(Mapping[str, torch.Tensor]):
+    """One row's values and optimizer state as they were: row ``j`` of a block gathered for many rows at
+    once, indexed only when read (a dict of per-row views would cost a tensor view per field and row)."""
+
+    __slots__ = ("_block", "_j")
+
+    def __init__(self, block: dict[str, torch.Tensor], j: int):
+        self._block, self._j = block, j
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self._block[name][self._j]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._block)
+
+    def __len__(self) -> int:
+        return len(self._block)
 
 
 class DynamicEmbeddingTable:
@@ -255,19 +274,17 @@ class DynamicEmbeddingTable:
         self.extra[rows] = values[list(last.values())]
         self.dirty.update(kept)
 
-    def snapshot_rows(self, keys: list[str]) -> list[dict[str, torch.Tensor] | None]:
-        """snapshot_row for many ids with one gather per tensor."""
+    def snapshot_rows(self, keys: list[str]) -> list[Mapping[str, torch.Tensor] | None]:
+        """snapshot_row for many ids with one gather per tensor (None for ids without a row)."""
         present = [(i, self.index[k]) for i, k in enumerate(keys) if k in self.index]
-        out: list[dict[str, torch.Tensor] | None] = [None] * len(keys)
+        out: list[Mapping[str, torch.Tensor] | None] = [None] * len(keys)
         if not present:
             return out
         idx = torch.tensor([r for _, r in present], dtype=torch.long, device=self.device)
-        w, x = self.weights[idx], self.extra[idx]
-        st = {k: v[idx] for k, v in self.state.items()}
+        block = {"weights": self.weights[idx], "extra": self.extra[idx]}
+        block.update({f"state.{k}": v[idx] for k, v in self.state.items()})
         for j, (i, _) in enumerate(present):
-            snap = {"weights": w[j], "extra": x[j]}
-            snap.update({f"state.{k}": v[j] for k, v in st.items()})
-            out[i] = snap
+            out[i] = RowSnapshot(block, j)
         return out
 
     def snapshot_row(self, key: str) -> dict[str, torch.Tensor] | None:
@@ -278,7 +295,7 @@ class DynamicEmbeddingTable:
         snap.update({f"state.{k}": v[row].clone() for k, v in self.state.items()})
         return snap
 
-    def restore_row(self, key: str, snap: dict[str, torch.Tensor] | None, now_ms: int) -> None:
+    def restore_row(self, key: str, snap: Mapping[str, torch.Tensor] | None, now_ms: int) -> None:
         if snap is None:
             self.remove(key)
             return

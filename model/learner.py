@@ -20,7 +20,7 @@ import io
 import math
 import random
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, cast
 
@@ -241,7 +241,7 @@ class IncrementalLearner:
         self._pending: list[ModelDelta] = []
         # stability guard: undo log of rows changed since the last good version
         self.good_version = 0
-        self._undo: dict[str, dict[str, dict[str, torch.Tensor] | None]] = {USER: {}, ITEM: {}, QUERY: {}}
+        self._undo: dict[str, dict[str, Mapping[str, torch.Tensor] | None]] = {USER: {}, ITEM: {}, QUERY: {}}
         self._good_dense, self._good_dense_opt = self._copy_dense()
         self._gate_sums = [0.0, 0.0, 0]  # candidate loss, good loss, examples
         self._replay: list[dict[str, Any]] = []
@@ -438,7 +438,7 @@ class IncrementalLearner:
         uniq, inverse = torch.unique(rows, return_inverse=True)
         ids = table.ids
         sel: list[int] = []
-        snaps: list[dict[str, torch.Tensor] | None] = []
+        snaps: list[Mapping[str, torch.Tensor] | None] = []
         for j, r in enumerate(uniq.tolist()):
             if r >= 0 and (k := ids[r]) in undo:
                 sel.append(j)
@@ -638,7 +638,7 @@ class IncrementalLearner:
     def _good_rows(self, table: DynamicEmbeddingTable, rows: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         good = weights.clone()
         undo = self._undo[table.name]
-        hits: list[tuple[int, dict[str, torch.Tensor]]] = []
+        hits: list[tuple[int, Mapping[str, torch.Tensor]]] = []
         for i, r in enumerate(rows.tolist()):
             snap = undo.get(table.ids[r])  # type: ignore[arg-type]
             if snap is not None:
