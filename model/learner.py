@@ -314,7 +314,7 @@ class IncrementalLearner:
             labels.append(label); weights.append(type_weights.get(ev["event_type"], 1.0))
             ufs.append(uf); ifs.append(itf)
             q = ev.get("sample_log_q")
-            log_q.append(0.0 if q is None else _log_q(ev, "learn"))
+            log_q.append(0.0 if q is None else _log_q(ev, f"learn(event {ev.get('event_id')!r})"))
             if negatives and label > 0.5:
                 for neg in self._sample_negatives(ev["item_id"], cfg.negatives, live):
                     users.append(ev["user_id"]); items.append(neg); hists.append(hist)

@@ -175,7 +175,7 @@ def test_wrong_feature_shapes_name_the_event_and_the_expected_width():
 def test_sample_log_q_must_be_finite():
     learner = IncrementalLearner(cfg())
     ev = {**featurized(0, "u", "i", 0), "sample_log_q": float("nan")}
-    with pytest.raises(ValueError, match="sample_log_q"):
+    with pytest.raises(ValueError, match=r"event .*sample_log_q must be finite"):
         learner.learn([ev])
 
 
