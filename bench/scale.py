@@ -100,6 +100,7 @@ class Replica:
     scores: int = 0
     delta_rows: int = 0
     tombstones: int = 0
+    peak: dict[str, float] = field(default_factory=dict)  # largest figures seen at any state-expiry sweep
 
     def __post_init__(self) -> None:
         self.users, self.items = UserFeaturizer(self.feature), ItemPopularity(self.feature)
@@ -141,6 +142,8 @@ class Replica:
                 for key in [k for k, s in states.items() if (s["last_ms"] or 0) < cutoff]:
                     del states[key]
         self.seconds += time.perf_counter() - t
+        for k, v in self.figures().items():
+            self.peak[k] = max(self.peak.get(k, 0), v)
 
     def learners(self) -> list[Any]:
         return [learner for learner, _ in self.live.values()]
@@ -228,10 +231,12 @@ def main(argv: list[str] | None = None) -> int:
     report(len(ts))
     print(f"invalid clicks: {invalid}; every valid click reached a shard's learner in both configurations: "
           + ", ".join(f"{r.name} {sum(x.counters['events'] for x in r.learners())}" for r in replicas))
+    keys = ("user_rows", "item_rows", "rows_mb", "model_mb", "feature_states")
+    for r in replicas:
+        print(f"{r.name} peak (every 20,000 events): " + ", ".join(f"{k} {r.peak.get(k, 0):.1f}" for k in keys))
     if len(replicas) == 2:
-        b, u = (r.figures() for r in replicas)
-        print("bounded / unbounded at the end: " + ", ".join(
-            f"{k} {b[k] / u[k]:.2f}x" for k in ("user_rows", "item_rows", "rows_mb", "model_mb", "feature_states") if u[k]))
+        b, u = (r.peak for r in replicas)
+        print("bounded / unbounded, peaks: " + ", ".join(f"{k} {b[k] / u[k]:.2f}x" for k in keys if u.get(k)))
     print(f"peak resident memory of this process (both configurations, plus the click arrays): "
           f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB")
     return 0
