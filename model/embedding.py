@@ -167,14 +167,14 @@ class DynamicEmbeddingTable:
         return self._allocate_many([key], now_ms)[0]
 
     def _allocate_many(self, keys: list[str], now_ms: int) -> list[int]:
-        """Rows for new (distinct, absent) ids; at capacity the least recently seen rows make room."""
+        """Rows for new (distinct, absent) ids; at capacity the least recently seen rows make room. With
+        more new ids than ``capacity`` only the last ``capacity`` get rows (one at a time, the earlier
+        ones would have been evicted by the later ones within the same step)."""
+        keys = keys[-self.cfg.capacity:]
         while len(self.free) < len(keys) and self.weights.shape[0] < self.cfg.capacity:
             self._grow()
         short = len(keys) - len(self.free)
         if short > 0:
-            if short > len(self.index):
-                raise ValueError(f"table {self.name!r}: {len(keys)} new ids in one step exceed its capacity "
-                                 f"{self.cfg.capacity}")
             live = np.fromiter(self.index.values(), dtype=np.int64, count=len(self.index))
             victims = live[np.argsort(self.last_seen[live], kind="stable")[:short]]
             for r in victims.tolist():
