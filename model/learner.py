@@ -404,9 +404,8 @@ class IncrementalLearner:
 
     # ------------------------------------------------------------------ predict
     @torch.no_grad()
-    def _predict_batch(self, batch: _Batch, good: bool = False, rows: Any = None) -> torch.Tensor:
-        """``rows``: this batch's ``_gathered`` rows when the caller has them (no id admitted since)."""
-        u_rows, i_rows, h_rows = rows if rows is not None else self._gathered(batch)
+    def _predict_batch(self, batch: _Batch, good: bool = False) -> torch.Tensor:
+        u_rows, i_rows, h_rows = self._gathered(batch)
         U, I, H = self.users.gather(u_rows), self.items.gather(i_rows), self.items.gather(h_rows)
         hmask = (h_rows >= 0).float()
         if not good:
@@ -507,8 +506,7 @@ class IncrementalLearner:
             return result
         self.now_ms = max(self.now_ms, max(int(e["event_time_ms"]) for e in events))
         batch = self._build(events)
-        rows = self._gathered(batch)
-        probs = self._predict_batch(batch, rows=rows)
+        probs = self._predict_batch(batch)
         result.labels, result.probs, result.positive_index = batch.labels.tolist(), probs.tolist(), batch.positive_index
         self.counters["events"] += len(events)
         self.counters["examples"] += len(batch.labels)
@@ -521,7 +519,7 @@ class IncrementalLearner:
             self._refresh_queries(events)
             result.version = self.version
             return result
-        rollback = self._gate(batch, probs, rows)
+        rollback = self._gate(batch, probs)
         if rollback is not None:
             result.rollbacks.append(rollback)
         skipped_before = self.counters["skipped_nonfinite"]
@@ -701,11 +699,11 @@ class IncrementalLearner:
         return item_logits(qc, W, self.dense.item_term(self.items.gather_extra(rows)), self.cfg.dim).tolist()
 
     # ------------------------------------------------------------------ stability guard
-    def _gate(self, batch: _Batch, probs: torch.Tensor, rows: Any = None) -> RollbackRecord | None:
+    def _gate(self, batch: _Batch, probs: torch.Tensor) -> RollbackRecord | None:
         cfg = self.cfg
         if not cfg.gate or self.version == self.good_version:
             return None
-        good_probs = self._predict_batch(batch, good=True, rows=rows)
+        good_probs = self._predict_batch(batch, good=True)
         y = batch.labels
         eps = 1e-7
         def ll(p: torch.Tensor) -> float:
