@@ -88,7 +88,10 @@ class DynamicEmbeddingTable:
         self.dirty: set[str] = set()
         self.tombstones: set[str] = set()
         self.evictions = 0
-        self.layout = 0  # bumped whenever an id gets or loses a row (cached row lookups are then stale)
+        # bumped whenever an id gets or loses a row / only when one may lose it (a removal or a load):
+        # cached row lookups are stale after the first, and only their unknown ids after admissions alone
+        self.layout = 0
+        self.removals = 0
         self._oldest_seen: int | None = None  # a lower bound of live rows' last-seen times (evict_expired)
         # callback(table, ids) before those ids' rows change, appear or disappear (the learner's undo log)
         self.on_change: Callable[[DynamicEmbeddingTable, list[str]], None] | None = None
@@ -217,6 +220,7 @@ class DynamicEmbeddingTable:
         self.tombstones.add(key)
         self.evictions += 1
         self.layout += 1
+        self.removals += 1
 
     def evict_expired(self, now_ms: int) -> list[str]:
         """Evict rows idle for longer than ``ttl_ms`` of event time; returns their ids."""
@@ -275,7 +279,8 @@ class DynamicEmbeddingTable:
         self.dirty.update(kept)
 
     def snapshot_rows(self, keys: list[str]) -> list[Mapping[str, torch.Tensor] | None]:
-        """snapshot_row for many ids with one gather per tensor (None for ids without a row)."""
+        """Each id's values, side features and optimizer state as they are now (None for ids without a
+        row), gathered with one index per tensor."""
         present = [(i, self.index[k]) for i, k in enumerate(keys) if k in self.index]
         out: list[Mapping[str, torch.Tensor] | None] = [None] * len(keys)
         if not present:
@@ -286,14 +291,6 @@ class DynamicEmbeddingTable:
         for j, (i, _) in enumerate(present):
             out[i] = RowSnapshot(block, j)
         return out
-
-    def snapshot_row(self, key: str) -> dict[str, torch.Tensor] | None:
-        row = self.index.get(key)
-        if row is None:
-            return None
-        snap = {"weights": self.weights[row].clone(), "extra": self.extra[row].clone()}
-        snap.update({f"state.{k}": v[row].clone() for k, v in self.state.items()})
-        return snap
 
     def restore_row(self, key: str, snap: Mapping[str, torch.Tensor] | None, now_ms: int) -> None:
         if snap is None:
@@ -384,6 +381,7 @@ class DynamicEmbeddingTable:
         self.tombstones = set(sd["tombstones"])
         self._oldest_seen = None
         self.layout += 1
+        self.removals += 1
         if self.sketch is not None and "sketch" in sd:
             self.sketch.table = sd["sketch"].numpy().copy()
 

@@ -176,7 +176,13 @@ def _history_positions(hists: list[list[str]], width: int, device: torch.device)
     return (torch.arange(width, device=device).unsqueeze(0) < lengths.unsqueeze(1)).reshape(-1)
 
 
-def _log_q(event: dict[str, Any], step: str) -> float:
+def _unknown_positions(rows: torch.Tensor, real: torch.Tensor | None) -> list[int]:
+    """Positions whose id has no row (-1), among those marked ``real`` (not padding) when given."""
+    unknown = rows < 0 if real is None else (rows < 0) & real
+    return torch.nonzero(unknown).reshape(-1).tolist()
+
+
+def _log_q(event: dict[str, Any]) -> float:
     """Sampling-bias (logQ) correction of one example, as in Yi et al. 2019 and TFRS's
     ``candidate_sampling_probability``: when negatives are drawn from a non-uniform distribution q
     (e.g. popularity-proportional), an example may carry ``sample_log_q`` = log(k * q(item)), the log of
@@ -188,7 +194,7 @@ def _log_q(event: dict[str, Any], step: str) -> float:
         return 0.0
     value = float(value)
     if not math.isfinite(value):
-        raise ValueError(f"{step}: sample_log_q must be finite, got {value!r}")
+        raise ValueError(f"learn(event {event.get('event_id')!r}): sample_log_q must be finite, got {value!r}")
     return value
 
 
@@ -313,8 +319,7 @@ class IncrementalLearner:
             users.append(ev["user_id"]); items.append(ev["item_id"]); hists.append(hist)
             labels.append(label); weights.append(type_weights.get(ev["event_type"], 1.0))
             ufs.append(uf); ifs.append(itf)
-            q = ev.get("sample_log_q")
-            log_q.append(0.0 if q is None else _log_q(ev, f"learn(event {ev.get('event_id')!r})"))
+            log_q.append(_log_q(ev))
             if negatives and label > 0.5:
                 for neg in self._sample_negatives(ev["item_id"], cfg.negatives, live):
                     users.append(ev["user_id"]); items.append(neg); hists.append(hist)
@@ -367,7 +372,7 @@ class IncrementalLearner:
         are while no id got or lost a row, and only the unknown (-1) entries are looked up again when ids
         were admitted but none removed."""
         tables = (self.users, self.items)
-        layout = tuple((id(t), t.layout, t.evictions) for t in tables)
+        layout = tuple((id(t), t.layout, t.removals) for t in tables)
         if batch.rows is not None:
             old, (u_rows, i_rows, h_rows) = batch.rows
             if old == layout:
@@ -391,8 +396,7 @@ class IncrementalLearner:
     @staticmethod
     def _relookup(table: DynamicEmbeddingTable, rows: torch.Tensor, key_at: Any,
                   real: torch.Tensor | None = None) -> torch.Tensor:
-        unknown = rows < 0 if real is None else (rows < 0) & real
-        pos = torch.nonzero(unknown).reshape(-1).tolist()
+        pos = _unknown_positions(rows, real)
         if not pos:
             return rows
         found = [(p, r) for p in pos if (r := table.index.get(key_at(p), -1)) >= 0]
@@ -456,8 +460,7 @@ class IncrementalLearner:
             values[at] = good[inverse[at]]
             if mask is not None:
                 mask[at] = exists[inverse[at]]
-        unknown = rows < 0 if real is None else (rows < 0) & real
-        for p in torch.nonzero(unknown).reshape(-1).tolist():  # ids without a row now that had one then
+        for p in _unknown_positions(rows, real):  # ids without a row now that had one then
             snap = undo.get(key_at(p))
             if snap is not None:
                 values[p] = snap["weights"]
