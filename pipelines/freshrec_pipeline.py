@@ -44,6 +44,8 @@ class FreshrecOptions(PipelineOptions):
         g.add_argument("--output_window_s", type=int, default=0,
                        help="fixed event-time window for output files (0 = one window, for bounded runs)")
         g.add_argument("--shards", type=int, default=4)
+        g.add_argument("--key_groups", type=int, default=1024,
+                       help="key groups of the per-id keyed steps (dedupe, item and user features); see transforms.batching")
         g.add_argument("--mode", default="incremental", choices=["online", "incremental", "retrain"])
         g.add_argument("--batch_size", type=int, default=256, help="events per micro-batch (online mode: 1 step per event)")
         g.add_argument("--accumulate_steps", type=int, default=1)
@@ -81,6 +83,7 @@ class PipelineConfig:
     state_ttl_ms: int
     output_dir: str
     output_window_s: int
+    key_groups: int = 1024
 
     @classmethod
     def from_options(cls, opts: FreshrecOptions) -> PipelineConfig:
@@ -98,7 +101,8 @@ class PipelineConfig:
         update = UpdateConfig(shards=o.shards, batch_size=batch, flush_interval_s=o.flush_interval_s or None, top_k=o.top_k,
                               checkpoint_dir=o.checkpoint_dir, checkpoint_every=o.checkpoint_every)
         return cls(feature, learner, update, CleanConfig(), int(o.allowed_lateness_s * 1000),
-                   int(o.dedupe_ttl_s * 1000), int(o.state_ttl_days * DAY_MS), o.output_dir, o.output_window_s)
+                   int(o.dedupe_ttl_s * 1000), int(o.state_ttl_days * DAY_MS), o.output_dir, o.output_window_s,
+                   o.key_groups)
 
 
 class RefreshModels(beam.PTransform):
@@ -111,8 +115,8 @@ class RefreshModels(beam.PTransform):
     def expand(self, payloads):
         cfg = self.cfg
         clean = payloads | "CleanEvents" >> CleanEvents(
-            cfg.update.shards, cfg.allowed_lateness_ms, cfg.dedupe_ttl_ms, cfg.clean)
-        featurized = clean["events"] | "FeaturizeEvents" >> FeaturizeEvents(cfg.feature, cfg.state_ttl_ms)
+            cfg.update.shards, cfg.allowed_lateness_ms, cfg.dedupe_ttl_ms, cfg.clean, cfg.key_groups)
+        featurized = clean["events"] | "FeaturizeEvents" >> FeaturizeEvents(cfg.feature, cfg.state_ttl_ms, cfg.key_groups)
         updated = featurized | "UpdateShardModels" >> UpdateShardModels(cfg.learner, cfg.update, self.clock)
         return {**updated, DEAD_LETTER: clean[DEAD_LETTER]}
 

@@ -68,3 +68,35 @@ def test_feature_config_validation():
         FeatureConfig(windows_ms=())
     with pytest.raises(ValueError):
         FeatureConfig(windows_ms=(1000,), bucket_ms=5000)
+
+
+# --- running window totals ------------------------------------------------------------------------
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from schemas import EVENT_TYPES  # noqa: E402
+from transforms.featurizers import _Buckets  # noqa: E402
+
+steps = st.lists(st.tuples(st.integers(-3 * HOUR_MS, 30 * HOUR_MS), st.sampled_from(EVENT_TYPES)), min_size=1, max_size=80)
+
+
+@settings(max_examples=150, deadline=None)
+@given(steps)
+def test_running_window_totals_equal_a_full_recount(moves):
+    """Features from the running sums (incl. out-of-order events and long gaps) equal a recount of every bucket."""
+    cfg = FeatureConfig(windows_ms=(HOUR_MS, 24 * HOUR_MS), bucket_ms=5 * 60_000)
+    users, items = UserFeaturizer(cfg), ItemPopularity(cfg)
+    us, its = users.new_state(), items.new_state()
+    t = T0
+    for i, (dt, etype) in enumerate(moves):
+        t = max(T0, t + dt)
+        e = ev(t, etype, item=f"i{i % 7}", value=4.0 if etype == "rating" else None)
+        recount_u = _Buckets.window_sums(us["buckets"], t, cfg.windows_ms, len(EVENT_TYPES))
+        recount_i = _Buckets.window_sums(its["buckets"], t, cfg.windows_ms, 1)
+        expected_u, expected_i = users._features(us, t, recount_u), ItemPopularity._features(its, t, recount_i)
+        assert users.transform_one(us, e) == expected_u
+        assert items.transform_one(its, e) == expected_i
+        assert users.transform_learn(us, e) == expected_u
+        assert items.transform_learn(its, e) == expected_i
+    assert len(us["buckets"]) <= (24 * HOUR_MS + cfg.bucket_ms) // cfg.bucket_ms + 2  # pruned: bounded state

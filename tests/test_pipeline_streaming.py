@@ -4,6 +4,7 @@ malformed events, processing-time flushes, accounting, and freshness of scores."
 from __future__ import annotations
 
 import apache_beam as beam
+import fastavro.validation
 import pytest
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 from apache_beam.testing.test_stream import TestStream
@@ -66,6 +67,10 @@ def test_on_time_events_are_applied_and_scored():
         assert 1 <= len(s["items"]) <= 3 and s["model_version"] >= 1
     assert out[DELTAS], "a step must publish the rows it changed"
     assert {d["table"] for d in out[DELTAS]} >= {"user", "item", "user_query", "dense"}
+    # every output record fits its schema, field types included (the file sinks do not re-validate)
+    for tag, name in ((SCORES, schemas.SCORED_OUTPUT), (DELTAS, schemas.MODEL_DELTA)):
+        for record in out[tag]:
+            fastavro.validation.validate(record, schemas.load_schema(name), raise_errors=True)
 
 
 def test_late_event_beyond_allowed_lateness_is_dead_lettered_and_within_is_applied():

@@ -11,9 +11,11 @@ from apache_beam.metrics import Metrics
 from apache_beam.pvalue import TaggedOutput
 from apache_beam.transforms.timeutil import TimeDomain
 from apache_beam.transforms.userstate import ReadModifyWriteStateSpec, TimerSpec, on_timer
+from apache_beam.transforms.window import TimestampedValue
 from apache_beam.utils.timestamp import Timestamp
 
 from model.hashing import shard_of
+from transforms.batching import BatchByKey, GroupStates, KeyGroupStep, key_group
 from transforms.cleaning import CleanConfig, InvalidEvent, LatenessTracker, decode_event, raw_bytes
 from transforms.runtime import tune_state_cache_sizing
 
@@ -56,7 +58,8 @@ class DecodeAndValidate(beam.DoFn):
 
 
 class DropLateEvents(beam.DoFn):
-    """Keyed by shard. Late = older than the proven watermark minus allowed lateness (see LatenessTracker)."""
+    """Keyed by shard, on micro-batches. Late = older than the proven watermark minus allowed lateness
+    (see LatenessTracker)."""
 
     STEP = "DropLateEvents"
     WATERMARK = ReadModifyWriteStateSpec("watermark_ms", VarIntCoder())
@@ -74,28 +77,33 @@ class DropLateEvents(beam.DoFn):
 
     def process(
         self,
-        element: tuple[int, dict[str, Any]],
-        timestamp=beam.DoFn.TimestampParam,
+        element: tuple[int, list[dict[str, Any]]],
         watermark=beam.DoFn.StateParam(WATERMARK),
         newest=beam.DoFn.StateParam(NEWEST),
         probe=beam.DoFn.TimerParam(PROBE),
     ):
-        _, event = element
+        _, events = element
         tracker = LatenessTracker(self.allowed_lateness_ms)
         proven = watermark.read()
         if proven is not None:
             tracker.advance(proven)
-        event_ms = ts_ms(timestamp)
-        if tracker.is_late(event_ms):
-            self.late.inc()
-            behind = tracker.watermark_ms - event_ms
-            reason = f"late: event time is {behind} ms behind the watermark (allowed lateness {self.allowed_lateness_ms} ms)"
-            yield TaggedOutput(DEAD_LETTER, dead_letter(None, reason, self.STEP, event))
-            return
-        latest = max(event_ms, newest.read() or event_ms)
-        newest.write(latest)
-        probe.set(Timestamp(micros=latest * 1000))
-        yield event
+        before = newest.read()
+        latest = before
+        for event in events:
+            event_ms = event["event_time_ms"]
+            if tracker.is_late(event_ms):
+                self.late.inc()
+                behind = tracker.watermark_ms - event_ms
+                reason = (f"late: event time is {behind} ms behind the watermark "
+                          f"(allowed lateness {self.allowed_lateness_ms} ms)")
+                yield TaggedOutput(DEAD_LETTER, TimestampedValue(dead_letter(None, reason, self.STEP, event), event_ms / 1000))
+                continue
+            if latest is None or event_ms > latest:
+                latest = event_ms
+            yield event
+        if latest is not None and latest != before:
+            newest.write(latest)
+            probe.set(Timestamp(micros=latest * 1000))
 
     @on_timer(PROBE)
     def on_probe(
@@ -114,64 +122,51 @@ class DropLateEvents(beam.DoFn):
             probe.set(Timestamp(micros=(fired_ms + step) * 1000))
 
 
-class DedupeEvents(beam.DoFn):
-    """Keyed by event id; remembers an id for ``ttl_ms`` of event time after its event."""
+class DedupeEvents(KeyGroupStep):
+    """Keyed by key group of the event id, on micro-batches; remembers an id for ``ttl_ms`` of event time
+    after its event (see ``GroupStates.sweep``)."""
 
     STEP = "DedupeEvents"
-    SEEN = ReadModifyWriteStateSpec("seen", VarIntCoder())
-    EXPIRY = TimerSpec("expiry", TimeDomain.WATERMARK)
 
     def __init__(self, ttl_ms: int):
-        if ttl_ms <= 0:
-            raise ValueError(f"{self.STEP}: ttl_ms must be > 0, got {ttl_ms}")
-        self.ttl_ms = ttl_ms
+        super().__init__(ttl_ms)
         self.duplicates = Metrics.counter(NAMESPACE, "dead_letter_duplicate")
 
-    def setup(self):
-        tune_state_cache_sizing()
-
-    def process(
-        self,
-        element: tuple[str, dict[str, Any]],
-        timestamp=beam.DoFn.TimestampParam,
-        seen=beam.DoFn.StateParam(SEEN),
-        expiry=beam.DoFn.TimerParam(EXPIRY),
-    ):
-        _, event = element
-        if seen.read():
-            self.duplicates.inc()
-            yield TaggedOutput(DEAD_LETTER, dead_letter(None, "duplicate event_id", self.STEP, event))
-            return
-        seen.write(1)
-        expiry.set(timestamp + self.ttl_ms / 1000.0)
-        yield event
-
-    @on_timer(EXPIRY)
-    def expire(self, seen=beam.DoFn.StateParam(SEEN)):
-        seen.clear()
+    def handle_batch(self, group, events):
+        seen = group["touched"]
+        for event in events:
+            event_id = event["event_id"]
+            if event_id in seen:
+                self.duplicates.inc()
+                record = dead_letter(None, "duplicate event_id", self.STEP, event)
+                yield TaggedOutput(DEAD_LETTER, TimestampedValue(record, event["event_time_ms"] / 1000))
+                continue
+            GroupStates.touch(group, event_id, event["event_time_ms"])
+            yield event
 
 
 class CleanEvents(beam.PTransform):
     """Raw payloads -> valid, on-time, unique events (main output) + dead letters (``DEAD_LETTER``)."""
 
-    def __init__(self, shards: int, allowed_lateness_ms: int, dedupe_ttl_ms: int, cfg: CleanConfig = CleanConfig()):
+    def __init__(self, shards: int, allowed_lateness_ms: int, dedupe_ttl_ms: int, cfg: CleanConfig = CleanConfig(),
+                 key_groups: int = 1024):
         super().__init__()
         self.shards, self.allowed_lateness_ms, self.dedupe_ttl_ms, self.cfg = shards, allowed_lateness_ms, dedupe_ttl_ms, cfg
+        self.key_groups = key_groups
 
     def expand(self, payloads):
         decoded = payloads | "DecodeAndValidate" >> beam.ParDo(DecodeAndValidate(self.cfg)).with_outputs(
             DEAD_LETTER, main="events")
-        shards = self.shards
+        shards, groups = self.shards, self.key_groups
         on_time = (
             decoded.events
-            | "KeyByShardForLateness" >> beam.Map(lambda e: (shard_of(e["user_id"], shards), e)).with_output_types(
-                tuple[int, Any])
+            | "BatchByShard" >> beam.ParDo(BatchByKey(lambda e: shard_of(e["user_id"], shards)))
             | "DropLateEvents" >> beam.ParDo(DropLateEvents(self.allowed_lateness_ms)).with_outputs(
                 DEAD_LETTER, main="events")
         )
         unique = (
             on_time.events
-            | "KeyByEventId" >> beam.Map(lambda e: (e["event_id"], e)).with_output_types(tuple[str, Any])
+            | "BatchByEventIdGroup" >> beam.ParDo(BatchByKey(lambda e: key_group(e["event_id"], groups)))
             | "DedupeEvents" >> beam.ParDo(DedupeEvents(self.dedupe_ttl_ms)).with_outputs(DEAD_LETTER, main="events")
         )
         dead = (decoded[DEAD_LETTER], on_time[DEAD_LETTER], unique[DEAD_LETTER]) | "FlattenCleanDeadLetters" >> beam.Flatten()

@@ -1,4 +1,5 @@
-"""FeaturizeEvents: item popularity (keyed by item) then per-user windowed features (keyed by user).
+"""FeaturizeEvents: item popularity (keyed by item group) then per-user windowed features (keyed by user
+group), each on micro-batches (see ``transforms.batching``).
 
 The DoFns only move state in and out; the arithmetic is in ``transforms.featurizers``.
 """
@@ -8,75 +9,65 @@ from __future__ import annotations
 from typing import Any
 
 import apache_beam as beam
-from apache_beam.coders.coders import FastPrimitivesCoder
-from apache_beam.transforms.timeutil import TimeDomain
-from apache_beam.transforms.userstate import ReadModifyWriteStateSpec, TimerSpec, on_timer
 
+from transforms.batching import BatchByKey, GroupStates, KeyGroupStep, key_group
 from transforms.featurizers import FeatureConfig, ItemPopularity, UserFeaturizer
-from transforms.runtime import tune_state_cache_sizing
 
 
-class AnnotateItemPopularity(beam.DoFn):
-    STATE = ReadModifyWriteStateSpec("item_state", FastPrimitivesCoder())
-    EXPIRY = TimerSpec("item_expiry", TimeDomain.WATERMARK)
+class AnnotateItemPopularity(KeyGroupStep):
+    """Keyed by key group of the item id, on micro-batches: item popularity features before each event."""
 
-    def __init__(self, cfg: FeatureConfig, state_ttl_ms: int):
-        self.cfg, self.state_ttl_ms = cfg, state_ttl_ms
-
-    def setup(self):
-        tune_state_cache_sizing()
-        self.featurizer = ItemPopularity(self.cfg)
-
-    def process(self, element, timestamp=beam.DoFn.TimestampParam,
-                state=beam.DoFn.StateParam(STATE), expiry=beam.DoFn.TimerParam(EXPIRY)):
-        _, event = element
-        current = state.read() or self.featurizer.new_state()
-        features = self.featurizer.transform_one(current, event)
-        state.write(self.featurizer.learn_one(current, event))
-        expiry.set(timestamp + self.state_ttl_ms / 1000.0)
-        yield {**event, "item_features": features}
-
-    @on_timer(EXPIRY)
-    def expire(self, state=beam.DoFn.StateParam(STATE)):
-        state.clear()
-
-
-class AnnotateUserFeatures(beam.DoFn):
-    STATE = ReadModifyWriteStateSpec("user_state", FastPrimitivesCoder())
-    EXPIRY = TimerSpec("user_expiry", TimeDomain.WATERMARK)
+    STEP = "AnnotateItemPopularity"
 
     def __init__(self, cfg: FeatureConfig, state_ttl_ms: int):
-        self.cfg, self.state_ttl_ms = cfg, state_ttl_ms
+        super().__init__(state_ttl_ms)
+        self.featurizer = ItemPopularity(cfg)
 
-    def setup(self):
-        tune_state_cache_sizing()
-        self.featurizer = UserFeaturizer(self.cfg)
+    def handle_batch(self, group, events):
+        states, featurizer = group["states"], self.featurizer
+        for event in events:
+            item = event["item_id"]
+            current = states.get(item)
+            if current is None:
+                states[item] = current = featurizer.new_state()
+            features = featurizer.transform_learn(current, event)
+            GroupStates.touch(group, item, event["event_time_ms"])
+            yield {**event, "item_features": features}
 
-    def process(self, element, timestamp=beam.DoFn.TimestampParam,
-                state=beam.DoFn.StateParam(STATE), expiry=beam.DoFn.TimerParam(EXPIRY)):
-        _, event = element
-        current = state.read() or self.featurizer.new_state()
-        features, history = self.featurizer.transform_one(current, event)
-        state.write(self.featurizer.learn_one(current, event))
-        expiry.set(timestamp + self.state_ttl_ms / 1000.0)
-        yield {**event, "user_features": features, "history": history}
 
-    @on_timer(EXPIRY)
-    def expire(self, state=beam.DoFn.StateParam(STATE)):
-        state.clear()
+class AnnotateUserFeatures(KeyGroupStep):
+    """Keyed by key group of the user id, on micro-batches: windowed user features and history before each event."""
+
+    STEP = "AnnotateUserFeatures"
+
+    def __init__(self, cfg: FeatureConfig, state_ttl_ms: int):
+        super().__init__(state_ttl_ms)
+        self.featurizer = UserFeaturizer(cfg)
+
+    def handle_batch(self, group, events):
+        states, featurizer = group["states"], self.featurizer
+        for event in events:
+            user = event["user_id"]
+            current = states.get(user)
+            if current is None:
+                states[user] = current = featurizer.new_state()
+            features, history = featurizer.transform_learn(current, event)
+            GroupStates.touch(group, user, event["event_time_ms"])
+            yield {**event, "user_features": features, "history": history}
 
 
 class FeaturizeEvents(beam.PTransform):
-    def __init__(self, cfg: FeatureConfig, state_ttl_ms: int):
+    def __init__(self, cfg: FeatureConfig, state_ttl_ms: int, key_groups: int = 1024):
         super().__init__()
-        self.cfg, self.state_ttl_ms = cfg, state_ttl_ms
+        self.cfg, self.state_ttl_ms, self.key_groups = cfg, state_ttl_ms, key_groups
 
     def expand(self, events):
+        groups = self.key_groups
         return (
             events
-            | "KeyByItem" >> beam.Map(lambda e: (e["item_id"], e)).with_output_types(tuple[str, Any])
+            | "BatchByItemGroup" >> beam.ParDo(BatchByKey(lambda e: key_group(e["item_id"], groups)))
             | "AnnotateItemPopularity" >> beam.ParDo(AnnotateItemPopularity(self.cfg, self.state_ttl_ms))
-            | "KeyByUser" >> beam.Map(lambda e: (e["user_id"], e)).with_output_types(tuple[str, Any])
+            | "BatchByUserGroup" >> beam.ParDo(BatchByKey(lambda e: key_group(e["user_id"], groups)))
             | "AnnotateUserFeatures" >> beam.ParDo(AnnotateUserFeatures(self.cfg, self.state_ttl_ms))
         )
 

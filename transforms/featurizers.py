@@ -1,8 +1,11 @@
 """Runner-free, River-style featurizers: ``transform_one`` (features before the event) then ``learn_one``.
 
-State is a plain dict of JSON-able values so any runner can keep it (Beam ValueState, Flink
-ValueState). Counts over sliding event-time windows are kept in buckets (``bucket_ms`` wide), so a
+State is a plain dict of primitives (ints, floats, strings, lists, dicts) so any runner's coder can
+keep it (Beam ValueState with FastPrimitivesCoder, Flink ValueState with pickled bytes). Counts over sliding event-time windows are kept in buckets (``bucket_ms`` wide), so a
 window's count is exact up to one bucket at its old edge, and statistics merge by adding buckets.
+Each state also carries the window totals as of its newest event (``sums``/``sums_at``); moving
+them forward subtracts only the buckets that slid out, so an event costs O(windows x types) instead
+of a pass over every bucket. Totals are integers, so the running sums equal a full recount exactly.
 """
 
 from __future__ import annotations
@@ -45,20 +48,21 @@ class FeatureConfig:
 
 
 class _Buckets:
-    """Helpers over {bucket_start: [count per type]} dicts (JSON keys are strings)."""
+    """Helpers over {bucket_start_ms: [count per type]} dicts."""
 
     @staticmethod
-    def add(buckets: dict[str, list[int]], start: int, slot: int, slots: int) -> None:
-        counts = buckets.setdefault(str(start), [0] * slots)
+    def add(buckets: dict[int, list[int]], start: int, slot: int, slots: int) -> None:
+        counts = buckets.get(start)
+        if counts is None:
+            buckets[start] = counts = [0] * slots
         counts[slot] += 1
 
     @staticmethod
-    def window_sums(buckets: dict[str, list[int]], now_ms: int, windows_ms: tuple[int, ...], slots: int) -> list[list[int]]:
+    def window_sums(buckets: dict[int, list[int]], now_ms: int, windows_ms: tuple[int, ...], slots: int) -> list[list[int]]:
         """window_sum for several windows in one pass over the buckets."""
         totals = [[0] * slots for _ in windows_ms]
         los = [now_ms - w for w in windows_ms]
-        for start, counts in buckets.items():
-            s = int(start)
+        for s, counts in buckets.items():
             if s > now_ms:
                 continue
             for total, lo in zip(totals, los):
@@ -68,12 +72,71 @@ class _Buckets:
         return totals
 
     @staticmethod
-    def prune(buckets: dict[str, list[int]], now_ms: int, keep_ms: int) -> None:
-        for start in [s for s in buckets if int(s) < now_ms - keep_ms]:
+    def prune(buckets: dict[int, list[int]], now_ms: int, keep_ms: int) -> None:
+        for start in [s for s in buckets if s < now_ms - keep_ms]:
             del buckets[start]
 
     @staticmethod
-    def merge(a: dict[str, list[int]], b: dict[str, list[int]]) -> dict[str, list[int]]:
+    def totals_at(state: dict[str, Any], now_ms: int, cfg: FeatureConfig, slots: int) -> list[list[int]]:
+        """Window totals as of ``now_ms`` (a fresh list): the running sums moved forward when ``now_ms``
+        is at or after ``sums_at``; a full recount for an event older than the state's newest."""
+        buckets, at = state["buckets"], state.get("sums_at")
+        if at is None or now_ms < at:
+            return _Buckets.window_sums(buckets, now_ms, cfg.windows_ms, slots)
+        if now_ms == at:
+            return [list(s) for s in state["sums"]]
+        # No bucket starts after ``at`` (every bucket holds events at or before it), so moving to
+        # ``now_ms`` only drops the buckets with at - w < start <= now_ms - w from each window w:
+        # found by walking the bucket grid over that range, or over the buckets when there are fewer.
+        bucket = cfg.bucket_ms
+        gap = now_ms - at
+        walk = gap // bucket + 1 <= len(buckets)
+        sums = []
+        for total, w in zip(state["sums"], cfg.windows_ms):
+            if gap >= w:  # every bucket is at or before at <= now_ms - w: the window is empty
+                sums.append([0] * slots)
+                continue
+            total = list(total)
+            lo, hi = at - w, now_ms - w
+            if walk:
+                dropped = [buckets.get(s) for s in range(lo - lo % bucket + bucket, hi + 1, bucket)]
+            else:
+                dropped = [counts for s, counts in buckets.items() if lo < s <= hi]
+            for counts in dropped:
+                if counts is not None:
+                    for i, c in enumerate(counts):
+                        total[i] -= c
+            sums.append(total)
+        return sums
+
+    @staticmethod
+    def learn(state: dict[str, Any], now_ms: int, slot: int, cfg: FeatureConfig, slots: int,
+              totals_now: list[list[int]] | None = None) -> int:
+        """Count one event at ``now_ms`` in ``slot``: buckets, running sums, pruning. ``totals_now`` (from
+        ``totals_at(state, now_ms)`` just before, if the caller has it) saves recomputing them. Returns
+        the newest time."""
+        last = state.get("last_ms")
+        newest = now_ms if last is None else max(now_ms, last)
+        if totals_now is not None and newest == now_ms:
+            sums = totals_now
+        else:
+            sums = _Buckets.totals_at(state, newest, cfg, slots)  # before adding: the event's bucket is not in them
+        start = now_ms - now_ms % cfg.bucket_ms
+        buckets = state["buckets"]
+        _Buckets.add(buckets, start, slot, slots)
+        for total, w in zip(sums, cfg.windows_ms):
+            if start > newest - w:
+                total[slot] += 1
+        # Buckets past every window are never counted again; drop them once there could be more of
+        # them than of the buckets a window can hold (so the state stays bounded without a scan per event).
+        keep = max(cfg.windows_ms) + cfg.bucket_ms
+        if len(buckets) > keep // cfg.bucket_ms + 1:
+            _Buckets.prune(buckets, newest, keep)
+        state["sums"], state["sums_at"] = sums, newest
+        return newest
+
+    @staticmethod
+    def merge(a: dict[int, list[int]], b: dict[int, list[int]]) -> dict[int, list[int]]:
         out = {k: list(v) for k, v in a.items()}
         for k, v in b.items():
             cur = out.setdefault(k, [0] * len(v))
@@ -91,27 +154,17 @@ class UserFeaturizer:
 
     @staticmethod
     def new_state() -> dict[str, Any]:
-        return {"buckets": {}, "total": 0, "last_ms": None, "history": [], "ratings": []}
+        return {"buckets": {}, "total": 0, "last_ms": None, "history": [], "ratings": [], "sums": None, "sums_at": None}
 
     def transform_one(self, state: dict[str, Any], event: dict[str, Any]) -> tuple[list[float], list[str]]:
         now = int(event["event_time_ms"])
-        slots = len(EVENT_TYPES)
-        feats: list[float] = []
-        for total in _Buckets.window_sums(state["buckets"], now, self.cfg.windows_ms, slots):
-            feats.extend(_log1p(c) for c in total)
-        feats.append(_log1p(state["total"]))
-        last = state["last_ms"]
-        feats.append(_log1p(max(0, now - last) / 1000.0) / 10.0 if last is not None else 1.5)
-        ratings = state["ratings"]
-        feats.append(sum(ratings) / len(ratings) / 5.0 if ratings else 0.0)
-        return feats, list(state["history"])
+        return self._features(state, now, _Buckets.totals_at(state, now, self.cfg, len(EVENT_TYPES)))
 
-    def learn_one(self, state: dict[str, Any], event: dict[str, Any]) -> dict[str, Any]:
+    def learn_one(self, state: dict[str, Any], event: dict[str, Any],
+                  _totals_now: list[list[int]] | None = None) -> dict[str, Any]:
         now = int(event["event_time_ms"])
-        start = now - now % self.cfg.bucket_ms
-        _Buckets.add(state["buckets"], start, EVENT_TYPES.index(event["event_type"]), len(EVENT_TYPES))
-        newest = max(now, state["last_ms"] or now)
-        _Buckets.prune(state["buckets"], newest, max(self.cfg.windows_ms) + self.cfg.bucket_ms)
+        newest = _Buckets.learn(state, now, EVENT_TYPES.index(event["event_type"]), self.cfg, len(EVENT_TYPES),
+                                _totals_now)
         state["total"] += 1
         state["last_ms"] = newest
         if self.cfg.history:
@@ -119,6 +172,25 @@ class UserFeaturizer:
         if event["event_type"] == "rating" and event.get("value") is not None:
             state["ratings"] = (state["ratings"] + [float(event["value"])])[-20:]
         return state
+
+    def transform_learn(self, state: dict[str, Any], event: dict[str, Any]) -> tuple[list[float], list[str]]:
+        """``transform_one`` then ``learn_one`` (what a keyed step does per event), sharing the window totals."""
+        now = int(event["event_time_ms"])
+        totals = _Buckets.totals_at(state, now, self.cfg, len(EVENT_TYPES))
+        out = self._features(state, now, totals)
+        self.learn_one(state, event, totals)
+        return out
+
+    def _features(self, state: dict[str, Any], now: int, totals: list[list[int]]) -> tuple[list[float], list[str]]:
+        feats: list[float] = []
+        for total in totals:
+            feats.extend(_log1p(c) for c in total)
+        feats.append(_log1p(state["total"]))
+        last = state["last_ms"]
+        feats.append(_log1p(max(0, now - last) / 1000.0) / 10.0 if last is not None else 1.5)
+        ratings = state["ratings"]
+        feats.append(sum(ratings) / len(ratings) / 5.0 if ratings else 0.0)
+        return feats, list(state["history"])
 
     @staticmethod
     def merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
@@ -130,6 +202,7 @@ class UserFeaturizer:
             "last_ms": newer["last_ms"],
             "history": newer["history"],
             "ratings": (older["ratings"] + newer["ratings"])[-20:],
+            "sums": None, "sums_at": None,  # recounted on next use
         }
 
 
@@ -141,25 +214,34 @@ class ItemPopularity:
 
     @staticmethod
     def new_state() -> dict[str, Any]:
-        return {"buckets": {}, "last_ms": None}
+        return {"buckets": {}, "last_ms": None, "sums": None, "sums_at": None}
 
     def transform_one(self, state: dict[str, Any], event: dict[str, Any]) -> list[float]:
         now = int(event["event_time_ms"])
-        feats = [_log1p(total[0]) for total in _Buckets.window_sums(state["buckets"], now, self.cfg.windows_ms, 1)]
+        return self._features(state, now, _Buckets.totals_at(state, now, self.cfg, 1))
+
+    def learn_one(self, state: dict[str, Any], event: dict[str, Any],
+                  _totals_now: list[list[int]] | None = None) -> dict[str, Any]:
+        state["last_ms"] = _Buckets.learn(state, int(event["event_time_ms"]), 0, self.cfg, 1, _totals_now)
+        return state
+
+    def transform_learn(self, state: dict[str, Any], event: dict[str, Any]) -> list[float]:
+        """``transform_one`` then ``learn_one``, sharing the window totals."""
+        now = int(event["event_time_ms"])
+        totals = _Buckets.totals_at(state, now, self.cfg, 1)
+        out = self._features(state, now, totals)
+        self.learn_one(state, event, totals)
+        return out
+
+    @staticmethod
+    def _features(state: dict[str, Any], now: int, totals: list[list[int]]) -> list[float]:
+        feats = [_log1p(total[0]) for total in totals]
         last = state["last_ms"]
         feats.append(_log1p(max(0, now - last) / 1000.0) / 10.0 if last is not None else 1.5)
         return feats
 
-    def learn_one(self, state: dict[str, Any], event: dict[str, Any]) -> dict[str, Any]:
-        now = int(event["event_time_ms"])
-        _Buckets.add(state["buckets"], now - now % self.cfg.bucket_ms, 0, 1)
-        newest = max(now, state["last_ms"] or now)
-        _Buckets.prune(state["buckets"], newest, max(self.cfg.windows_ms) + self.cfg.bucket_ms)
-        state["last_ms"] = newest
-        return state
-
     @staticmethod
     def merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
-        return {"buckets": _Buckets.merge(a["buckets"], b["buckets"]),
+        return {"buckets": _Buckets.merge(a["buckets"], b["buckets"]), "sums": None, "sums_at": None,
                 "last_ms": max(x for x in (a["last_ms"], b["last_ms"], -1) if x is not None)
                 if (a["last_ms"] is not None or b["last_ms"] is not None) else None}

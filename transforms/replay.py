@@ -7,11 +7,13 @@ from __future__ import annotations
 import csv
 import glob
 import json
+import marshal
 import math
 import os
 import random
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from operator import itemgetter
 from typing import Any
 
 DATA_ENV = "FRESHREC_DATA"
@@ -156,18 +158,33 @@ def map_row(row: dict[str, Any], mapping: ColumnMapping, line: int) -> tuple[int
     return key, event
 
 
-def read_replay(path: str, mapping: ColumnMapping, limit: int | None = None) -> list[dict[str, Any]]:
-    """Every row of the files, mapped to raw events and sorted by event time (stable: file order breaks ties)."""
-    keyed: list[tuple[int, int, dict[str, Any]]] = []
+def _sorted_rows(path: str, mapping: ColumnMapping, pack: Callable[[dict[str, Any]], Any]) -> list[Any]:
+    keyed: list[tuple[int, int, Any]] = []
     line = 0
     for f in _files(path, mapping):
         for row in _rows(f, mapping):
             key, event = map_row(row, mapping, line)
-            keyed.append((key, line, event))
+            keyed.append((key, line, pack(event)))
             line += 1
-    keyed.sort(key=lambda t: (t[0], t[1]))
-    events = [e for _, _, e in keyed]
+    keyed.sort(key=itemgetter(0, 1))
+    return [e for _, _, e in keyed]
+
+
+def read_replay(path: str, mapping: ColumnMapping, limit: int | None = None) -> list[dict[str, Any]]:
+    """Every row of the files, mapped to raw events and sorted by event time (stable: file order breaks ties)."""
+    events = _sorted_rows(path, mapping, lambda e: e)
     return events[:limit] if limit is not None else events
+
+
+def read_replay_packed(path: str, mapping: ColumnMapping, limit: int | None = None) -> list[bytes]:
+    """``read_replay`` with each event kept as ``marshal`` bytes (``unpack_event``): a replay source holds
+    the whole sorted dataset, and packed it takes about a fifth of the memory of the dicts."""
+    events = _sorted_rows(path, mapping, marshal.dumps)
+    return events[:limit] if limit is not None else events
+
+
+def unpack_event(packed: bytes) -> dict[str, Any]:
+    return marshal.loads(packed)
 
 
 # ---------------------------------------------------------------------- synthetic default

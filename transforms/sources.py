@@ -27,13 +27,15 @@ from transforms.replay import (  # noqa: F401 (re-exported for callers of the Be
     guess_preset,
     map_row,
     read_replay,
+    read_replay_packed,
     synthetic_events,
+    unpack_event,
 )
 
 
 @lru_cache(maxsize=2)
-def _cached_replay(path: str, mapping: ColumnMapping, limit: int | None) -> tuple[dict[str, Any], ...]:
-    return tuple(read_replay(path, mapping, limit))
+def _cached_replay(path: str, mapping: ColumnMapping, limit: int | None) -> list[bytes]:
+    return read_replay_packed(path, mapping, limit)
 
 
 def event_timestamp(event: dict[str, Any]) -> Timestamp:
@@ -76,7 +78,7 @@ class _ReplayFile(beam.DoFn):
         events = _cached_replay(*task)
         pos = tracker.current_restriction().start
         while tracker.try_claim(pos):
-            event = events[pos]
+            event = unpack_event(events[pos])
             ts = event_timestamp(event)
             yield TimestampedValue(event, ts)
             held = ts - self.max_out_of_orderness_ms / 1000.0

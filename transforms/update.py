@@ -1,7 +1,8 @@
 """UpdateShardModels: one stateful DoFn per shard holds its model partition in Beam state.
 
-Events are buffered in BagState and flushed when ``batch_size`` are buffered (``batch_size=1`` is
-online learning), when the watermark passes the newest buffered event, or ``flush_interval_s`` of
+Events arrive as micro-batches per shard (``BatchByKey``); full ``batch_size`` chunks go straight to
+the learner and the remainder is buffered in BagState until ``batch_size`` are buffered (``batch_size=1``
+is online learning), when the watermark passes the newest buffered event, or ``flush_interval_s`` of
 processing time after the buffer became non-empty. A flush scores first (prequential metrics),
 takes one optimizer step, and emits refreshed scores for the touched users, a delta of exactly the
 rows that changed, rollback records, and a report for the run summary.
@@ -43,6 +44,7 @@ from model.hashing import shard_of
 from model.journal import flush_micro_batch, new_meta
 from model.learner import IncrementalLearner
 from model.metrics import BinaryStats
+from transforms.batching import BatchByKey, in_time_order
 from transforms.coders import AvroRecordCoder
 from transforms.featurize import featurized_record
 from transforms.runtime import tune_state_cache_sizing
@@ -98,7 +100,7 @@ class UpdateShardModel(beam.DoFn):
     # -------------------------------------------------------------- triggers
     def process(
         self,
-        element: tuple[int, dict[str, Any]],
+        element: tuple[int, list[dict[str, Any]]],
         buffer=beam.DoFn.StateParam(BUFFER),
         buffered=beam.DoFn.StateParam(BUFFERED),
         snapshot=beam.DoFn.StateParam(SNAPSHOT),
@@ -109,21 +111,42 @@ class UpdateShardModel(beam.DoFn):
         yield from self._buffer(element, buffer, buffered, snapshot, journal, meta, watermark_timer, None)
 
     def _buffer(self, element, buffer, buffered, snapshot, journal, meta, watermark_timer, flush_timer):
-        shard, event = element
-        record = featurized_record(event)
-        buffer.add(record)
-        buffered.add(1)
+        shard, events = element
+        records = [featurized_record(e) for e in in_time_order(events)]
+        if not records:
+            return
         count = buffered.read()
         state = meta.read() or _new_meta()
-        if count == 1 and flush_timer is not None:
-            flush_timer.set(Timestamp.of(self.clock() + self.cfg.flush_interval_s))
-        newest = max(state.get("buffer_newest_ms") or 0, record["event_time_ms"])
-        state["buffer_newest_ms"] = newest
-        meta.write(state)
-        if count >= self.cfg.batch_size:
-            yield from self._flush(shard, buffer, buffered, snapshot, journal, meta, flush_timer)
-        else:
+        newest = max(state.get("buffer_newest_ms") or 0, max(r["event_time_ms"] for r in records))
+        if count + len(records) < self.cfg.batch_size:  # still filling: append only
+            for record in records:
+                buffer.add(record)
+            buffered.add(len(records))
+            if count == 0 and flush_timer is not None:
+                flush_timer.set(Timestamp.of(self.clock() + self.cfg.flush_interval_s))
+            state["buffer_newest_ms"] = newest
+            meta.write(state)
             watermark_timer.set(Timestamp(micros=newest * 1000))
+            return
+        pending = (list(buffer.read()) if count else []) + records
+        buffer.clear()
+        buffered.clear()
+        if flush_timer is not None:
+            flush_timer.clear()
+        size = self.cfg.batch_size
+        full = len(pending) - len(pending) % size
+        for start in range(0, full, size):
+            yield from self._flush(shard, pending[start : start + size], snapshot, journal, state)
+        rest = pending[full:]
+        for record in rest:
+            buffer.add(record)
+        if rest:
+            buffered.add(len(rest))
+            if flush_timer is not None:
+                flush_timer.set(Timestamp.of(self.clock() + self.cfg.flush_interval_s))
+            state["buffer_newest_ms"] = max(r["event_time_ms"] for r in rest)
+            watermark_timer.set(Timestamp(micros=state["buffer_newest_ms"] * 1000))
+        meta.write(state)
 
     @on_timer(WATERMARK_TIMER)
     def on_watermark(
@@ -135,18 +158,24 @@ class UpdateShardModel(beam.DoFn):
         journal=beam.DoFn.StateParam(JOURNAL),
         meta=beam.DoFn.StateParam(META),
     ):
-        yield from self._flush(key, buffer, buffered, snapshot, journal, meta, None)
+        yield from self._flush_buffer(key, buffer, buffered, snapshot, journal, meta, None)
 
-    # -------------------------------------------------------------- the flush
-    def _flush(self, shard, buffer, buffered, snapshot, journal, meta, flush_timer):
+    def _flush_buffer(self, shard, buffer, buffered, snapshot, journal, meta, flush_timer):
+        """Flush whatever is buffered (a timer fired)."""
         events = list(buffer.read())
-        if not events:
-            return
         buffer.clear()
         buffered.clear()
         if flush_timer is not None:
             flush_timer.clear()
+        if not events:
+            return
         state = meta.read() or _new_meta()
+        yield from self._flush(shard, events, snapshot, journal, state)
+        meta.write(state)
+
+    # -------------------------------------------------------------- the flush
+    def _flush(self, shard, events, snapshot, journal, state):
+        """One micro-batch through the learner; updates ``state`` (the shard's meta) in place."""
         now_ms = int(self.clock() * 1000)
         done = flush_micro_batch(self.learner_cfg, shard, events, state, lambda: (snapshot.read(), list(journal.read())),
                                  _LIVE, (self.instance_id, shard), self.cfg.top_k, self.cfg.snapshot_every, now_ms)
@@ -185,7 +214,6 @@ class UpdateShardModel(beam.DoFn):
                 and not learner._acc_batches:
             from model.checkpoint import save_checkpoint
             save_checkpoint(learner, self.cfg.checkpoint_dir, {"delta_sequence": state["delta_seq"]})
-        meta.write(state)
 
 
 class UpdateShardModelWithIntervalFlush(UpdateShardModel):
@@ -198,7 +226,7 @@ class UpdateShardModelWithIntervalFlush(UpdateShardModel):
 
     def process(
         self,
-        element: tuple[int, dict[str, Any]],
+        element: tuple[int, list[dict[str, Any]]],
         buffer=beam.DoFn.StateParam(UpdateShardModel.BUFFER),
         buffered=beam.DoFn.StateParam(UpdateShardModel.BUFFERED),
         snapshot=beam.DoFn.StateParam(UpdateShardModel.SNAPSHOT),
@@ -220,7 +248,7 @@ class UpdateShardModelWithIntervalFlush(UpdateShardModel):
         meta=beam.DoFn.StateParam(UpdateShardModel.META),
         flush_timer=beam.DoFn.TimerParam(FLUSH_TIMER),
     ):
-        yield from self._flush(key, buffer, buffered, snapshot, journal, meta, flush_timer)
+        yield from self._flush_buffer(key, buffer, buffered, snapshot, journal, meta, flush_timer)
 
 
 def _new_meta() -> dict[str, Any]:
@@ -240,7 +268,7 @@ class UpdateShardModels(beam.PTransform):
         dofn = cls(self.learner_cfg, self.cfg, self.clock)
         outputs = (
             events
-            | "KeyByShard" >> beam.Map(lambda e: (shard_of(e["user_id"], shards), e)).with_output_types(tuple[int, Any])
+            | "BatchByShard" >> beam.ParDo(BatchByKey(lambda e: shard_of(e["user_id"], shards)))
             | "UpdateShardModel" >> beam.ParDo(dofn).with_outputs(
                 DELTAS, ROLLBACKS, REPORTS, main=SCORES)
         )
