@@ -87,6 +87,11 @@ class BatchByKey(beam.DoFn):
             yield WindowedValue((key, events), Timestamp(micros=micros), [window])
 
 
+def batch_by(key_fn: Callable[[dict[str, Any]], int]) -> beam.ParDo:
+    """``BatchByKey`` with an int key (a shard or key group), typed so the runner picks a deterministic key coder."""
+    return beam.ParDo(BatchByKey(key_fn)).with_output_types(tuple[int, list[Any]])
+
+
 class GroupStates:
     """Runner-free: the per-id states of one key group, as a plain dict a runner's state can hold.
 

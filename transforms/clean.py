@@ -15,7 +15,7 @@ from apache_beam.transforms.window import TimestampedValue
 from apache_beam.utils.timestamp import Timestamp
 
 from model.hashing import shard_of
-from transforms.batching import BatchByKey, GroupStates, KeyGroupStep, key_group
+from transforms.batching import GroupStates, KeyGroupStep, batch_by, key_group
 from transforms.cleaning import CleanConfig, InvalidEvent, LatenessTracker, decode_event, raw_bytes
 from transforms.runtime import tune_state_cache_sizing
 
@@ -160,13 +160,13 @@ class CleanEvents(beam.PTransform):
         shards, groups = self.shards, self.key_groups
         on_time = (
             decoded.events
-            | "BatchByShard" >> beam.ParDo(BatchByKey(lambda e: shard_of(e["user_id"], shards)))
+            | "BatchByShard" >> batch_by(lambda e: shard_of(e["user_id"], shards))
             | "DropLateEvents" >> beam.ParDo(DropLateEvents(self.allowed_lateness_ms)).with_outputs(
                 DEAD_LETTER, main="events")
         )
         unique = (
             on_time.events
-            | "BatchByEventIdGroup" >> beam.ParDo(BatchByKey(lambda e: key_group(e["event_id"], groups)))
+            | "BatchByEventIdGroup" >> batch_by(lambda e: key_group(e["event_id"], groups))
             | "DedupeEvents" >> beam.ParDo(DedupeEvents(self.dedupe_ttl_ms)).with_outputs(DEAD_LETTER, main="events")
         )
         dead = (decoded[DEAD_LETTER], on_time[DEAD_LETTER], unique[DEAD_LETTER]) | "FlattenCleanDeadLetters" >> beam.Flatten()

@@ -10,7 +10,7 @@ from typing import Any
 
 import apache_beam as beam
 
-from transforms.batching import BatchByKey, GroupStates, KeyGroupStep, key_group
+from transforms.batching import GroupStates, KeyGroupStep, batch_by, key_group
 from transforms.featurizers import FeatureConfig, ItemPopularity, UserFeaturizer
 
 
@@ -65,15 +65,21 @@ class FeaturizeEvents(beam.PTransform):
         groups = self.key_groups
         return (
             events
-            | "BatchByItemGroup" >> beam.ParDo(BatchByKey(lambda e: key_group(e["item_id"], groups)))
+            | "BatchByItemGroup" >> batch_by(lambda e: key_group(e["item_id"], groups))
             | "AnnotateItemPopularity" >> beam.ParDo(AnnotateItemPopularity(self.cfg, self.state_ttl_ms))
-            | "BatchByUserGroup" >> beam.ParDo(BatchByKey(lambda e: key_group(e["user_id"], groups)))
+            | "BatchByUserGroup" >> batch_by(lambda e: key_group(e["user_id"], groups))
             | "AnnotateUserFeatures" >> beam.ParDo(AnnotateUserFeatures(self.cfg, self.state_ttl_ms))
         )
 
 
+FEATURIZED_FIELDS = ("event_id", "user_id", "item_id", "event_type", "event_time_ms", "value", "context",
+                     "user_features", "item_features", "history")
+_FEATURIZED_SET = frozenset(FEATURIZED_FIELDS)
+
+
 def featurized_record(event: dict[str, Any]) -> dict[str, Any]:
-    """The event with exactly the fields of ``schemas/featurized_event.avsc``."""
-    keys = ("event_id", "user_id", "item_id", "event_type", "event_time_ms", "value", "context",
-            "user_features", "item_features", "history")
-    return {k: event.get(k) for k in keys}
+    """The event with exactly the fields of ``schemas/featurized_event.avsc`` (the event itself when it
+    has exactly those; the featurizers' output does)."""
+    if event.keys() == _FEATURIZED_SET:
+        return event
+    return {k: event.get(k) for k in FEATURIZED_FIELDS}

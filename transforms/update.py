@@ -44,7 +44,7 @@ from model.hashing import shard_of
 from model.journal import flush_micro_batch, new_meta
 from model.learner import IncrementalLearner
 from model.metrics import BinaryStats
-from transforms.batching import BatchByKey, in_time_order
+from transforms.batching import batch_by, in_time_order
 from transforms.coders import AvroRecordCoder
 from transforms.featurize import featurized_record
 from transforms.runtime import tune_state_cache_sizing
@@ -268,7 +268,7 @@ class UpdateShardModels(beam.PTransform):
         dofn = cls(self.learner_cfg, self.cfg, self.clock)
         outputs = (
             events
-            | "BatchByShard" >> beam.ParDo(BatchByKey(lambda e: shard_of(e["user_id"], shards)))
+            | "BatchByShard" >> batch_by(lambda e: shard_of(e["user_id"], shards))
             | "UpdateShardModel" >> beam.ParDo(dofn).with_outputs(
                 DELTAS, ROLLBACKS, REPORTS, main=SCORES)
         )
