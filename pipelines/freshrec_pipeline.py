@@ -33,6 +33,8 @@ class FreshrecOptions(PipelineOptions):
         g.add_argument("--data_format", default=None, choices=sorted(PRESETS),
                        help="column mapping preset (guessed from the path when omitted)")
         g.add_argument("--limit", type=int, default=None, help="replay only the first N events (in time order)")
+        g.add_argument("--replay_rate", type=float, default=None,
+                       help="pace the replay at this many events/s of processing time (streaming runs; default: as fast as read)")
         g.add_argument("--synthetic_events", type=int, default=20_000, help="events in the embedded synthetic stream")
         g.add_argument("--events_subscription", default=None,
                        help="read Avro events from this Pub/Sub subscription (projects/P/subscriptions/S); implies --streaming")
@@ -130,7 +132,7 @@ class ReadEvents(beam.PTransform):
         o = self.opts
         if o.data:
             preset = o.data_format or guess_preset(o.data)
-            return pbegin | "ReplayDataset" >> ReplayEvents(o.data, PRESETS[preset], o.limit)
+            return pbegin | "ReplayDataset" >> ReplayEvents(o.data, PRESETS[preset], o.limit, rate=o.replay_rate)
         synth = replace(SyntheticConfig(), events=o.synthetic_events, seed=7 + o.seed)
         return pbegin | "SyntheticDriftingStream" >> SyntheticEvents(synth)
 

@@ -76,6 +76,29 @@ def test_replay_source_stamps_event_time(globo_dir):
     assert len(pairs) == 3 and all(a == b for a, b in pairs)
 
 
+def test_paced_replay_emits_every_event_in_order_one_second_of_events_at_a_time(tmp_path):
+    """--replay_rate: the reader emits ``rate`` events, then defers the rest of its range for a second
+    (a streaming runner honours the delay; the batch DirectRunner resumes at once)."""
+    import time
+
+    from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
+
+    path = tmp_path / "ratings.tsv"
+    path.write_text("".join(f"u{i % 3}\ti{i % 4}\t4\t{1_700_000_000 + i}\n" for i in range(9)))
+    Collected.clear()
+    t = time.perf_counter()
+    opts = PipelineOptions()
+    opts.view_as(StandardOptions).streaming = True
+    with beam.Pipeline(options=opts) as p:
+        (p | ReplayEvents(str(path), PRESETS["movielens"], rate=4) | beam.Map(lambda e: e["event_time_ms"])
+           | CollectTo("paced"))
+    elapsed = time.perf_counter() - t
+    assert Collected.get("paced") == [(1_700_000_000 + i) * 1000 for i in range(9)]
+    assert elapsed >= 2.0, "9 events at 4/s: two deferrals of a second each"
+    with pytest.raises(ValueError, match="rate"):
+        ReplayEvents(str(path), PRESETS["movielens"], rate=0)
+
+
 def test_missing_dataset_path_gives_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="FRESHREC_DATA"):
         ReplayEvents(str(tmp_path / "nope"), PRESETS["movielens"])

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+import time
 from functools import lru_cache
 from typing import Any
 
@@ -62,12 +63,22 @@ class _ReplayRestrictions(RestrictionProvider):
         yield restriction  # one ordered reader: a replay is a single time-ordered stream
 
 
+# Paced replays of this process: when each task's next chunk may start (processing time, seconds).
+_PACE: dict[Any, float] = {}
+
+
 class _ReplayFile(beam.DoFn):
     """Splittable reader: emits events in time order, each stamped with its event time, and holds the
-    watermark ``max_out_of_orderness_ms`` behind the newest event emitted."""
+    watermark ``max_out_of_orderness_ms`` behind the newest event emitted.
 
-    def __init__(self, max_out_of_orderness_ms: int):
-        self.max_out_of_orderness_ms = max_out_of_orderness_ms
+    With ``rate`` (events per second) it emits one second's worth of events per call, waiting until
+    a second after the previous chunk began, then defers the rest of its range (a self-checkpoint the
+    runner resumes as a new bundle): a paced replay, so that a streaming run's downstream keeps up and
+    holds only what is in flight, not the whole input. (A delay passed to ``defer_remainder`` is not
+    honoured by the DirectRunner, hence the wait in the reader.)"""
+
+    def __init__(self, max_out_of_orderness_ms: int, rate: float | None = None):
+        self.max_out_of_orderness_ms, self.rate = max_out_of_orderness_ms, rate
 
     def process(
         self,
@@ -77,6 +88,13 @@ class _ReplayFile(beam.DoFn):
     ):
         events = _cached_replay(*task)
         pos = tracker.current_restriction().start
+        budget = None
+        if self.rate:
+            budget = max(1, int(self.rate))
+            due = _PACE.get(task, 0.0)
+            if due > time.time():
+                time.sleep(due - time.time())
+            _PACE[task] = max(due, time.time()) + budget / self.rate
         while tracker.try_claim(pos):
             event = unpack_event(events[pos])
             ts = event_timestamp(event)
@@ -86,23 +104,31 @@ class _ReplayFile(beam.DoFn):
             if current is None or held > current:
                 watermark.set_watermark(held)
             pos += 1
+            if budget is not None:
+                budget -= 1
+                if budget == 0:
+                    tracker.defer_remainder()
+                    return
 
 
 class ReplayEvents(beam.PTransform):
     """A dataset file or folder replayed as a time-ordered event stream (mapped dicts, not yet validated)."""
 
-    def __init__(self, path: str, mapping: ColumnMapping, limit: int | None = None, max_out_of_orderness_ms: int = 60_000):
+    def __init__(self, path: str, mapping: ColumnMapping, limit: int | None = None, max_out_of_orderness_ms: int = 60_000,
+                 rate: float | None = None):
         super().__init__()
         if not os.path.exists(path):
             raise FileNotFoundError(
                 f"ReplayEvents: {path!r} does not exist; set --data or ${DATA_ENV} (see README: datasets)")
-        self.path, self.mapping, self.limit, self.max_ooo = path, mapping, limit, max_out_of_orderness_ms
+        if rate is not None and rate <= 0:
+            raise ValueError(f"ReplayEvents: rate must be > 0 events/s or None, got {rate}")
+        self.path, self.mapping, self.limit, self.max_ooo, self.rate = path, mapping, limit, max_out_of_orderness_ms, rate
 
     def expand(self, pbegin):
         return (
             pbegin
             | "ReplayTask" >> beam.Create([(self.path, self.mapping, self.limit)])
-            | "ReadInTimeOrder" >> beam.ParDo(_ReplayFile(self.max_ooo))
+            | "ReadInTimeOrder" >> beam.ParDo(_ReplayFile(self.max_ooo, self.rate))
         )
 
 
