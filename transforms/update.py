@@ -1,9 +1,9 @@
 """UpdateShardModels: one stateful DoFn per shard holds its model partition in Beam state.
 
-Events arrive as micro-batches per shard (``BatchByKey``); full ``batch_size`` chunks go straight to
-the learner and the remainder is buffered in BagState until ``batch_size`` are buffered (``batch_size=1``
-is online learning), when the watermark passes the newest buffered event, or ``flush_interval_s`` of
-processing time after the buffer became non-empty. A flush scores first (prequential metrics),
+Events arrive as micro-batches per shard (``BatchByKey``). What is buffered plus what arrived is put
+in event-time order and flushed in ``batch_size`` chunks (``batch_size=1`` is online learning); the
+remainder waits in BagState until ``batch_size`` are buffered, the watermark passes the newest
+buffered event, or ``flush_interval_s`` of processing time after the buffer became non-empty. A flush scores first (prequential metrics),
 takes one optimizer step, and emits refreshed scores for the touched users, a delta of exactly the
 rows that changed, rollback records, and a report for the run summary.
 
@@ -112,7 +112,7 @@ class UpdateShardModel(beam.DoFn):
 
     def _buffer(self, element, buffer, buffered, snapshot, journal, meta, watermark_timer, flush_timer):
         shard, events = element
-        records = [featurized_record(e) for e in in_time_order(events)]
+        records = [featurized_record(e) for e in events]
         if not records:
             return
         count = buffered.read()
@@ -128,7 +128,7 @@ class UpdateShardModel(beam.DoFn):
             meta.write(state)
             watermark_timer.set(Timestamp(micros=newest * 1000))
             return
-        pending = (list(buffer.read()) if count else []) + records
+        pending = in_time_order((list(buffer.read()) if count else []) + records)
         buffer.clear()
         buffered.clear()
         if flush_timer is not None:
@@ -162,7 +162,7 @@ class UpdateShardModel(beam.DoFn):
 
     def _flush_buffer(self, shard, buffer, buffered, snapshot, journal, meta, flush_timer):
         """Flush whatever is buffered (a timer fired)."""
-        events = list(buffer.read())
+        events = in_time_order(list(buffer.read()))
         buffer.clear()
         buffered.clear()
         if flush_timer is not None:
