@@ -189,6 +189,35 @@ def pipeline_rates(n: int, batch: int, small: int = 2_000) -> dict[str, Any]:
             "summary_auc": summary["prequential"]["auc"], "applied": summary["events_applied"]}
 
 
+def stage_breakdown(n: int, batch: int) -> dict[str, float]:
+    """Seconds for the synthetic source alone, then up to CleanEvents, FeaturizeEvents and
+    UpdateShardModels (outputs counted, not written): where the pipeline's time goes, step by step."""
+    import apache_beam as beam
+
+    from pipelines.freshrec_pipeline import PipelineConfig, ReadEvents, make_options
+    from transforms.clean import CleanEvents
+    from transforms.featurize import FeaturizeEvents
+    from transforms.update import UpdateShardModels
+
+    opts = make_options(["--synthetic_events", str(n), "--shards", "2", "--batch_size", str(batch)])
+    cfg = PipelineConfig.from_options(opts)
+    out: dict[str, float] = {}
+    for upto in ("source", "clean", "featurize", "update"):
+        t = time.perf_counter()
+        with beam.Pipeline(options=opts) as p:
+            pc = p | "ReadEvents" >> ReadEvents(opts)
+            if upto != "source":
+                pc = (pc | "CleanEvents" >> CleanEvents(cfg.update.shards, cfg.allowed_lateness_ms, cfg.dedupe_ttl_ms,
+                                                        cfg.clean, cfg.key_groups))["events"]
+            if upto in ("featurize", "update"):
+                pc = pc | "FeaturizeEvents" >> FeaturizeEvents(cfg.feature, cfg.state_ttl_ms, cfg.key_groups)
+            if upto == "update":
+                pc = (pc | "UpdateShardModels" >> UpdateShardModels(cfg.learner, cfg.update))["scores"]
+            pc | "Count" >> beam.combiners.Count.Globally()
+        out[upto] = time.perf_counter() - t
+    return out
+
+
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
@@ -202,6 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--devices", default="cpu,cuda")
     ap.add_argument("--pipeline_events", type=int, default=100_000, help="0 skips the full DirectRunner pipeline")
     ap.add_argument("--no_river", action="store_true")
+    ap.add_argument("--stage_breakdown", action="store_true", help="also time the pipeline up to each of its steps")
     ap.add_argument("--json", default=None, help="also write the figures here")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads for every model (the same for all)")
     args = ap.parse_args(argv)
@@ -238,6 +268,14 @@ def main(argv: list[str] | None = None) -> int:
             eps = rates[key]
             print(f"  full DirectRunner pipeline (synthetic, {args.pipeline_events} events, 2 shards, CPU), {label}: "
                   f"{eps:9.0f} events/s" + (f" | vs plain torch on CPU = {eps / base:.3f}x" if base else ""))
+    if args.stage_breakdown:
+        stages = stage_breakdown(args.pipeline_events or 100_000, args.batch)
+        results["stage_seconds"] = stages
+        prev = 0.0
+        print("  pipeline up to each step (synthetic source, outputs counted not written):")
+        for name, secs in stages.items():
+            print(f"    {name:10s} {secs:6.1f} s cumulative, +{secs - prev:5.1f} s")
+            prev = secs
     results["peak_rss_mb"] = peak_rss_mb()
     print(f"  peak resident memory of this process: {results['peak_rss_mb']:.0f} MB")
     if args.json:

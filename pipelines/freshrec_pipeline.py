@@ -87,6 +87,10 @@ class PipelineConfig:
     output_window_s: int
     key_groups: int = 1024
 
+    def __post_init__(self) -> None:
+        if self.key_groups < 1:
+            raise ValueError(f"PipelineConfig.key_groups must be >= 1, got {self.key_groups}")
+
     @classmethod
     def from_options(cls, opts: FreshrecOptions) -> PipelineConfig:
         o = opts.view_as(FreshrecOptions)
