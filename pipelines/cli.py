@@ -155,14 +155,31 @@ def main(argv: list[str] | None = None) -> int:
         if events_in is not None and events_in != summary["events_accounted"]:
             print(f"freshrec: ACCOUNTING MISMATCH: {events_in} in, {summary['events_accounted']} accounted", file=sys.stderr)
             return 1
-    elif result is not None:  # windowed outputs: no single summary; account from the counters
-        counters = metric_counters(result)
-        ledger = counter_accounting(counters)
-        print(json.dumps({"counters": counters}, indent=2, sort_keys=True))
-        if ledger is not None and ledger[0] != ledger[1]:
-            print(f"freshrec: ACCOUNTING MISMATCH: {ledger[0]} in, {ledger[1]} accounted (counters)", file=sys.stderr)
+    else:  # windowed outputs: a summary per window; totals from those, checked against the counters
+        counters = metric_counters(result) if result is not None else {}
+        totals = window_totals(paths["summaries"])
+        print(json.dumps({"counters": counters, "windows": totals}, indent=2, sort_keys=True))
+        received = counter_accounting(counters)
+        if received is not None and totals["windows"] and received[0] != totals["events_accounted"]:
+            print(f"freshrec: ACCOUNTING MISMATCH: {received[0]} in, {totals['events_accounted']} accounted "
+                  f"(window summaries)", file=sys.stderr)
             return 1
     return 0
+
+
+def window_totals(directory: str) -> dict[str, Any]:
+    """Sums over the per-window summaries of a windowed run."""
+    out: dict[str, Any] = {"windows": 0, "events_applied": 0, "events_dead_lettered": 0, "events_accounted": 0,
+                           "flushes": 0, "rollbacks": 0, "dead_letter_by_reason": {}}
+    for path in sorted(glob.glob(os.path.join(directory, "window-*.json"))):
+        with open(path) as fh:
+            w = json.load(fh)
+        out["windows"] += 1
+        for key in ("events_applied", "events_dead_lettered", "events_accounted", "flushes", "rollbacks"):
+            out[key] += w[key]
+        for reason, n in w["dead_letter_by_reason"].items():
+            out["dead_letter_by_reason"][reason] = out["dead_letter_by_reason"].get(reason, 0) + n
+    return out
 
 
 def counter_accounting(counters: dict[str, int]) -> tuple[int, int] | None:

@@ -148,6 +148,7 @@ def output_paths(output_dir: str) -> dict[str, str]:
         ROLLBACKS: os.path.join(output_dir, "rollbacks"),
         DEAD_LETTER: os.path.join(output_dir, "dead_letter"),
         "summary": os.path.join(output_dir, "summary.json"),
+        "summaries": os.path.join(output_dir, "summaries"),  # one per window when --output_window_s is set
     }
 
 
@@ -175,7 +176,8 @@ def build_pipeline(p: beam.Pipeline, opts: FreshrecOptions, clock: Callable[[], 
             outputs[tag] | f"Publish{label}" >> PublishRecords(topics[tag], schema_of[tag])
         else:
             outputs[tag] | f"Write{label}" >> WriteAvroRecords(paths[tag], schema_of[tag], w)
-    (outputs[REPORTS], outputs[DEAD_LETTER]) | "SummarizeRun" >> SummarizeRun(None if w else paths["summary"], w)
+    (outputs[REPORTS], outputs[DEAD_LETTER]) | "SummarizeRun" >> SummarizeRun(
+        None if w else paths["summary"], w, paths["summaries"])
     return {"outputs": outputs, "paths": paths, "config": cfg}
 
 

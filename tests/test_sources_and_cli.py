@@ -168,6 +168,18 @@ def test_cli_runs_the_synthetic_default_and_everything_adds_up(tmp_path, capsys)
         assert seqs == list(range(1, len(seqs) + 1))
 
 
+def test_windowed_run_writes_a_summary_per_window_that_adds_up(tmp_path):
+    out = tmp_path / "win"
+    rc = cli.main(["--output_dir", str(out), "--synthetic_events", "1500", "--shards", "2", "--batch_size", "64",
+                   "--output_window_s", "3600"])
+    assert rc == 0
+    windows = [json.loads(p.read_text()) for p in sorted((out / "summaries").glob("window-*.json"))]
+    assert len(windows) >= 2 and not (out / "summary.json").exists()
+    assert sum(w["events_accounted"] for w in windows) == 1500
+    assert all(w["window_end_ms"] - w["window_start_ms"] == 3_600_000 for w in windows)
+    assert sum(w["events_dead_lettered"] for w in windows) == len(read_avro_dir(out / "dead_letter"))
+
+
 def test_cli_replays_a_movielens_format_file(tmp_path, movielens_dir):
     out = tmp_path / "ml"
     rc = cli.main(["--data", movielens_dir, "--output_dir", str(out), "--shards", "1", "--batch_size", "2"])

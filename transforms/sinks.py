@@ -126,10 +126,25 @@ def write_summary(summary: dict[str, Any], path: str) -> str:
     return path
 
 
+class WriteWindowSummary(beam.DoFn):
+    """One JSON file per event-time window (``window-<start ms>.json``): the ledger of an unbounded run."""
+
+    def __init__(self, directory: str):
+        self.directory = directory
+
+    def process(self, summary, window=beam.DoFn.WindowParam):
+        start_ms, end_ms = int(window.start.micros // 1000), int(window.end.micros // 1000)
+        record = {**summary, "window_start_ms": start_ms, "window_end_ms": end_ms}
+        yield write_summary(record, os.path.join(self.directory, f"window-{start_ms}.json"))
+
+
 class SummarizeRun(beam.PTransform):
-    def __init__(self, path: str | None, window_s: int = 0):
+    """Reports + dead letters -> the run summary: one file at ``path`` for a bounded run, or with
+    ``window_s`` one per fixed event-time window under ``window_dir``."""
+
+    def __init__(self, path: str | None, window_s: int = 0, window_dir: str | None = None):
         super().__init__()
-        self.path, self.window_s = path, window_s
+        self.path, self.window_s, self.window_dir = path, window_s, window_dir
 
     def expand(self, pcolls):
         reports, dead = pcolls
@@ -146,4 +161,6 @@ class SummarizeRun(beam.PTransform):
         if self.path:
             path = self.path
             summary | "WriteSummary" >> beam.Map(write_summary, path)
+        if self.window_s and self.window_dir:
+            summary | "WriteWindowSummaries" >> beam.ParDo(WriteWindowSummary(self.window_dir))
         return summary
