@@ -112,6 +112,16 @@ class GroupStates:
             group["newest"] = event_ms
 
     @staticmethod
+    def state_for(group: dict[str, Any], key: str, event_ms: int, new_state: Callable[[], Any]) -> Any:
+        """The state of ``key`` (``new_state()`` if it has none), marked as touched at ``event_ms``."""
+        states = group["states"]
+        state = states.get(key)
+        if state is None:
+            states[key] = state = new_state()
+        GroupStates.touch(group, key, event_ms)
+        return state
+
+    @staticmethod
     def sweep(group: dict[str, Any], ttl_ms: int) -> int:
         """Drop ids idle for ``ttl_ms`` as of the group's newest event time, at most once per ``ttl_ms / 8``
         of event time. Returns how many were dropped."""

@@ -24,15 +24,10 @@ class AnnotateItemPopularity(KeyGroupStep):
         self.featurizer = ItemPopularity(cfg)
 
     def handle_batch(self, group, events):
-        states, featurizer = group["states"], self.featurizer
+        featurizer = self.featurizer
         for event in events:
-            item = event["item_id"]
-            current = states.get(item)
-            if current is None:
-                states[item] = current = featurizer.new_state()
-            features = featurizer.transform_learn(current, event)
-            GroupStates.touch(group, item, event["event_time_ms"])
-            yield {**event, "item_features": features}
+            state = GroupStates.state_for(group, event["item_id"], event["event_time_ms"], featurizer.new_state)
+            yield {**event, "item_features": featurizer.transform_learn(state, event)}
 
 
 class AnnotateUserFeatures(KeyGroupStep):
@@ -45,14 +40,10 @@ class AnnotateUserFeatures(KeyGroupStep):
         self.featurizer = UserFeaturizer(cfg)
 
     def handle_batch(self, group, events):
-        states, featurizer = group["states"], self.featurizer
+        featurizer = self.featurizer
         for event in events:
-            user = event["user_id"]
-            current = states.get(user)
-            if current is None:
-                states[user] = current = featurizer.new_state()
-            features, history = featurizer.transform_learn(current, event)
-            GroupStates.touch(group, user, event["event_time_ms"])
+            state = GroupStates.state_for(group, event["user_id"], event["event_time_ms"], featurizer.new_state)
+            features, history = featurizer.transform_learn(state, event)
             yield {**event, "user_features": features, "history": history}
 
 
