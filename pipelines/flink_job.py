@@ -110,8 +110,8 @@ class AnnotateItemPopularity(KeyedProcessFunction):
 
     def process_element(self, event, ctx):
         current = self.state.value() or self.featurizer.new_state()
-        features = self.featurizer.transform_one(current, event)
-        self.state.update(self.featurizer.learn_one(current, event))
+        features = self.featurizer.transform_learn(current, event)
+        self.state.update(current)
         yield {**event, "item_features": features}
 
 
@@ -125,8 +125,8 @@ class AnnotateUserFeatures(KeyedProcessFunction):
 
     def process_element(self, event, ctx):
         current = self.state.value() or self.featurizer.new_state()
-        features, history = self.featurizer.transform_one(current, event)
-        self.state.update(self.featurizer.learn_one(current, event))
+        features, history = self.featurizer.transform_learn(current, event)
+        self.state.update(current)
         yield {**event, "user_features": features, "history": history}
 
 

@@ -1,9 +1,9 @@
 """Runner-free, River-style featurizers: ``transform_one`` (features before the event) then ``learn_one``.
 
 State is a plain dict of primitives (ints, floats, strings, lists, dicts) so any runner's coder can
-keep it (Beam ValueState with FastPrimitivesCoder, Flink ValueState with pickled bytes). Counts over sliding event-time windows are kept in buckets (``bucket_ms`` wide), so a
-window's count is exact up to one bucket at its old edge, and statistics merge by adding buckets.
-Each state also carries the window totals as of its newest event (``sums``/``sums_at``); moving
+keep it (Beam ValueState with FastPrimitivesCoder, Flink ValueState with pickled bytes). Counts over
+sliding event-time windows are kept in buckets (``bucket_ms`` wide), so a window's count is exact up
+to one bucket at its old edge, and statistics merge by adding buckets. Each state also carries the window totals as of its newest event (``sums``/``sums_at``); moving
 them forward subtracts only the buckets that slid out, so an event costs O(windows x types) instead
 of a pass over every bucket. Totals are integers, so the running sums equal a full recount exactly.
 """
