@@ -12,6 +12,7 @@ A row holds ``width`` trainable values (embedding then bias) plus ``extra`` non-
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
@@ -336,16 +337,16 @@ class DynamicEmbeddingTable:
         keys = sorted(self.index)
         rows = self.rows(keys)
         out: dict[str, Any] = {
-            "ids": keys,
+            "ids": json.dumps(keys),  # one string, not one pickled object per id (format 2)
             "rows": rows.cpu().clone(),
             "capacity": int(self.weights.shape[0]),
-            "free": list(self.free),
+            "free": torch.tensor(self.free, dtype=torch.long),
             "weights": self.weights[rows].cpu().clone(),
             "extra": self.extra[rows].cpu().clone(),
             "last_seen": torch.from_numpy(self.last_seen[rows.cpu().numpy()].copy()),
             "evictions": self.evictions,
-            "dirty": sorted(self.dirty),
-            "tombstones": sorted(self.tombstones),
+            "dirty": json.dumps(sorted(self.dirty)),
+            "tombstones": json.dumps(sorted(self.tombstones)),
         }
         for k, v in self.state.items():
             out[f"state.{k}"] = v[rows].cpu().clone()
@@ -355,7 +356,7 @@ class DynamicEmbeddingTable:
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
         """Restore the exact physical layout (rows, free list), so sampling and allocation replay identically."""
-        keys: list[str] = list(sd["ids"])
+        keys: list[str] = _id_list(sd["ids"])
         rows = sd["rows"].to(torch.long)
         cap = int(sd["capacity"])
         self.weights = torch.zeros(cap, self.width, device=self.device)
@@ -375,10 +376,11 @@ class DynamicEmbeddingTable:
         for key, row in zip(keys, rows.tolist(), strict=False):
             self.ids[row] = key
         self.index = {k: r for k, r in zip(keys, rows.tolist(), strict=False)}
-        self.free = [int(r) for r in sd["free"]]
+        free = sd["free"]
+        self.free = free.tolist() if isinstance(free, torch.Tensor) else [int(r) for r in free]
         self.evictions = int(sd["evictions"])
-        self.dirty = set(sd["dirty"])
-        self.tombstones = set(sd["tombstones"])
+        self.dirty = set(_id_list(sd["dirty"]))
+        self.tombstones = set(_id_list(sd["tombstones"]))
         self._oldest_seen = None
         self.layout += 1
         self.removals += 1
@@ -391,3 +393,13 @@ class DynamicEmbeddingTable:
         if self.sketch is not None:
             total += self.sketch.table.nbytes
         return total
+
+
+def _id_list(value: Any) -> list[str]:
+    """Ids as saved: a JSON array in one string (format 2) or a list of strings (format 1)."""
+    if isinstance(value, str):
+        ids = json.loads(value)
+        if not isinstance(ids, list) or not all(isinstance(k, str) for k in ids):
+            raise ValueError("checkpoint: a table's ids must be a JSON array of strings")
+        return ids
+    return [str(k) for k in value]

@@ -4,6 +4,7 @@ exactly; Beam's UpdateShardModel and the PyFlink job both keep their partitions 
 
 from __future__ import annotations
 
+import marshal
 import struct
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
@@ -28,15 +29,35 @@ def unframe(data: bytes) -> list[bytes]:
     return out
 
 
+# A journal entry is one micro-batch of featurized events (dicts of str/int/float/None/lists) in
+# marshal's format behind this tag: about a ninth of the cost of Avro-encoding each event, and loading
+# it builds plain data, never code. Entries written before the tag (length-framed Avro records) still
+# load: such an entry never starts with four zero bytes (a record is never empty).
+_MARSHALLED = b"\0\0\0\0"
+
+
 def journal_entry(events: list[dict]) -> bytes:
-    return frame([schemas.encode(schemas.FEATURIZED_EVENT, e) for e in events])
+    return _MARSHALLED + marshal.dumps(events, 4)
+
+
+def journal_events(entry: bytes) -> list[dict[str, Any]]:
+    """The micro-batch a journal entry holds; ValueError on bytes that are not one."""
+    if not entry.startswith(_MARSHALLED):
+        return [schemas.decode(schemas.FEATURIZED_EVENT, rec) for rec in unframe(entry)]
+    try:
+        events = marshal.loads(entry[len(_MARSHALLED):])
+    except (EOFError, ValueError, TypeError) as exc:
+        raise ValueError(f"journal entry is not a marshalled micro-batch: {exc}") from exc
+    if not isinstance(events, list) or not all(isinstance(e, dict) for e in events):
+        raise ValueError("journal entry is not a list of event records")
+    return events
 
 
 def restore_learner(cfg: LearnerConfig, shard: int, snapshot: bytes | None, journal: list[bytes]) -> IncrementalLearner:
     """Rebuild a shard's learner from its state: the snapshot, then every journaled micro-batch in order."""
     learner = IncrementalLearner.from_bytes(snapshot, cfg) if snapshot else IncrementalLearner(cfg, shard)
     for entry in journal:
-        learner.learn([schemas.decode(schemas.FEATURIZED_EVENT, rec) for rec in unframe(entry)])
+        learner.learn(journal_events(entry))
         learner.take_deltas()
     return learner
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import io
+import json
 import math
 import random
 from collections import Counter
@@ -29,10 +30,10 @@ import torch
 from torch import nn
 
 from model.config import LearnerConfig, TableConfig
-from model.embedding import DynamicEmbeddingTable
+from model.embedding import DynamicEmbeddingTable, RowSnapshot
 from model.optim import SGD, all_finite, clip_rows, make_row_optimizer
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: ids as JSON strings and the undo log as stacked blocks (1 still loads)
 USER, ITEM, QUERY, DENSE = "user", "item", "user_query", "dense"
 
 
@@ -280,17 +281,18 @@ class IncrementalLearner:
     def label_of(self, event: dict[str, Any]) -> float:
         return event_label(event, self.cfg.rating_threshold)
 
-    def _sample_negatives(self, exclude: str, n: int, live: np.ndarray) -> list[str]:
+    def _sample_negatives(self, exclude: str, n: int, live: np.ndarray) -> list[tuple[str, int]]:
         """n items drawn uniformly from the table's live rows (by physical row, so that a restored
-        checkpoint draws the same ones), never the event's own item."""
+        checkpoint draws the same ones), never the event's own item: (id, row) pairs."""
         if n == 0 or len(live) < 2:
             return []
         ids, rand, size = self.items.ids, self.rng.random, len(live)
-        out: list[str] = []
+        out: list[tuple[str, int]] = []
         for _ in range(n * 8):
-            key = ids[live[int(rand() * size)]]
+            row = int(live[int(rand() * size)])
+            key = ids[row]
             if key != exclude:
-                out.append(key)  # type: ignore[arg-type]
+                out.append((key, row))  # type: ignore[arg-type]
                 if len(out) == n:
                     break
         return out
@@ -302,15 +304,16 @@ class IncrementalLearner:
         hists: list[list[str]] = []
         labels: list[float] = []
         weights: list[float] = []
-        ufs: list[Sequence[float]] = []
+        ufs: list[Sequence[float]] = []  # one per event; negatives share their event's row
         ifs: list[Sequence[float]] = []
+        owner: list[int] = []  # the event of each example
         pos_idx: list[int] = []
+        neg_at: list[int] = []  # examples that are internally sampled negatives, and their items' rows
+        neg_rows: list[int] = []
         log_q: list[float] = []
         type_weights, hlen = cfg.type_weights, cfg.history
         live = self.items.live_rows() if negatives and cfg.negatives else np.zeros(0, dtype=np.int64)
-        for ev in events:
-            uf = ev.get("user_features") or ()
-            itf = ev.get("item_features") or ()
+        for k, ev in enumerate(events):
             hist = ev.get("history") or []  # shared, not copied: _history_rows memoises per list
             if len(hist) > hlen:
                 hist = hist[-hlen:] if hlen else []
@@ -318,25 +321,31 @@ class IncrementalLearner:
             pos_idx.append(len(labels))
             users.append(ev["user_id"]); items.append(ev["item_id"]); hists.append(hist)
             labels.append(label); weights.append(type_weights.get(ev["event_type"], 1.0))
-            ufs.append(uf); ifs.append(itf)
+            ufs.append(ev.get("user_features") or ()); ifs.append(ev.get("item_features") or ())
+            owner.append(k)
             log_q.append(_log_q(ev))
             if negatives and label > 0.5:
-                for neg in self._sample_negatives(ev["item_id"], cfg.negatives, live):
+                for neg, row in self._sample_negatives(ev["item_id"], cfg.negatives, live):
+                    neg_at.append(len(labels)); neg_rows.append(row)
                     users.append(ev["user_id"]); items.append(neg); hists.append(hist)
-                    labels.append(0.0); weights.append(1.0); ufs.append(uf)
-                    ifs.append(self.items.extra[self.items.row_of(neg)].tolist())
+                    labels.append(0.0); weights.append(1.0); owner.append(k)
                     log_q.append(0.0)  # the internal sampler is uniform over the table: no correction
+        user_feats = _feature_matrix(ufs, cfg.user_features, events, "user_features")
+        item_feats = _feature_matrix(ifs, cfg.item_features, events, "item_features")
+        if neg_at:  # a negative has its event's user features and its own item's stored features
+            own = torch.tensor(owner)
+            user_feats, item_feats = user_feats[own], self._to_device(item_feats[own])
+            item_feats[torch.tensor(neg_at, device=self.device)] = self.items.extra[torch.tensor(neg_rows, device=self.device)]
         return _Batch(
             users, items, hists,
             self._to_device(torch.tensor(labels)), self._to_device(torch.tensor(weights)),
-            self._to_device(_feature_matrix(ufs, cfg.user_features, events, "user_features")),
-            self._to_device(_feature_matrix(ifs, cfg.item_features, events, "item_features")),
+            self._to_device(user_feats), self._to_device(item_feats),
             pos_idx, self._to_device(torch.tensor(log_q)),
         )
 
     def _to_device(self, t: torch.Tensor) -> torch.Tensor:
         """Host batch -> device; on CUDA through pinned memory with an asynchronous copy."""
-        if self.device.type == "cuda":
+        if self.device.type == "cuda" and t.device != self.device:
             return t.pin_memory().to(self.device, non_blocking=True)
         return t
 
@@ -844,8 +853,7 @@ class IncrementalLearner:
             "dense_opt": self.dense_opt.state_dict(),
             "good_dense": {k: v.cpu() for k, v in self._good_dense.items()},
             "good_dense_opt": self._good_dense_opt,
-            "undo": [[name, key, None if snap is None else {k: v.clone() for k, v in snap.items()}]
-                     for name, undo in self._undo.items() for key, snap in undo.items()],
+            "undo": {name: _undo_block(undo) for name, undo in self._undo.items()},
             "gate_sums": list(self._gate_sums),
             "rng": _rng_state(self.rng),
             "counters": dict(self.counters),
@@ -855,8 +863,8 @@ class IncrementalLearner:
         }
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
-        if sd.get("format") != FORMAT_VERSION:
-            raise ValueError(f"checkpoint format {sd.get('format')!r} is not {FORMAT_VERSION}")
+        if sd.get("format") not in (1, FORMAT_VERSION):
+            raise ValueError(f"checkpoint format {sd.get('format')!r} is not 1 or {FORMAT_VERSION}")
         self.shard = int(sd["shard"])
         self.version, self.published_version = int(sd["version"]), int(sd["published_version"])
         self.good_version, self.now_ms = int(sd["good_version"]), int(sd["now_ms"])
@@ -867,8 +875,12 @@ class IncrementalLearner:
         self._good_dense = sd["good_dense"]
         self._good_dense_opt = sd["good_dense_opt"]
         self._undo = {USER: {}, ITEM: {}, QUERY: {}}
-        for name, key, snap in sd["undo"]:
-            self._undo[name][key] = snap
+        if isinstance(sd["undo"], dict):
+            for name, block in sd["undo"].items():
+                self._undo[name] = _undo_from_block(block, self.device)
+        else:  # format 1: [table, id, {field: tensor} or None] per entry
+            for name, key, snap in sd["undo"]:
+                self._undo[name][key] = snap
         self._gate_sums = list(sd["gate_sums"])
         self.rng.setstate(_rng_from_state(sd["rng"]))
         self.counters = Counter(sd["counters"])
@@ -904,6 +916,37 @@ class IncrementalLearner:
 
     def memory_bytes(self) -> int:
         return sum(t.memory_bytes() for t in self.tables().values())
+
+
+def _undo_block(undo: dict[str, Mapping[str, torch.Tensor] | None]) -> dict[str, Any]:
+    """A table's undo log for a checkpoint: ids (one JSON string), which had a row, and each field of
+    those rows stacked into one tensor (thousands of per-row tensors cost torch.save a pickle each)."""
+    keys = list(undo)
+    snaps = [s for s in undo.values() if s is not None]
+    names = sorted(snaps[0]) if snaps else []
+    for snap in snaps:
+        if sorted(snap) != names:
+            raise ValueError(f"undo log: rows with fields {sorted(snap)} and {names}")
+    fields = {n: torch.stack([snap[n] for snap in snaps]).cpu() for n in names}
+    return {"ids": json.dumps(keys), "exists": torch.tensor([undo[k] is not None for k in keys], dtype=torch.bool),
+            "fields": fields}
+
+
+def _undo_from_block(block: dict[str, Any], device: torch.device) -> dict[str, Mapping[str, torch.Tensor] | None]:
+    keys = json.loads(block["ids"])
+    exists = block["exists"].tolist()
+    if len(exists) != len(keys):
+        raise ValueError("checkpoint: undo log ids and rows differ in length")
+    fields = {n: t.to(device) for n, t in block["fields"].items()}
+    out: dict[str, Mapping[str, torch.Tensor] | None] = {}
+    j = 0
+    for key, had_row in zip(keys, exists, strict=True):
+        if had_row:
+            out[key] = RowSnapshot(fields, j)
+            j += 1
+        else:
+            out[key] = None
+    return out
 
 
 def _rng_state(rng: random.Random) -> list[Any]:

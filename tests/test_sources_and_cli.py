@@ -6,16 +6,19 @@ The real datasets are never copied into the repo: these tests write tiny files i
 from __future__ import annotations
 
 import glob
+import io
 import json
+import marshal
 import os
 
 import apache_beam as beam
 import fastavro
 import pytest
+import torch
 
 import schemas
 from model.config import LearnerConfig, TableConfig
-from model.journal import frame, restore_learner
+from model.journal import frame, journal_entry, journal_events, restore_learner
 from model.learner import IncrementalLearner
 from pipelines import cli
 from tests.helpers import FEATURES, Collected, CollectTo, topic_stream
@@ -129,13 +132,46 @@ def test_restore_from_snapshot_and_journal_equals_the_live_learner():
         live.take_deltas()
     snapshot = live.to_bytes()
     journal = []
-    for b in batches[8:]:
+    for i, b in enumerate(batches[8:]):
         live.learn(b)
         live.take_deltas()
-        journal.append(frame([schemas.encode(schemas.FEATURIZED_EVENT, e) for e in b]))
+        # entries written before the marshalled format (length-framed Avro records) still replay
+        journal.append(journal_entry(b) if i % 2 else frame([schemas.encode(schemas.FEATURIZED_EVENT, e) for e in b]))
     restored = restore_learner(cfg, 0, snapshot, journal)
     assert restored.version == live.version
     assert restored.parameters_snapshot() == live.parameters_snapshot()
+    # and from a format-1 snapshot (ids as lists, the undo log as one entry per row)
+    legacy = restore_learner(cfg, 0, format_1(snapshot), journal)
+    assert legacy.parameters_snapshot() == live.parameters_snapshot()
+
+
+def format_1(snapshot: bytes) -> bytes:
+    """A snapshot rewritten as format 1 wrote it."""
+    sd = torch.load(io.BytesIO(snapshot), weights_only=True)
+    assert sd["format"] == 2
+    sd["format"] = 1
+    for t in sd["tables"].values():
+        for k in ("ids", "dirty", "tombstones"):
+            t[k] = json.loads(t[k])
+        t["free"] = t["free"].tolist()
+    undo = []
+    for name, block in sd["undo"].items():
+        fields, j = block["fields"], 0
+        for key, had in zip(json.loads(block["ids"]), block["exists"].tolist(), strict=True):
+            undo.append([name, key, {n: v[j] for n, v in fields.items()} if had else None])
+            j += had
+    sd["undo"] = undo
+    assert any(u[2] is not None for u in undo) and any(u[2] is None for u in undo)
+    buf = io.BytesIO()
+    torch.save(sd, buf)
+    return buf.getvalue()
+
+
+def test_a_damaged_journal_entry_is_a_clear_error():
+    with pytest.raises(ValueError, match="journal entry"):
+        journal_events(journal_entry([{"event_id": "e1"}])[:-3])
+    with pytest.raises(ValueError, match="list of event records"):
+        journal_events(b"\0\0\0\0" + marshal.dumps({"not": "a list"}))
 
 
 def read_avro_dir(path):

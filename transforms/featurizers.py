@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from math import log1p
 from typing import Any
 
 from schemas import EVENT_TYPES
@@ -184,7 +185,7 @@ class UserFeaturizer:
     def _features(self, state: dict[str, Any], now: int, totals: list[list[int]]) -> tuple[list[float], list[str]]:
         feats: list[float] = []
         for total in totals:
-            feats.extend(_log1p(c) for c in total)
+            feats.extend([log1p(c) if c > 0 else 0.0 for c in total])  # _log1p, inlined (the hot loop)
         feats.append(_log1p(state["total"]))
         last = state["last_ms"]
         feats.append(_log1p(max(0, now - last) / 1000.0) / 10.0 if last is not None else 1.5)
@@ -235,7 +236,7 @@ class ItemPopularity:
 
     @staticmethod
     def _features(state: dict[str, Any], now: int, totals: list[list[int]]) -> list[float]:
-        feats = [_log1p(total[0]) for total in totals]
+        feats = [log1p(total[0]) if total[0] > 0 else 0.0 for total in totals]
         last = state["last_ms"]
         feats.append(_log1p(max(0, now - last) / 1000.0) / 10.0 if last is not None else 1.5)
         return feats

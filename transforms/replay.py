@@ -13,6 +13,7 @@ import os
 import random
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from itertools import accumulate
 from operator import itemgetter
 from typing import Any
 
@@ -226,8 +227,11 @@ def synthetic_events(cfg: SyntheticConfig) -> Iterator[dict[str, Any]]:
     for i, t in enumerate(item_topic):
         by_topic.setdefault(t, []).append(i)
     prefer = [rng.randrange(cfg.topics) for _ in range(cfg.users)]
-    user_weights = [1.0 / (u + 1) ** 0.6 for u in range(cfg.users)]
+    # cumulative weights once (choices() with weights= accumulates them on every call; same draws)
+    user_cum = list(accumulate(1.0 / (u + 1) ** 0.6 for u in range(cfg.users)))
+    users = range(cfg.users)
     types, type_w = zip(*cfg.type_mix, strict=False)
+    type_cum = list(accumulate(type_w))
     now = cfg.start_ms
     next_drift = cfg.start_ms + cfg.drift_every_ms
     previous: dict[str, Any] | None = None
@@ -248,11 +252,11 @@ def synthetic_events(cfg: SyntheticConfig) -> Iterator[dict[str, Any]]:
                 {"event_id": f"s{n}", "user_id": "u1", "event_type": "click", "event_time_ms": now},
             ])
             continue
-        user = rng.choices(range(cfg.users), weights=user_weights)[0]
+        user = rng.choices(users, cum_weights=user_cum)[0]
         topic = prefer[user] if rng.random() < cfg.on_topic else rng.randrange(cfg.topics)
         pool = by_topic[topic]
         item = pool[min(int(rng.paretovariate(1.2)) - 1, len(pool) - 1)]
-        etype = rng.choices(types, weights=type_w)[0]
+        etype = rng.choices(types, cum_weights=type_cum)[0]
         value = None
         if etype == "rating":
             value = float(5 if topic == prefer[user] and rng.random() < 0.8 else rng.randint(1, 3))
