@@ -45,6 +45,35 @@ def test_batch_by_key_keeps_every_event_once_grouped_by_key():
     assert all(len(b) <= 16 and {e["user_id"] for e in b} == {k} for k, b in batches)
 
 
+def test_batches_keep_their_events_window_and_earliest_timestamp():
+    # 4 users, events 10 s apart over 4 minutes, fixed windows of a minute; both the size-capped
+    # batches (emitted from process) and the rest (emitted at the end of the bundle)
+    events = [{"event_id": f"e{i}", "user_id": f"u{i % 4}", "event_time_ms": BASE_MS + i * 10_000} for i in range(24)]
+    Collected.clear()
+    with beam.Pipeline() as p:
+        (p | beam.Create(events, reshuffle=False)
+           | "Stamp" >> beam.Map(lambda e: beam.window.TimestampedValue(e, e["event_time_ms"] / 1000))
+           | beam.WindowInto(beam.window.FixedWindows(60))
+           | beam.ParDo(BatchByKey(lambda e: e["user_id"], max_size=2))
+           | "Describe" >> beam.Map(lambda kv, ts=beam.DoFn.TimestampParam, w=beam.DoFn.WindowParam:
+                                    (kv[0], [e["event_time_ms"] for e in kv[1]], ts.micros // 1000, w.start.micros // 1000))
+           | CollectTo("windowed"))
+    batches = Collected.get("windowed")
+    assert sum(len(times) for _, times, _, _ in batches) == 24
+    for _, times, ts_ms, start_ms in batches:
+        assert ts_ms == min(times)
+        assert all(start_ms <= t < start_ms + 60_000 for t in times)
+
+
+def test_batch_by_key_refuses_an_element_in_several_windows():
+    events = [{"event_id": "e1", "user_id": "u1", "event_time_ms": BASE_MS}]
+    with pytest.raises(Exception, match="one window"), beam.Pipeline() as p:
+        (p | beam.Create(events, reshuffle=False)
+           | "Stamp" >> beam.Map(lambda e: beam.window.TimestampedValue(e, e["event_time_ms"] / 1000))
+           | beam.WindowInto(beam.window.SlidingWindows(60, 30))
+           | beam.ParDo(BatchByKey(lambda e: e["user_id"], step="BatchByUser")))
+
+
 def test_a_bounded_run_featurizes_each_user_in_event_time_order():
     """Keyed steps hand over their input key by key, so after re-keying by user a user's events arrive
     interleaved in time (here: grouped by item). History and recency must still follow event time."""

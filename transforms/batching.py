@@ -26,7 +26,6 @@ import apache_beam as beam
 from apache_beam.coders.coders import FastPrimitivesCoder
 from apache_beam.transforms.timeutil import TimeDomain
 from apache_beam.transforms.userstate import ReadModifyWriteStateSpec, TimerSpec, on_timer
-from apache_beam.transforms.window import TimestampedValue
 from apache_beam.utils.timestamp import Timestamp
 from apache_beam.utils.windowed_value import WindowedValue
 
@@ -68,9 +67,16 @@ class BatchByKey(beam.DoFn):
     def start_bundle(self) -> None:
         self._batches: dict[tuple[Any, Any], tuple[list[dict[str, Any]], int]] = {}
 
-    def process(self, event: dict[str, Any], timestamp=beam.DoFn.TimestampParam, window=beam.DoFn.WindowParam):
-        slot = (self.key_fn(event), window)
-        micros = timestamp.micros
+    def process(self, event: dict[str, Any], windowed=beam.DoFn.WindowedValueParam):
+        # The windowed value, not WindowParam + TimestampParam: with those Beam rebuilds the call's
+        # arguments for every element (its per-window invoker), which cost more than the batching itself.
+        windows = windowed.windows
+        if len(windows) != 1:
+            raise ValueError(f"{self.step}: expected each element in one window (global or fixed windows), "
+                             f"got one in {len(windows)} windows")
+        key = self.key_fn(event)
+        slot = (key, windows[0])
+        micros = windowed.timestamp.micros
         held = self._batches.get(slot)
         if held is None:
             self._batches[slot] = held = ([], micros)
@@ -79,7 +85,7 @@ class BatchByKey(beam.DoFn):
         held[0].append(event)
         if self.max_size is not None and len(held[0]) >= self.max_size:
             del self._batches[slot]
-            yield TimestampedValue((slot[0], held[0]), Timestamp(micros=held[1]))
+            yield WindowedValue((key, held[0]), Timestamp(micros=held[1]), windows)
 
     def finish_bundle(self) -> Iterable[WindowedValue]:
         batches, self._batches = self._batches, {}

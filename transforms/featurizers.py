@@ -97,17 +97,17 @@ class _Buckets:
             if gap >= w:  # every bucket is at or before at <= now_ms - w: the window is empty
                 sums.append([0] * slots)
                 continue
-            total = list(total)
             lo, hi = at - w, now_ms - w
             if walk:
-                dropped = [buckets.get(s) for s in range(lo - lo % bucket + bucket, hi + 1, bucket)]
+                dropped = [c for s in range(lo - lo % bucket + bucket, hi + 1, bucket) if (c := buckets.get(s)) is not None]
             else:
                 dropped = [counts for s, counts in buckets.items() if lo < s <= hi]
-            for counts in dropped:
-                if counts is not None:
-                    for i, c in enumerate(counts):
-                        total[i] -= c
-            sums.append(total)
+            if not dropped:
+                sums.append(list(total))
+            elif len(dropped) == 1:
+                sums.append([t - c for t, c in zip(total, dropped[0], strict=True)])
+            else:
+                sums.append([t - sum(col) for t, col in zip(total, zip(*dropped, strict=True), strict=True)])
         return sums
 
     @staticmethod

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import os
 import time
+from collections.abc import Iterable, Iterator
 from functools import lru_cache
 from typing import Any
 
@@ -17,8 +18,9 @@ import apache_beam as beam
 from apache_beam.io.restriction_trackers import OffsetRange, OffsetRestrictionTracker
 from apache_beam.io.watermark_estimators import ManualWatermarkEstimator
 from apache_beam.transforms.core import RestrictionProvider
-from apache_beam.transforms.window import TimestampedValue
+from apache_beam.transforms.window import GlobalWindow, TimestampedValue
 from apache_beam.utils.timestamp import Timestamp
+from apache_beam.utils.windowed_value import WindowedValue
 
 from transforms.replay import (  # noqa: F401 (re-exported for callers of the Beam sources)
     DATA_ENV,
@@ -142,7 +144,16 @@ class SyntheticEvents(beam.PTransform):
         return (
             pbegin
             | "Start" >> beam.Impulse()
-            | "GenerateDriftingEvents" >> beam.FlatMap(lambda _: synthetic_events(cfg))
-            | "StampEventTime" >> beam.Map(lambda e: TimestampedValue(e, event_timestamp(e)))
+            | "GenerateDriftingEvents" >> beam.FlatMap(lambda _: _in_global_window(synthetic_events(cfg)))
         )
+
+
+_GLOBAL_WINDOWS = (GlobalWindow(),)
+
+
+def _in_global_window(events: Iterable[dict[str, Any]]) -> Iterator[WindowedValue]:
+    """Each event at its event time in the global window (where Impulse's output is), as a windowed
+    value: a TimestampedValue would cost a window assignment per event (a GlobalWindow() reads a proto)."""
+    for event in events:
+        yield WindowedValue(event, event_timestamp(event), _GLOBAL_WINDOWS)
 

@@ -35,8 +35,8 @@ from apache_beam.transforms.userstate import (
     TimerSpec,
     on_timer,
 )
-from apache_beam.transforms.window import TimestampedValue
 from apache_beam.utils.timestamp import Timestamp
+from apache_beam.utils.windowed_value import WindowedValue
 
 import schemas
 from model.config import LearnerConfig
@@ -101,6 +101,7 @@ class UpdateShardModel(beam.DoFn):
     def process(
         self,
         element: tuple[int, list[dict[str, Any]]],
+        window=beam.DoFn.WindowParam,
         buffer=beam.DoFn.StateParam(BUFFER),
         buffered=beam.DoFn.StateParam(BUFFERED),
         snapshot=beam.DoFn.StateParam(SNAPSHOT),
@@ -108,9 +109,9 @@ class UpdateShardModel(beam.DoFn):
         meta=beam.DoFn.StateParam(META),
         watermark_timer=beam.DoFn.TimerParam(WATERMARK_TIMER),
     ):
-        yield from self._buffer(element, buffer, buffered, snapshot, journal, meta, watermark_timer, None)
+        yield from self._buffer(element, window, buffer, buffered, snapshot, journal, meta, watermark_timer, None)
 
-    def _buffer(self, element, buffer, buffered, snapshot, journal, meta, watermark_timer, flush_timer):
+    def _buffer(self, element, window, buffer, buffered, snapshot, journal, meta, watermark_timer, flush_timer):
         shard, events = element
         records = [featurized_record(e) for e in events]
         if not records:
@@ -136,7 +137,7 @@ class UpdateShardModel(beam.DoFn):
         size = self.cfg.batch_size
         full = len(pending) - len(pending) % size
         for start in range(0, full, size):
-            yield from self._flush(shard, pending[start : start + size], snapshot, journal, state)
+            yield from self._flush(shard, pending[start : start + size], window, snapshot, journal, state)
         rest = pending[full:]
         for record in rest:
             buffer.add(record)
@@ -152,15 +153,16 @@ class UpdateShardModel(beam.DoFn):
     def on_watermark(
         self,
         key=beam.DoFn.KeyParam,
+        window=beam.DoFn.WindowParam,
         buffer=beam.DoFn.StateParam(BUFFER),
         buffered=beam.DoFn.StateParam(BUFFERED),
         snapshot=beam.DoFn.StateParam(SNAPSHOT),
         journal=beam.DoFn.StateParam(JOURNAL),
         meta=beam.DoFn.StateParam(META),
     ):
-        yield from self._flush_buffer(key, buffer, buffered, snapshot, journal, meta, None)
+        yield from self._flush_buffer(key, window, buffer, buffered, snapshot, journal, meta, None)
 
-    def _flush_buffer(self, shard, buffer, buffered, snapshot, journal, meta, flush_timer):
+    def _flush_buffer(self, shard, window, buffer, buffered, snapshot, journal, meta, flush_timer):
         """Flush whatever is buffered (a timer fired)."""
         events = in_time_order(list(buffer.read()))
         buffer.clear()
@@ -170,11 +172,11 @@ class UpdateShardModel(beam.DoFn):
         if not events:
             return
         state = meta.read() or _new_meta()
-        yield from self._flush(shard, events, snapshot, journal, state)
+        yield from self._flush(shard, events, window, snapshot, journal, state)
         meta.write(state)
 
     # -------------------------------------------------------------- the flush
-    def _flush(self, shard, events, snapshot, journal, state):
+    def _flush(self, shard, events, window, snapshot, journal, state):
         """One micro-batch through the learner; updates ``state`` (the shard's meta) in place."""
         now_ms = int(self.clock() * 1000)
         done = flush_micro_batch(self.learner_cfg, shard, events, state, lambda: (snapshot.read(), list(journal.read())),
@@ -183,26 +185,28 @@ class UpdateShardModel(beam.DoFn):
         if done.restored:
             self.restores.inc()
         newest = max(e["event_time_ms"] for e in events)
-        out_ts = newest / 1000.0
+        # Outputs carry the newest event time of the flush, in the batch's window. Built as windowed
+        # values: a TimestampedValue costs a window assignment per record (a GlobalWindow() reads a proto).
+        out_ts, windows = Timestamp(micros=newest * 1000), (window,)
         for record in done.scores:
-            yield TimestampedValue(record, out_ts)
+            yield WindowedValue(record, out_ts, windows)
         for record in done.deltas:
-            yield TaggedOutput(DELTAS, TimestampedValue(record, out_ts))
+            yield TaggedOutput(DELTAS, WindowedValue(record, out_ts, windows))
         for rb in result.rollbacks:
             self.rollbacks.inc()
-            yield TaggedOutput(ROLLBACKS, TimestampedValue(rb.to_record(), out_ts))
+            yield TaggedOutput(ROLLBACKS, WindowedValue(rb.to_record(), out_ts, windows))
 
         stats = BinaryStats()
         stats.update(result.labels, result.probs)
         self.applied.inc(len(events))
         self.flushes.inc()
         self.skipped.inc(result.skipped_nonfinite)
-        yield TaggedOutput(REPORTS, TimestampedValue({
+        yield TaggedOutput(REPORTS, WindowedValue({
             "shard": shard, "events": len(events), "version": learner.version, "steps": result.steps,
             "skipped_nonfinite": result.skipped_nonfinite, "rollbacks": len(result.rollbacks),
             "stats": stats.to_dict(), "max_event_time_ms": newest, "emit_time_ms": now_ms,
             "table_rows": {name: len(t) for name, t in learner.tables().items()},
-        }, out_ts))
+        }, out_ts, windows))
 
         if done.snapshot is not None:
             snapshot.write(done.snapshot)
@@ -227,6 +231,7 @@ class UpdateShardModelWithIntervalFlush(UpdateShardModel):
     def process(
         self,
         element: tuple[int, list[dict[str, Any]]],
+        window=beam.DoFn.WindowParam,
         buffer=beam.DoFn.StateParam(UpdateShardModel.BUFFER),
         buffered=beam.DoFn.StateParam(UpdateShardModel.BUFFERED),
         snapshot=beam.DoFn.StateParam(UpdateShardModel.SNAPSHOT),
@@ -235,12 +240,13 @@ class UpdateShardModelWithIntervalFlush(UpdateShardModel):
         watermark_timer=beam.DoFn.TimerParam(UpdateShardModel.WATERMARK_TIMER),
         flush_timer=beam.DoFn.TimerParam(FLUSH_TIMER),
     ):
-        yield from self._buffer(element, buffer, buffered, snapshot, journal, meta, watermark_timer, flush_timer)
+        yield from self._buffer(element, window, buffer, buffered, snapshot, journal, meta, watermark_timer, flush_timer)
 
     @on_timer(FLUSH_TIMER)
     def on_interval(
         self,
         key=beam.DoFn.KeyParam,
+        window=beam.DoFn.WindowParam,
         buffer=beam.DoFn.StateParam(UpdateShardModel.BUFFER),
         buffered=beam.DoFn.StateParam(UpdateShardModel.BUFFERED),
         snapshot=beam.DoFn.StateParam(UpdateShardModel.SNAPSHOT),
@@ -248,7 +254,7 @@ class UpdateShardModelWithIntervalFlush(UpdateShardModel):
         meta=beam.DoFn.StateParam(UpdateShardModel.META),
         flush_timer=beam.DoFn.TimerParam(FLUSH_TIMER),
     ):
-        yield from self._flush_buffer(key, buffer, buffered, snapshot, journal, meta, flush_timer)
+        yield from self._flush_buffer(key, window, buffer, buffered, snapshot, journal, meta, flush_timer)
 
 
 def _new_meta() -> dict[str, Any]:
