@@ -213,6 +213,8 @@ def stage_breakdown(n: int, batch: int) -> dict[str, float]:
                 pc = pc | "FeaturizeEvents" >> FeaturizeEvents(cfg.feature, cfg.state_ttl_ms, cfg.key_groups)
             if upto == "update":
                 pc = (pc | "UpdateShardModels" >> UpdateShardModels(cfg.learner, cfg.update))["scores"]
+            if upto in ("clean", "featurize"):  # micro-batches: count their events
+                pc = pc | "BatchSizes" >> beam.Map(len)
             pc | "Count" >> beam.combiners.Count.Globally()
         out[upto] = time.perf_counter() - t
     return out

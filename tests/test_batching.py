@@ -8,7 +8,7 @@ import apache_beam as beam
 import pytest
 
 from tests.helpers import BASE_MS, FEATURES, Collected, CollectTo
-from transforms.batching import BatchByKey, GroupStates, key_group
+from transforms.batching import BatchByKey, GroupStates, RebatchByKey, key_group
 from transforms.featurize import FeaturizeEvents
 
 
@@ -65,6 +65,31 @@ def test_batches_keep_their_events_window_and_earliest_timestamp():
         assert all(start_ms <= t < start_ms + 60_000 for t in times)
 
 
+def test_rebatch_by_key_regroups_micro_batches_keeping_each_event_once_and_the_earliest_timestamp():
+    # three upstream batches (one list each, stamped with their earliest event time) regrouped by user
+    events = [{"event_id": f"e{i}", "user_id": f"u{i % 3}", "event_time_ms": BASE_MS + i * 1_000} for i in range(30)]
+    upstream = [events[0:10], events[10:25], events[25:30]]
+    Collected.clear()
+    with beam.Pipeline() as p:
+        (p | beam.Create(upstream, reshuffle=False)
+           | "Stamp" >> beam.Map(lambda b: beam.window.TimestampedValue(b, b[0]["event_time_ms"] / 1000))
+           | beam.ParDo(RebatchByKey(lambda e: e["user_id"], max_size=4))
+           | "Describe" >> beam.Map(lambda kv, ts=beam.DoFn.TimestampParam: (kv[0], kv[1], ts.micros // 1000))
+           | CollectTo("rebatched"))
+    batches = Collected.get("rebatched")
+    assert sorted(e["event_id"] for _, b, _ in batches for e in b) == sorted(e["event_id"] for e in events)
+    starts = {e["event_id"]: b[0]["event_time_ms"] for b in upstream for e in b}
+    for key, batch, ts_ms in batches:
+        assert len(batch) <= 4 and {e["user_id"] for e in batch} == {key}
+        assert ts_ms == min(starts[e["event_id"]] for e in batch)  # never ahead of any source batch
+
+
+def test_rebatch_by_key_names_the_step_when_given_a_single_event():
+    with pytest.raises(Exception, match="BatchByItemGroup: expected a micro-batch"), beam.Pipeline() as p:
+        (p | beam.Create([{"event_id": "e1", "item_id": "i1"}], reshuffle=False)
+           | beam.ParDo(RebatchByKey(lambda e: e["item_id"], step="BatchByItemGroup")))
+
+
 def test_batch_by_key_refuses_an_element_in_several_windows():
     events = [{"event_id": "e1", "user_id": "u1", "event_time_ms": BASE_MS}]
     with pytest.raises(Exception, match="one window"), beam.Pipeline() as p:
@@ -84,8 +109,9 @@ def test_a_bounded_run_featurizes_each_user_in_event_time_order():
     arrival = sorted(events, key=lambda e: e["item_id"])  # what an item-keyed step would emit
     Collected.clear()
     with beam.Pipeline() as p:
-        (p | beam.Create(arrival, reshuffle=False)
+        (p | beam.Create([arrival[:60], arrival[60:]], reshuffle=False)  # two micro-batches, as CleanEvents emits
            | FeaturizeEvents(FEATURES, state_ttl_ms=30 * 86_400_000, key_groups=3)
+           | beam.FlatMap(lambda batch: batch)
            | CollectTo("featurized"))
     out = sorted(Collected.get("featurized"), key=lambda e: e["event_time_ms"])
     assert len(out) == len(events)

@@ -28,7 +28,7 @@ def test_nan_inf_and_huge_features_never_reach_published_deltas():
         poisoned.append(e)
     Collected.clear()
     with beam.Pipeline() as p:
-        out = p | beam.Create(poisoned) | UpdateShardModels(cfg, UpdateConfig(shards=1, batch_size=10, flush_interval_s=None))
+        out = p | beam.Create([poisoned]) | UpdateShardModels(cfg, UpdateConfig(shards=1, batch_size=10, flush_interval_s=None))
         out[DELTAS] | "CollectDeltas" >> CollectTo("nan/deltas")
         out[REPORTS] | "CollectReports" >> CollectTo("nan/reports")
         out[SCORES] | "CollectScores" >> CollectTo("nan/scores")

@@ -7,7 +7,11 @@ id modulo ``groups``, as Flink's key groups) and receive micro-batches ``(group,
 
 * ``BatchByKey`` collects a bundle's events into one list per key (bundle-scoped and stateless,
   like ``beam.BatchElements``: no timers, no added latency beyond the bundle the runner chose);
-* ``GroupStates`` (runner-free) holds the per-id states of one group in a plain dict, with an
+  ``RebatchByKey`` does the same from micro-batches: the keyed steps emit their kept events as one
+  list per input batch, so events move between steps as lists and Beam's per-element work (an output
+  receiver call and a DoFn invocation per event per step) is paid per batch;
+* ``GroupStates`` (runner-free) holds the per-id states of one group in a plain dict (kept in Beam
+  state marshalled: Beam's state cache weighs what it holds by walking it, bytes in O(1)), with an
   event-time TTL: an id idle for ``ttl_ms`` is dropped when the group's event time passes it
   (checked at most every ``ttl_ms / 8``), and a watermark timer per group clears a group whose ids
   have all gone idle.
@@ -18,19 +22,24 @@ fewer keys per event (the DirectRunner). ``--key_groups`` sets it.
 
 from __future__ import annotations
 
+import marshal
 from collections.abc import Callable, Iterable
 from operator import itemgetter
 from typing import Any
 
 import apache_beam as beam
-from apache_beam.coders.coders import FastPrimitivesCoder
+from apache_beam.coders.coders import BytesCoder
+from apache_beam.pvalue import TaggedOutput
 from apache_beam.transforms.timeutil import TimeDomain
 from apache_beam.transforms.userstate import ReadModifyWriteStateSpec, TimerSpec, on_timer
+from apache_beam.transforms.window import TimestampedValue
 from apache_beam.utils.timestamp import Timestamp
 from apache_beam.utils.windowed_value import WindowedValue
 
 from model.hashing import stable_hash
 from transforms.runtime import tune_state_cache_sizing
+
+DEAD_LETTER = "dead_letter"
 
 
 def in_time_order(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -93,9 +102,41 @@ class BatchByKey(beam.DoFn):
             yield WindowedValue((key, events), Timestamp(micros=micros), [window])
 
 
-def batch_by(key_fn: Callable[[dict[str, Any]], int]) -> beam.ParDo:
+class RebatchByKey(BatchByKey):
+    """``BatchByKey`` over micro-batches: lists of events (a keyed step's output) -> (key, [events]) per
+    bundle and window. A new batch carries the earliest timestamp of the batches its events came from."""
+
+    def process(self, batch: list[dict[str, Any]], windowed=beam.DoFn.WindowedValueParam):
+        if not isinstance(batch, list):
+            raise TypeError(f"{self.step}: expected a micro-batch (a list of events), got {type(batch).__name__}")
+        windows = windowed.windows
+        if len(windows) != 1:
+            raise ValueError(f"{self.step}: expected each element in one window (global or fixed windows), "
+                             f"got one in {len(windows)} windows")
+        window, micros = windows[0], windowed.timestamp.micros
+        key_fn, batches, cap = self.key_fn, self._batches, self.max_size
+        for event in batch:
+            key = key_fn(event)
+            slot = (key, window)
+            held = batches.get(slot)
+            if held is None:
+                batches[slot] = held = ([], micros)
+            elif micros < held[1]:
+                batches[slot] = held = (held[0], micros)
+            held[0].append(event)
+            if cap is not None and len(held[0]) >= cap:
+                del batches[slot]
+                yield WindowedValue((key, held[0]), Timestamp(micros=held[1]), windows)
+
+
+def batch_by(key_fn: Callable[[dict[str, Any]], int], step: str = "BatchByKey") -> beam.ParDo:
     """``BatchByKey`` with an int key (a shard or key group), typed so the runner picks a deterministic key coder."""
-    return beam.ParDo(BatchByKey(key_fn)).with_output_types(tuple[int, list[Any]])
+    return beam.ParDo(BatchByKey(key_fn, step=step)).with_output_types(tuple[int, list[Any]])
+
+
+def rebatch_by(key_fn: Callable[[dict[str, Any]], int], step: str = "RebatchByKey") -> beam.ParDo:
+    """``RebatchByKey`` with an int key, typed as ``batch_by``."""
+    return beam.ParDo(RebatchByKey(key_fn, step=step)).with_output_types(tuple[int, list[Any]])
 
 
 class GroupStates:
@@ -150,10 +191,15 @@ class GroupStates:
 class KeyGroupStep(beam.DoFn):
     """Base of the steps keyed by key group: reads the group's ``GroupStates``, lets ``handle_batch``
     handle the micro-batch in event-time order, sweeps idle ids, writes the group back, and keeps one watermark
-    timer per group that clears it once all its ids are idle."""
+    timer per group that clears it once all its ids are idle.
+
+    Main output: the kept events of each input batch as one list (none when all were refused), with the
+    input batch's timestamp; refused events go to ``DEAD_LETTER`` one by one, each at its event time."""
 
     STEP = "KeyGroupStep"
-    GROUP_STATES = ReadModifyWriteStateSpec("group_states", FastPrimitivesCoder())
+    # The group is kept marshalled: Beam's state cache weighs every value it holds by walking it
+    # (objsize), which for a group of dicts of buckets cost more than marshalling it; bytes weigh in O(1).
+    GROUP_STATES = ReadModifyWriteStateSpec("group_states", BytesCoder())
     GROUP_IDLE = TimerSpec("group_idle", TimeDomain.WATERMARK)
 
     def __init__(self, ttl_ms: int):
@@ -164,17 +210,25 @@ class KeyGroupStep(beam.DoFn):
     def setup(self):
         tune_state_cache_sizing()
 
-    def handle_batch(self, group: dict[str, Any], events: list[dict[str, Any]]) -> Iterable[Any]:
+    def handle_batch(self, group: dict[str, Any], events: list[dict[str, Any]],
+                     dead: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """The events to pass on (in time order); refused ones go into ``dead`` as dead-letter records."""
         raise NotImplementedError
 
     def process(self, element: tuple[int, list[dict[str, Any]]], state=beam.DoFn.StateParam(GROUP_STATES),
                 idle=beam.DoFn.TimerParam(GROUP_IDLE)):
         events = in_time_order(element[1])
-        group = state.read() or GroupStates.new()
+        stored = state.read()
+        group = marshal.loads(stored) if stored else GroupStates.new()
         newest_before = group["newest"]
-        yield from self.handle_batch(group, events)
+        dead: list[dict[str, Any]] = []
+        kept = self.handle_batch(group, events, dead)
+        for record in dead:
+            yield TaggedOutput(DEAD_LETTER, TimestampedValue(record, record["event_time_ms"] / 1000))
+        if kept:
+            yield kept
         GroupStates.sweep(group, self.ttl_ms)
-        state.write(group)
+        state.write(marshal.dumps(group))
         if group["newest"] is not None and group["newest"] != newest_before:
             idle.set(Timestamp(micros=(group["newest"] + self.ttl_ms) * 1000))
 

@@ -15,11 +15,11 @@ from apache_beam.transforms.window import TimestampedValue
 from apache_beam.utils.timestamp import Timestamp
 
 from model.hashing import shard_of
-from transforms.batching import GroupStates, KeyGroupStep, batch_by, key_group
+from transforms.batching import DEAD_LETTER, GroupStates, KeyGroupStep, batch_by, key_group, rebatch_by
 from transforms.cleaning import CleanConfig, InvalidEvent, LatenessTracker, decode_event, raw_bytes
 from transforms.runtime import tune_state_cache_sizing
 
-DEAD_LETTER = "dead_letter"
+__all__ = ["DEAD_LETTER", "CleanEvents", "DecodeAndValidate", "DedupeEvents", "DropLateEvents", "dead_letter"]
 NAMESPACE = "freshrec"
 
 
@@ -59,7 +59,7 @@ class DecodeAndValidate(beam.DoFn):
 
 class DropLateEvents(beam.DoFn):
     """Keyed by shard, on micro-batches. Late = older than the proven watermark minus allowed lateness
-    (see LatenessTracker)."""
+    (see LatenessTracker). Main output: the on-time events of each batch as one list."""
 
     STEP = "DropLateEvents"
     WATERMARK = ReadModifyWriteStateSpec("watermark_ms", VarIntCoder())
@@ -89,6 +89,7 @@ class DropLateEvents(beam.DoFn):
             tracker.advance(proven)
         before = newest.read()
         latest = before
+        kept = []
         for event in events:
             event_ms = event["event_time_ms"]
             if tracker.is_late(event_ms):
@@ -100,7 +101,9 @@ class DropLateEvents(beam.DoFn):
                 continue
             if latest is None or event_ms > latest:
                 latest = event_ms
-            yield event
+            kept.append(event)
+        if kept:
+            yield kept
         if latest is not None and latest != before:
             newest.write(latest)
             probe.set(Timestamp(micros=latest * 1000))
@@ -132,21 +135,23 @@ class DedupeEvents(KeyGroupStep):
         super().__init__(ttl_ms)
         self.duplicates = Metrics.counter(NAMESPACE, "dead_letter_duplicate")
 
-    def handle_batch(self, group, events):
+    def handle_batch(self, group, events, dead):
         seen = group["touched"]
+        kept = []
         for event in events:
             event_id = event["event_id"]
             if event_id in seen:
                 self.duplicates.inc()
-                record = dead_letter(None, "duplicate event_id", self.STEP, event)
-                yield TaggedOutput(DEAD_LETTER, TimestampedValue(record, event["event_time_ms"] / 1000))
+                dead.append(dead_letter(None, "duplicate event_id", self.STEP, event))
                 continue
             GroupStates.touch(group, event_id, event["event_time_ms"])
-            yield event
+            kept.append(event)
+        return kept
 
 
 class CleanEvents(beam.PTransform):
-    """Raw payloads -> valid, on-time, unique events (main output) + dead letters (``DEAD_LETTER``)."""
+    """Raw payloads -> valid, on-time, unique events (main output, as micro-batches: lists of events)
+    + dead letters (``DEAD_LETTER``, one record each)."""
 
     def __init__(self, shards: int, allowed_lateness_ms: int, dedupe_ttl_ms: int, cfg: CleanConfig = CleanConfig(),
                  key_groups: int = 1024):
@@ -160,13 +165,13 @@ class CleanEvents(beam.PTransform):
         shards, groups = self.shards, self.key_groups
         on_time = (
             decoded.events
-            | "BatchByShard" >> batch_by(lambda e: shard_of(e["user_id"], shards))
+            | "BatchByShard" >> batch_by(lambda e: shard_of(e["user_id"], shards), "BatchByShard")
             | "DropLateEvents" >> beam.ParDo(DropLateEvents(self.allowed_lateness_ms)).with_outputs(
                 DEAD_LETTER, main="events")
         )
         unique = (
             on_time.events
-            | "BatchByEventIdGroup" >> batch_by(lambda e: key_group(e["event_id"], groups))
+            | "BatchByEventIdGroup" >> rebatch_by(lambda e: key_group(e["event_id"], groups), "BatchByEventIdGroup")
             | "DedupeEvents" >> beam.ParDo(DedupeEvents(self.dedupe_ttl_ms)).with_outputs(DEAD_LETTER, main="events")
         )
         dead = (decoded[DEAD_LETTER], on_time[DEAD_LETTER], unique[DEAD_LETTER]) | "FlattenCleanDeadLetters" >> beam.Flatten()

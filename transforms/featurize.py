@@ -1,5 +1,5 @@
 """FeaturizeEvents: item popularity (keyed by item group) then per-user windowed features (keyed by user
-group), each on micro-batches (see ``transforms.batching``).
+group), each on micro-batches (see ``transforms.batching``): micro-batches in, micro-batches out.
 
 The DoFns only move state in and out; the arithmetic is in ``transforms.featurizers``.
 """
@@ -10,7 +10,7 @@ from typing import Any
 
 import apache_beam as beam
 
-from transforms.batching import GroupStates, KeyGroupStep, batch_by, key_group
+from transforms.batching import GroupStates, KeyGroupStep, key_group, rebatch_by
 from transforms.featurizers import FeatureConfig, ItemPopularity, UserFeaturizer
 
 
@@ -23,11 +23,11 @@ class AnnotateItemPopularity(KeyGroupStep):
         super().__init__(state_ttl_ms)
         self.featurizer = ItemPopularity(cfg)
 
-    def handle_batch(self, group, events):
-        featurizer = self.featurizer
-        for event in events:
-            state = GroupStates.state_for(group, event["item_id"], event["event_time_ms"], featurizer.new_state)
-            yield {**event, "item_features": featurizer.transform_learn(state, event)}
+    def handle_batch(self, group, events, dead):
+        featurizer, state_for, new_state = self.featurizer, GroupStates.state_for, self.featurizer.new_state
+        return [{**event, "item_features": featurizer.transform_learn(
+                    state_for(group, event["item_id"], event["event_time_ms"], new_state), event)}
+                for event in events]
 
 
 class AnnotateUserFeatures(KeyGroupStep):
@@ -39,15 +39,19 @@ class AnnotateUserFeatures(KeyGroupStep):
         super().__init__(state_ttl_ms)
         self.featurizer = UserFeaturizer(cfg)
 
-    def handle_batch(self, group, events):
-        featurizer = self.featurizer
+    def handle_batch(self, group, events, dead):
+        featurizer, state_for, new_state = self.featurizer, GroupStates.state_for, self.featurizer.new_state
+        out = []
         for event in events:
-            state = GroupStates.state_for(group, event["user_id"], event["event_time_ms"], featurizer.new_state)
-            features, history = featurizer.transform_learn(state, event)
-            yield {**event, "user_features": features, "history": history}
+            features, history = featurizer.transform_learn(
+                state_for(group, event["user_id"], event["event_time_ms"], new_state), event)
+            out.append({**event, "user_features": features, "history": history})
+        return out
 
 
 class FeaturizeEvents(beam.PTransform):
+    """Micro-batches of clean events (lists, as ``CleanEvents`` emits them) -> micro-batches of featurized events."""
+
     def __init__(self, cfg: FeatureConfig, state_ttl_ms: int, key_groups: int = 1024):
         super().__init__()
         self.cfg, self.state_ttl_ms, self.key_groups = cfg, state_ttl_ms, key_groups
@@ -56,9 +60,9 @@ class FeaturizeEvents(beam.PTransform):
         groups = self.key_groups
         return (
             events
-            | "BatchByItemGroup" >> batch_by(lambda e: key_group(e["item_id"], groups))
+            | "BatchByItemGroup" >> rebatch_by(lambda e: key_group(e["item_id"], groups), "BatchByItemGroup")
             | "AnnotateItemPopularity" >> beam.ParDo(AnnotateItemPopularity(self.cfg, self.state_ttl_ms))
-            | "BatchByUserGroup" >> batch_by(lambda e: key_group(e["user_id"], groups))
+            | "BatchByUserGroup" >> rebatch_by(lambda e: key_group(e["user_id"], groups), "BatchByUserGroup")
             | "AnnotateUserFeatures" >> beam.ParDo(AnnotateUserFeatures(self.cfg, self.state_ttl_ms))
         )
 

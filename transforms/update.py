@@ -1,6 +1,6 @@
 """UpdateShardModels: one stateful DoFn per shard holds its model partition in Beam state.
 
-Events arrive as micro-batches per shard (``BatchByKey``). What is buffered plus what arrived is put
+Events arrive as micro-batches per shard (``RebatchByKey``). What is buffered plus what arrived is put
 in event-time order and flushed in ``batch_size`` chunks (``batch_size=1`` is online learning); the
 remainder waits in BagState until ``batch_size`` are buffered, the watermark passes the newest
 buffered event, or ``flush_interval_s`` of processing time after the buffer became non-empty. A flush scores first (prequential metrics),
@@ -44,7 +44,7 @@ from model.hashing import shard_of
 from model.journal import flush_micro_batch, new_meta
 from model.learner import IncrementalLearner
 from model.metrics import BinaryStats
-from transforms.batching import batch_by, in_time_order
+from transforms.batching import in_time_order, rebatch_by
 from transforms.coders import AvroRecordCoder
 from transforms.featurize import featurized_record
 from transforms.runtime import tune_state_cache_sizing
@@ -262,7 +262,8 @@ def _new_meta() -> dict[str, Any]:
 
 
 class UpdateShardModels(beam.PTransform):
-    """Featurized events -> {scores, deltas, rollbacks, reports}."""
+    """Micro-batches of featurized events (lists, as ``FeaturizeEvents`` emits them) -> {scores, deltas,
+    rollbacks, reports}."""
 
     def __init__(self, learner_cfg: LearnerConfig, cfg: UpdateConfig, clock: Callable[[], float] = time.time):
         super().__init__()
@@ -274,7 +275,7 @@ class UpdateShardModels(beam.PTransform):
         dofn = cls(self.learner_cfg, self.cfg, self.clock)
         outputs = (
             events
-            | "BatchByShard" >> batch_by(lambda e: shard_of(e["user_id"], shards))
+            | "BatchByShard" >> rebatch_by(lambda e: shard_of(e["user_id"], shards), "BatchByShard")
             | "UpdateShardModel" >> beam.ParDo(dofn).with_outputs(
                 DELTAS, ROLLBACKS, REPORTS, main=SCORES)
         )
