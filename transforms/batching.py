@@ -23,7 +23,7 @@ fewer keys per event (the DirectRunner). ``--key_groups`` sets it.
 from __future__ import annotations
 
 import marshal
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from operator import itemgetter
 from typing import Any
 
@@ -79,22 +79,29 @@ class BatchByKey(beam.DoFn):
     def process(self, event: dict[str, Any], windowed=beam.DoFn.WindowedValueParam):
         # The windowed value, not WindowParam + TimestampParam: with those Beam rebuilds the call's
         # arguments for every element (its per-window invoker), which cost more than the batching itself.
+        return self._collect((event,), windowed)
+
+    def _collect(self, events: Iterable[dict[str, Any]], windowed: WindowedValue) -> Iterator[WindowedValue]:
+        """Add ``events`` (all in ``windowed``'s window, at its timestamp) to their keys' batches;
+        yields the batches that reach ``max_size``."""
         windows = windowed.windows
         if len(windows) != 1:
             raise ValueError(f"{self.step}: expected each element in one window (global or fixed windows), "
                              f"got one in {len(windows)} windows")
-        key = self.key_fn(event)
-        slot = (key, windows[0])
-        micros = windowed.timestamp.micros
-        held = self._batches.get(slot)
-        if held is None:
-            self._batches[slot] = held = ([], micros)
-        elif micros < held[1]:
-            self._batches[slot] = held = (held[0], micros)
-        held[0].append(event)
-        if self.max_size is not None and len(held[0]) >= self.max_size:
-            del self._batches[slot]
-            yield WindowedValue((key, held[0]), Timestamp(micros=held[1]), windows)
+        window, micros = windows[0], windowed.timestamp.micros
+        key_fn, batches, cap = self.key_fn, self._batches, self.max_size
+        for event in events:
+            key = key_fn(event)
+            slot = (key, window)
+            held = batches.get(slot)
+            if held is None:
+                batches[slot] = held = ([], micros)
+            elif micros < held[1]:
+                batches[slot] = held = (held[0], micros)
+            held[0].append(event)
+            if cap is not None and len(held[0]) >= cap:
+                del batches[slot]
+                yield WindowedValue((key, held[0]), Timestamp(micros=held[1]), windows)
 
     def finish_bundle(self) -> Iterable[WindowedValue]:
         batches, self._batches = self._batches, {}
@@ -109,24 +116,7 @@ class RebatchByKey(BatchByKey):
     def process(self, batch: list[dict[str, Any]], windowed=beam.DoFn.WindowedValueParam):
         if not isinstance(batch, list):
             raise TypeError(f"{self.step}: expected a micro-batch (a list of events), got {type(batch).__name__}")
-        windows = windowed.windows
-        if len(windows) != 1:
-            raise ValueError(f"{self.step}: expected each element in one window (global or fixed windows), "
-                             f"got one in {len(windows)} windows")
-        window, micros = windows[0], windowed.timestamp.micros
-        key_fn, batches, cap = self.key_fn, self._batches, self.max_size
-        for event in batch:
-            key = key_fn(event)
-            slot = (key, window)
-            held = batches.get(slot)
-            if held is None:
-                batches[slot] = held = ([], micros)
-            elif micros < held[1]:
-                batches[slot] = held = (held[0], micros)
-            held[0].append(event)
-            if cap is not None and len(held[0]) >= cap:
-                del batches[slot]
-                yield WindowedValue((key, held[0]), Timestamp(micros=held[1]), windows)
+        return self._collect(batch, windowed)
 
 
 def batch_by(key_fn: Callable[[dict[str, Any]], int], step: str = "BatchByKey") -> beam.ParDo:
