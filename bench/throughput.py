@@ -32,6 +32,7 @@ from model.config import LearnerConfig, TableConfig
 from model.learner import IncrementalLearner, event_label
 from transforms.featurizers import FeatureConfig, ItemPopularity, UserFeaturizer
 from transforms.replay import SyntheticConfig, synthetic_events
+from transforms.runtime import GC_TUNING_ENV
 
 
 def make_stream(n: int, negatives: int, seed: int) -> list[dict[str, Any]]:
@@ -233,6 +234,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--devices", default="cpu,cuda")
     ap.add_argument("--pipeline_events", type=int, default=100_000, help="0 skips the full DirectRunner pipeline")
     ap.add_argument("--no_river", action="store_true")
+    ap.add_argument("--gc_baseline", action="store_true",
+                    help="also run the pipeline first with the default garbage collector settings (see transforms.runtime)")
     ap.add_argument("--stage_breakdown", action="store_true", help="also time the pipeline up to each of its steps")
     ap.add_argument("--json", default=None, help="also write the figures here")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads for every model (the same for all)")
@@ -263,6 +266,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  River BiasedMF (CPU, one example at a time): {args.events / r:9.0f} events/s"
               + (f" | vs plain torch on CPU = {args.events / r / base:.2f}x" if base else ""))
     if args.pipeline_events:
+        if args.gc_baseline:  # first, so that the default collector runs before any tuning in this process
+            os.environ[GC_TUNING_ENV] = "0"
+            try:
+                results["pipeline_default_gc"] = pipeline_rates(args.pipeline_events, args.batch)
+            finally:
+                del os.environ[GC_TUNING_ENV]
         rates = pipeline_rates(args.pipeline_events, args.batch)
         results["pipeline"] = rates
         base = results.get("cpu", {}).get("plain_torch_events_per_s")
@@ -270,6 +279,10 @@ def main(argv: list[str] | None = None) -> int:
             eps = rates[key]
             print(f"  full DirectRunner pipeline (synthetic, {args.pipeline_events} events, 2 shards, CPU), {label}: "
                   f"{eps:9.0f} events/s" + (f" | vs plain torch on CPU = {eps / base:.3f}x" if base else ""))
+        if args.gc_baseline:
+            default = results["pipeline_default_gc"]["end_to_end_events_per_s"]
+            print(f"  the same pipeline with the interpreter's default garbage collector ({GC_TUNING_ENV}=0): "
+                  f"{default:9.0f} events/s | tuned/default = {rates['end_to_end_events_per_s'] / default:.2f}x")
     if args.stage_breakdown:
         stages = stage_breakdown(args.pipeline_events or 100_000, args.batch)
         results["stage_seconds"] = stages

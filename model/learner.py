@@ -134,24 +134,23 @@ class DenseTower(nn.Module):
         self.item = _MLP(item_features, hidden) if item_features else None
         self.bias = nn.Parameter(torch.zeros(1))
 
-    def user_term(self, uf: torch.Tensor) -> torch.Tensor:
-        base = self.bias.expand(uf.shape[0])
-        return base + self.user(uf) if self.user is not None else base
+    def user_term(self, uf: torch.Tensor, params: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """Global bias + f_u(user features); with ``params`` (e.g. the last good version's) instead of the live ones."""
+        base = (self.bias if params is None else params["bias"]).expand(uf.shape[0])
+        return base + self._mlp("user", uf, params) if self.user is not None else base
 
-    def item_term(self, itf: torch.Tensor) -> torch.Tensor:
-        return self.item(itf) if self.item is not None else torch.zeros(itf.shape[0], device=itf.device)
+    def item_term(self, itf: torch.Tensor, params: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """f_i(item features), with ``params`` as in ``user_term``."""
+        return self._mlp("item", itf, params) if self.item is not None else torch.zeros(itf.shape[0], device=itf.device)
+
+    def _mlp(self, name: str, x: torch.Tensor, params: dict[str, torch.Tensor] | None) -> torch.Tensor:
+        if params is None:
+            return getattr(self, name)(x)
+        h = nn.functional.relu(nn.functional.linear(x, params[f"{name}.net.0.weight"], params[f"{name}.net.0.bias"]))
+        return nn.functional.linear(h, params[f"{name}.net.2.weight"], params[f"{name}.net.2.bias"]).squeeze(-1)
 
     def forward(self, uf: torch.Tensor, itf: torch.Tensor) -> torch.Tensor:
         return self.user_term(uf) + self.item_term(itf)
-
-    def functional(self, params: dict[str, torch.Tensor], uf: torch.Tensor, itf: torch.Tensor) -> torch.Tensor:
-        """forward() with the given parameters (e.g. the last good version's) instead of the live ones."""
-        out = params["bias"].expand(uf.shape[0])
-        for name, x in (("user", uf), ("item", itf)):
-            if getattr(self, name) is not None:
-                h = nn.functional.relu(nn.functional.linear(x, params[f"{name}.net.0.weight"], params[f"{name}.net.0.bias"]))
-                out = out + nn.functional.linear(h, params[f"{name}.net.2.weight"], params[f"{name}.net.2.bias"]).squeeze(-1)
-        return out
 
     def item_parameters(self) -> dict[str, torch.Tensor]:
         return {k: v for k, v in self.named_parameters() if k.startswith("item.")}
@@ -159,15 +158,19 @@ class DenseTower(nn.Module):
 
 @dataclass
 class _Batch:
-    users: list[str]
-    items: list[str]
-    histories: list[list[str]]
+    """A micro-batch as tensors. The user side (user, history, user features) is per event and computed
+    once per event; the examples (each event's own item and its sampled negatives) index it by ``owner``."""
+
+    users: list[str]  # per event
+    items: list[str]  # per example
+    histories: list[list[str]]  # per event
     labels: torch.Tensor
     weights: torch.Tensor
-    user_feats: torch.Tensor
+    user_feats: torch.Tensor  # per event
     item_feats: torch.Tensor
     positive_index: list[int]
     log_q: torch.Tensor  # sampling-bias correction subtracted from each example's training logit
+    owner: torch.Tensor | None  # the event of each example; None when every example is its own event's
     rows: Any = None  # cached _gathered() result with the table layouts it was computed at
 
 
@@ -299,13 +302,13 @@ class IncrementalLearner:
 
     def _build(self, events: Sequence[dict[str, Any]], negatives: bool = True) -> _Batch:
         cfg = self.cfg
-        users: list[str] = []
-        items: list[str] = []
+        users: list[str] = []  # per event
         hists: list[list[str]] = []
+        ufs: list[Sequence[float]] = []
+        ifs: list[Sequence[float]] = []
+        items: list[str] = []  # per example
         labels: list[float] = []
         weights: list[float] = []
-        ufs: list[Sequence[float]] = []  # one per event; negatives share their event's row
-        ifs: list[Sequence[float]] = []
         owner: list[int] = []  # the event of each example
         pos_idx: list[int] = []
         neg_at: list[int] = []  # examples that are internally sampled negatives, and their items' rows
@@ -314,33 +317,33 @@ class IncrementalLearner:
         type_weights, hlen = cfg.type_weights, cfg.history
         live = self.items.live_rows() if negatives and cfg.negatives else np.zeros(0, dtype=np.int64)
         for k, ev in enumerate(events):
-            hist = ev.get("history") or []  # shared, not copied: _history_rows memoises per list
+            hist = ev.get("history") or []
             if len(hist) > hlen:
                 hist = hist[-hlen:] if hlen else []
             label = self.label_of(ev)
             pos_idx.append(len(labels))
-            users.append(ev["user_id"]); items.append(ev["item_id"]); hists.append(hist)
-            labels.append(label); weights.append(type_weights.get(ev["event_type"], 1.0))
+            users.append(ev["user_id"]); hists.append(hist)
             ufs.append(ev.get("user_features") or ()); ifs.append(ev.get("item_features") or ())
+            items.append(ev["item_id"]); labels.append(label); weights.append(type_weights.get(ev["event_type"], 1.0))
             owner.append(k)
             log_q.append(_log_q(ev))
             if negatives and label > 0.5:
                 for neg, row in self._sample_negatives(ev["item_id"], cfg.negatives, live):
                     neg_at.append(len(labels)); neg_rows.append(row)
-                    users.append(ev["user_id"]); items.append(neg); hists.append(hist)
-                    labels.append(0.0); weights.append(1.0); owner.append(k)
+                    items.append(neg); labels.append(0.0); weights.append(1.0); owner.append(k)
                     log_q.append(0.0)  # the internal sampler is uniform over the table: no correction
         user_feats = _feature_matrix(ufs, cfg.user_features, events, "user_features")
         item_feats = _feature_matrix(ifs, cfg.item_features, events, "item_features")
-        if neg_at:  # a negative has its event's user features and its own item's stored features
-            own = torch.tensor(owner)
-            user_feats, item_feats = user_feats[own], self._to_device(item_feats[own])
+        own = None
+        if neg_at:  # a negative has its own item's stored features
+            own = self._to_device(torch.tensor(owner))
+            item_feats = self._to_device(item_feats)[own]
             item_feats[torch.tensor(neg_at, device=self.device)] = self.items.extra[torch.tensor(neg_rows, device=self.device)]
         return _Batch(
             users, items, hists,
             self._to_device(torch.tensor(labels)), self._to_device(torch.tensor(weights)),
             self._to_device(user_feats), self._to_device(item_feats),
-            pos_idx, self._to_device(torch.tensor(log_q)),
+            pos_idx, self._to_device(torch.tensor(log_q)), own,
         )
 
     def _to_device(self, t: torch.Tensor) -> torch.Tensor:
@@ -352,13 +355,7 @@ class IncrementalLearner:
     def _history_rows(self, hists: list[list[str]]) -> torch.Tensor:
         width = max(1, max((len(h) for h in hists), default=0))
         get = self.items.index.get
-        memo: dict[int, list[int]] = {}  # an event's negatives share its history list
-        rows = []
-        for h in hists:
-            r = memo.get(id(h))
-            if r is None:
-                r = memo[id(h)] = [get(k, -1) for k in h] + [-1] * (width - len(h))
-            rows.append(r)
+        rows = [[get(k, -1) for k in h] + [-1] * (width - len(h)) for h in hists]
         return torch.from_numpy(np.asarray(rows, dtype=np.int64).reshape(len(hists), width)).to(self.device)
 
     def _user_tower(self, U: torch.Tensor, H: torch.Tensor, hmask: torch.Tensor) -> torch.Tensor:
@@ -366,15 +363,16 @@ class IncrementalLearner:
         d = self.cfg.dim
         return U[:, :d] + (H[..., :d] * hmask.unsqueeze(-1)).sum(1) / hmask.sum(1).clamp(min=1).unsqueeze(-1)
 
-    def _logits(self, U, I, H, hmask, uf, itf, dense_params=None) -> torch.Tensor:
-        """Serving logit s(u, i); training and prequential scores use s - log_q (see ``_log_q``)."""
+    def _logits(self, U, I, H, hmask, uf, itf, owner=None, dense_params=None) -> torch.Tensor:
+        """Serving logit s(u, i); training and prequential scores use s - log_q (see ``_log_q``). The user
+        side (U, H, hmask, uf) is per event, the item side (I, itf) per example; ``owner`` maps examples
+        to events (None: one example per event)."""
         d = self.cfg.dim
         q = self._user_tower(U, H, hmask)
-        if dense_params is None:
-            dense = self.dense(uf, itf)
-        else:
-            dense = self.dense.functional(dense_params, uf, itf)
-        return (q * I[:, :d]).sum(-1) + U[:, d] + I[:, d] + dense
+        c = U[:, d] + self.dense.user_term(uf, dense_params)
+        if owner is not None:
+            q, c = q[owner], c[owner]
+        return (q * I[:, :d]).sum(-1) + c + I[:, d] + self.dense.item_term(itf, dense_params)
 
     def _gathered(self, batch: _Batch):
         """Row indices of the batch's users, items and history items. Cached on the batch: reused as they
@@ -422,7 +420,7 @@ class IncrementalLearner:
         U, I, H = self.users.gather(u_rows), self.items.gather(i_rows), self.items.gather(h_rows)
         hmask = (h_rows >= 0).float()
         if not good:
-            return torch.sigmoid(self._logits(U, I, H, hmask, batch.user_feats, batch.item_feats) - batch.log_q)
+            return torch.sigmoid(self._logits(U, I, H, hmask, batch.user_feats, batch.item_feats, batch.owner) - batch.log_q)
         # the last good version: rows changed since then come from the undo log (None = row did not exist)
         width = H.shape[1]
 
@@ -435,7 +433,8 @@ class IncrementalLearner:
         Hf, hm = self._good_values(self.items, h_rows.reshape(-1), H.reshape(-1, H.shape[-1]), hmask.reshape(-1), hist_key,
                                    real=in_history)
         H, hmask = Hf.view_as(H), hm.view_as(hmask)  # type: ignore[union-attr]
-        return torch.sigmoid(self._logits(U, I, H, hmask, batch.user_feats, batch.item_feats, self._good_dense) - batch.log_q)
+        return torch.sigmoid(self._logits(U, I, H, hmask, batch.user_feats, batch.item_feats, batch.owner, self._good_dense)
+                             - batch.log_q)
 
     def _good_values(self, table: DynamicEmbeddingTable, rows: torch.Tensor, values: torch.Tensor,
                      mask: torch.Tensor | None, key_at: Any,
@@ -562,7 +561,7 @@ class IncrementalLearner:
         I = self.items.gather(i_rows).requires_grad_()
         H = self.items.gather(h_rows).requires_grad_()
         hmask = (h_rows >= 0).float()
-        logits = self._logits(U, I, H, hmask, batch.user_feats, batch.item_feats) - batch.log_q
+        logits = self._logits(U, I, H, hmask, batch.user_feats, batch.item_feats, batch.owner) - batch.log_q
         losses = nn.functional.binary_cross_entropy_with_logits(logits, batch.labels, reduction="none")
         loss = (losses * batch.weights).sum()
         loss.backward()
@@ -668,8 +667,9 @@ class IncrementalLearner:
         keys = list(latest)
         hists = [(list(latest[k].get("history") or []) + [latest[k]["item_id"]])[-self.cfg.history:]
                  if self.cfg.history else [] for k in keys]
-        uf = torch.tensor([latest[k]["user_features"] for k in keys], device=self.device)
-        uf = uf.reshape(len(keys), self.cfg.user_features)
+        newest = [latest[k] for k in keys]
+        uf = self._to_device(_feature_matrix([e.get("user_features") or () for e in newest], self.cfg.user_features, newest,
+                                             "user_features"))
         self.queries.observe(keys, self.now_ms)
         with torch.no_grad():
             h_rows = self._history_rows(hists)

@@ -321,6 +321,30 @@ def test_gate_scores_the_last_good_version_exactly():
     assert not torch.allclose(learner._predict_batch(batch), expected, atol=1e-3)
 
 
+def test_sampled_negatives_score_as_one_example_events_of_their_user():
+    """The user side (user row, history, user features) is computed once per event and shared by the
+    event's sampled negatives: every example scores as an event of its own with that user and its item,
+    for the live version and for the last good one."""
+    learner = IncrementalLearner(cfg(gate=True, gate_window=10**9, negatives=3))
+    stream = topic_stream(700)
+    for i, ev in enumerate(stream):  # distinct user features, so that the dense user term matters too
+        ev["user_features"] = [((i * 7 + j) % 11) / 11.0 for j in range(FEATURES.user_width)]
+    replay(learner, stream[:300], 30)
+    learner.promote()
+    replay(learner, stream[300:600], 30)
+    events = stream[600:660]
+    batch = learner._build(events)
+    assert batch.owner is not None and len(batch.items) > len(events)
+    owner = batch.owner.tolist()
+    singles = [{**events[o], "item_id": batch.items[x], "item_features": batch.item_feats[x].tolist()}
+               for x, o in enumerate(owner)]
+    single = learner._build(singles, negatives=False)
+    assert single.owner is None
+    for good in (False, True):
+        assert torch.allclose(learner._predict_batch(batch, good=good), learner._predict_batch(single, good=good),
+                              atol=1e-6)
+
+
 def test_rollback_restores_exact_last_good_rows():
     learner = IncrementalLearner(cfg(gate=True))
     stream = topic_stream(200)

@@ -37,7 +37,7 @@ from apache_beam.utils.timestamp import Timestamp
 from apache_beam.utils.windowed_value import WindowedValue
 
 from model.hashing import stable_hash
-from transforms.runtime import tune_state_cache_sizing
+from transforms.runtime import tune_worker
 
 DEAD_LETTER = "dead_letter"
 
@@ -198,7 +198,7 @@ class KeyGroupStep(beam.DoFn):
         self.ttl_ms = ttl_ms
 
     def setup(self):
-        tune_state_cache_sizing()
+        tune_worker()
 
     def handle_batch(self, group: dict[str, Any], events: list[dict[str, Any]],
                      dead: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -17,7 +17,7 @@ from apache_beam.utils.timestamp import Timestamp
 from model.hashing import shard_of
 from transforms.batching import DEAD_LETTER, GroupStates, KeyGroupStep, batch_by, key_group, rebatch_by
 from transforms.cleaning import CleanConfig, InvalidEvent, LatenessTracker, decode_event, raw_bytes
-from transforms.runtime import tune_state_cache_sizing
+from transforms.runtime import tune_worker
 
 __all__ = ["DEAD_LETTER", "CleanEvents", "DecodeAndValidate", "DedupeEvents", "DropLateEvents", "dead_letter"]
 NAMESPACE = "freshrec"
@@ -73,7 +73,7 @@ class DropLateEvents(beam.DoFn):
         self.late = Metrics.counter(NAMESPACE, "dead_letter_late")
 
     def setup(self):
-        tune_state_cache_sizing()
+        tune_worker()
 
     def process(
         self,

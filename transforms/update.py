@@ -47,7 +47,7 @@ from model.metrics import BinaryStats
 from transforms.batching import in_time_order, rebatch_by
 from transforms.coders import AvroRecordCoder
 from transforms.featurize import featurized_record
-from transforms.runtime import tune_state_cache_sizing
+from transforms.runtime import tune_worker
 
 SCORES, DELTAS, ROLLBACKS, REPORTS = "scores", "deltas", "rollbacks", "reports"
 NAMESPACE = "freshrec"
@@ -95,7 +95,7 @@ class UpdateShardModel(beam.DoFn):
         self.skipped = Metrics.counter(NAMESPACE, "steps_skipped_nonfinite")
 
     def setup(self):
-        tune_state_cache_sizing()
+        tune_worker()
 
     # -------------------------------------------------------------- triggers
     def process(
