@@ -105,7 +105,7 @@ class LearnResult:
 
     labels: list[float]
     probs: list[float]
-    positive_index: list[int]  # index into labels/probs of each event's own (non-sampled) example
+    positive_index: list[int]  # index into labels/probs of each event's own (not internally sampled) example
     loss: float
     steps: int
     version: int
@@ -284,23 +284,35 @@ class IncrementalLearner:
     def label_of(self, event: dict[str, Any]) -> float:
         return event_label(event, self.cfg.rating_threshold)
 
-    def _sample_negatives(self, exclude: str, n: int, live: np.ndarray) -> list[tuple[str, int]]:
-        """n items drawn uniformly from the table's live rows (by physical row, so that a restored
-        checkpoint draws the same ones), never the event's own item: (id, row) pairs."""
-        if n == 0 or len(live) < 2:
-            return []
-        ids, rand, size = self.items.ids, self.rng.random, len(live)
-        out: list[tuple[str, int]] = []
-        for _ in range(n * 8):
-            row = int(live[int(rand() * size)])
-            key = ids[row]
-            if key != exclude:
-                out.append((key, row))  # type: ignore[arg-type]
-                if len(out) == n:
+    def _sample_negatives(self, exclude: list[str], n: int, live: np.ndarray) -> tuple[list[int], list[int]]:
+        """For each id in ``exclude`` (a positive example's own item), n rows drawn uniformly from the table's
+        live rows (by physical row, so that a restored checkpoint draws the same ones), never that item's own
+        row: (index into ``exclude``, row) per negative, in ``exclude`` order. A draw of the own row is
+        redrawn (at most 8 times, then dropped: only a table of about one row gets there)."""
+        size = len(live)
+        if n == 0 or size < 2 or not exclude:
+            return [], []
+        rand = self.rng.random
+        draws = np.fromiter((rand() for _ in range(len(exclude) * n)), dtype=np.float64, count=len(exclude) * n)
+        rows = live[(draws * size).astype(np.int64)].reshape(len(exclude), n)
+        get = self.items.index.get
+        own = np.fromiter((get(k, -1) for k in exclude), dtype=np.int64, count=len(exclude))
+        keep = np.ones(rows.shape, dtype=bool)
+        for p, j in zip(*np.nonzero(rows == own[:, None]), strict=True):
+            for _ in range(8):
+                row = int(live[int(rand() * size)])
+                if row != own[p]:
+                    rows[p, j] = row
                     break
-        return out
+            else:
+                keep[p, j] = False
+        which = np.repeat(np.arange(len(exclude)), n)
+        flat_keep = keep.reshape(-1)
+        return which[flat_keep].tolist(), rows.reshape(-1)[flat_keep].tolist()
 
     def _build(self, events: Sequence[dict[str, Any]], negatives: bool = True) -> _Batch:
+        """Examples: each event's own (user, item) first, in event order (example k is event k), then the
+        internally sampled negatives of the positive events, grouped by event."""
         cfg = self.cfg
         users: list[str] = []  # per event
         hists: list[list[str]] = []
@@ -309,41 +321,39 @@ class IncrementalLearner:
         items: list[str] = []  # per example
         labels: list[float] = []
         weights: list[float] = []
-        owner: list[int] = []  # the event of each example
-        pos_idx: list[int] = []
-        neg_at: list[int] = []  # examples that are internally sampled negatives, and their items' rows
-        neg_rows: list[int] = []
         log_q: list[float] = []
+        positives: list[int] = []
         type_weights, hlen = cfg.type_weights, cfg.history
-        live = self.items.live_rows() if negatives and cfg.negatives else np.zeros(0, dtype=np.int64)
-        for k, ev in enumerate(events):
+        for ev in events:
             hist = ev.get("history") or []
             if len(hist) > hlen:
                 hist = hist[-hlen:] if hlen else []
             label = self.label_of(ev)
-            pos_idx.append(len(labels))
+            if label > 0.5:
+                positives.append(len(users))
             users.append(ev["user_id"]); hists.append(hist)
             ufs.append(ev.get("user_features") or ()); ifs.append(ev.get("item_features") or ())
             items.append(ev["item_id"]); labels.append(label); weights.append(type_weights.get(ev["event_type"], 1.0))
-            owner.append(k)
             log_q.append(_log_q(ev))
-            if negatives and label > 0.5:
-                for neg, row in self._sample_negatives(ev["item_id"], cfg.negatives, live):
-                    neg_at.append(len(labels)); neg_rows.append(row)
-                    items.append(neg); labels.append(0.0); weights.append(1.0); owner.append(k)
-                    log_q.append(0.0)  # the internal sampler is uniform over the table: no correction
         user_feats = _feature_matrix(ufs, cfg.user_features, events, "user_features")
         item_feats = _feature_matrix(ifs, cfg.item_features, events, "item_features")
         own = None
-        if neg_at:  # a negative has its own item's stored features
-            own = self._to_device(torch.tensor(owner))
-            item_feats = self._to_device(item_feats)[own]
-            item_feats[torch.tensor(neg_at, device=self.device)] = self.items.extra[torch.tensor(neg_rows, device=self.device)]
+        if negatives and cfg.negatives and positives:
+            which, neg_rows = self._sample_negatives([items[k] for k in positives], cfg.negatives, self.items.live_rows())
+            if neg_rows:
+                m, ids = len(neg_rows), self.items.ids
+                items.extend([ids[r] for r in neg_rows])  # type: ignore[misc]
+                labels.extend([0.0] * m); weights.extend([1.0] * m)
+                log_q.extend([0.0] * m)  # the internal sampler is uniform over the table: no correction
+                own = self._to_device(torch.tensor(list(range(len(events))) + [positives[p] for p in which]))
+                # a negative has its own item's stored features
+                stored = self.items.extra[torch.tensor(neg_rows, device=self.device)]
+                item_feats = torch.cat([self._to_device(item_feats), stored])
         return _Batch(
             users, items, hists,
             self._to_device(torch.tensor(labels)), self._to_device(torch.tensor(weights)),
             self._to_device(user_feats), self._to_device(item_feats),
-            pos_idx, self._to_device(torch.tensor(log_q)), own,
+            list(range(len(events))), self._to_device(torch.tensor(log_q)), own,
         )
 
     def _to_device(self, t: torch.Tensor) -> torch.Tensor:

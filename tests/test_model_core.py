@@ -345,6 +345,26 @@ def test_sampled_negatives_score_as_one_example_events_of_their_user():
                               atol=1e-6)
 
 
+def test_internal_negatives_come_after_the_events_and_never_repeat_their_own_item():
+    learner = IncrementalLearner(cfg(negatives=3))
+    stream = topic_stream(400)
+    replay(learner, stream[:300], 50)
+    events = stream[300:340]
+    batch = learner._build(events)
+    n = len(events)
+    assert batch.positive_index == list(range(n)) and batch.items[:n] == [e["item_id"] for e in events]
+    owner = batch.owner.tolist()
+    assert owner[:n] == list(range(n)) and owner[n:] == sorted(owner[n:])
+    positives = [k for k, e in enumerate(events) if learner.label_of(e) > 0.5]
+    assert sorted(set(owner[n:])) == positives and len(owner) == n + 3 * len(positives)
+    assert batch.labels[n:].eq(0).all() and all(batch.items[x] != events[owner[x]]["item_id"] for x in range(n, len(owner)))
+    assert all(x in learner.items for x in batch.items[n:])
+    # a table of one live item has nothing else to draw: no negatives
+    lone = IncrementalLearner(cfg(negatives=3))
+    lone.learn([stream[0]])
+    assert lone._build([stream[0]]).owner is None
+
+
 def test_rollback_restores_exact_last_good_rows():
     learner = IncrementalLearner(cfg(gate=True))
     stream = topic_stream(200)
