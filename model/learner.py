@@ -365,7 +365,13 @@ class IncrementalLearner:
     def _history_rows(self, hists: list[list[str]]) -> torch.Tensor:
         width = max(1, max((len(h) for h in hists), default=0))
         get = self.items.index.get
-        rows = [[get(k, -1) for k in h] + [-1] * (width - len(h)) for h in hists]
+        memo: dict[int, list[int]] = {}  # events that share one history list (negatives built from their event)
+        rows = []
+        for h in hists:
+            r = memo.get(id(h))
+            if r is None:
+                r = memo[id(h)] = [get(k, -1) for k in h] + [-1] * (width - len(h))
+            rows.append(r)
         return torch.from_numpy(np.asarray(rows, dtype=np.int64).reshape(len(hists), width)).to(self.device)
 
     def _user_tower(self, U: torch.Tensor, H: torch.Tensor, hmask: torch.Tensor) -> torch.Tensor:
