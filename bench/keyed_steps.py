@@ -24,7 +24,7 @@ from apache_beam.transforms.window import TimestampedValue
 
 from transforms.batching import batch_by, key_group
 from transforms.clean import DedupeEvents
-from transforms.runtime import tune_state_cache_sizing
+from transforms.runtime import tune_worker
 
 BASE_MS = 1_700_000_000_000
 TTL_MS = 86_400_000
@@ -37,7 +37,7 @@ class PerElementDedupe(beam.DoFn):
     EXPIRY = TimerSpec("expiry", TimeDomain.WATERMARK)
 
     def setup(self):
-        tune_state_cache_sizing()
+        tune_worker()  # the same worker tuning as DedupeEvents, whichever variant runs first
 
     def process(self, element, timestamp=beam.DoFn.TimestampParam, seen=beam.DoFn.StateParam(SEEN),
                 expiry=beam.DoFn.TimerParam(EXPIRY)):

@@ -126,7 +126,7 @@ class _MLP(nn.Module):
 
 
 class DenseTower(nn.Module):
-    """Additive dense part: f_u(user features) + f_i(item features) + global bias."""
+    """Additive dense part: f_u(user features) + f_i(item features) + global bias, as ``user_term(uf) + item_term(itf)``."""
 
     def __init__(self, user_features: int, item_features: int, hidden: int):
         super().__init__()
@@ -148,9 +148,6 @@ class DenseTower(nn.Module):
             return getattr(self, name)(x)
         h = nn.functional.relu(nn.functional.linear(x, params[f"{name}.net.0.weight"], params[f"{name}.net.0.bias"]))
         return nn.functional.linear(h, params[f"{name}.net.2.weight"], params[f"{name}.net.2.bias"]).squeeze(-1)
-
-    def forward(self, uf: torch.Tensor, itf: torch.Tensor) -> torch.Tensor:
-        return self.user_term(uf) + self.item_term(itf)
 
     def item_parameters(self) -> dict[str, torch.Tensor]:
         return {k: v for k, v in self.named_parameters() if k.startswith("item.")}
@@ -337,7 +334,7 @@ class IncrementalLearner:
             log_q.append(_log_q(ev))
         user_feats = _feature_matrix(ufs, cfg.user_features, events, "user_features")
         item_feats = _feature_matrix(ifs, cfg.item_features, events, "item_features")
-        own = None
+        own, event_index = None, list(range(len(events)))
         if negatives and cfg.negatives and positives:
             which, neg_rows = self._sample_negatives([items[k] for k in positives], cfg.negatives, self.items.live_rows())
             if neg_rows:
@@ -345,7 +342,7 @@ class IncrementalLearner:
                 items.extend([ids[r] for r in neg_rows])  # type: ignore[misc]
                 labels.extend([0.0] * m); weights.extend([1.0] * m)
                 log_q.extend([0.0] * m)  # the internal sampler is uniform over the table: no correction
-                own = self._to_device(torch.tensor(list(range(len(events))) + [positives[p] for p in which]))
+                own = self._to_device(torch.tensor(event_index + [positives[p] for p in which]))
                 # a negative has its own item's stored features
                 stored = self.items.extra[torch.tensor(neg_rows, device=self.device)]
                 item_feats = torch.cat([self._to_device(item_feats), stored])
@@ -353,7 +350,7 @@ class IncrementalLearner:
             users, items, hists,
             self._to_device(torch.tensor(labels)), self._to_device(torch.tensor(weights)),
             self._to_device(user_feats), self._to_device(item_feats),
-            list(range(len(events))), self._to_device(torch.tensor(log_q)), own,
+            event_index, self._to_device(torch.tensor(log_q)), own,
         )
 
     def _to_device(self, t: torch.Tensor) -> torch.Tensor:
@@ -680,10 +677,9 @@ class IncrementalLearner:
                 latest[ev["user_id"]] = ev
         if not latest:
             return
-        keys = list(latest)
-        hists = [(list(latest[k].get("history") or []) + [latest[k]["item_id"]])[-self.cfg.history:]
-                 if self.cfg.history else [] for k in keys]
-        newest = [latest[k] for k in keys]
+        keys, newest = list(latest), list(latest.values())
+        hists = [(list(e.get("history") or []) + [e["item_id"]])[-self.cfg.history:] if self.cfg.history else []
+                 for e in newest]
         uf = self._to_device(_feature_matrix([e.get("user_features") or () for e in newest], self.cfg.user_features, newest,
                                              "user_features"))
         self.queries.observe(keys, self.now_ms)
