@@ -5,7 +5,7 @@ Runs the streaming pipeline (DirectRunner) against the local Pub/Sub emulator, p
 scored outputs and reports p50/p90/p99 of emit_time_ms - event_time_ms, i.e. publication to refreshed
 score, per micro-batch setting. Needs the emulator (``gcloud beta emulators pubsub start``).
 
-    python -m bench.freshness --rate 50 --seconds 30 --batch_sizes 1,16
+    python -m bench.freshness --rate 5 --seconds 20 --batch_sizes 1,16 --flush_interval_s 0.5
 """
 
 from __future__ import annotations
@@ -18,13 +18,15 @@ import time
 import numpy as np
 
 import schemas
+from core.settings import add_flags
 from pipelines.emulator import EmulatorUnavailable, start_emulator
-from pipelines.pubsub import event_message
+from schemas.messages import event_message
 
 PROJECT = "freshrec-bench"
 
 
 def run_once(batch_size: int, flush_s: float, rate: float, seconds: float, tag: str) -> dict[str, float]:
+    """One streaming run at ``batch_size``; ``flush_s`` 0 leaves the pipeline's streaming default."""
     import apache_beam as beam
     from google.cloud import pubsub_v1
 
@@ -39,8 +41,8 @@ def run_once(batch_size: int, flush_s: float, rate: float, seconds: float, tag: 
         subscriber.create_subscription(request={"name": sub(n), "topic": topic(n)})
     opts = make_options(["--events_subscription", sub("events"), "--scores_topic", topic("scores"),
                          "--deltas_topic", topic("deltas"), "--dead_letter_topic", topic("dead"),
-                         "--shards", "2", "--batch_size", str(batch_size), "--flush_interval_s", str(flush_s),
-                         "--dim", "16"])
+                         "--shards", "2", "--batch_size", str(batch_size)]
+                        + (["--flush_interval_s", str(flush_s)] if flush_s else []))
     p = beam.Pipeline(options=opts)
     build_pipeline(p, opts)
     result = p.run()
@@ -78,12 +80,18 @@ def run_once(batch_size: int, flush_s: float, rate: float, seconds: float, tag: 
             "p99_ms": float(np.percentile(lat, 99)) if len(lat) else float("nan")}
 
 
-def main(argv: list[str] | None = None) -> int:
+def make_parser() -> argparse.ArgumentParser:
+    """This entry point's flags (tests/test_settings.py compares their defaults with core.settings)."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rate", type=float, default=50.0)
     ap.add_argument("--seconds", type=float, default=30.0)
     ap.add_argument("--batch_sizes", default="1,16")
-    ap.add_argument("--flush_interval_s", type=float, default=0.5)
+    add_flags(ap, ("model",), only=("flush_interval_s",))
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = make_parser()
     args = ap.parse_args(argv)
     try:
         emu = start_emulator(PROJECT)

@@ -22,7 +22,9 @@ from apache_beam.transforms.timeutil import TimeDomain
 from apache_beam.transforms.userstate import ReadModifyWriteStateSpec, TimerSpec, on_timer
 from apache_beam.transforms.window import TimestampedValue
 
-from transforms.batching import batch_by, key_group
+from core.keyed_state import key_group
+from core.settings import add_flags
+from transforms.batching import batch_by
 from transforms.clean import DedupeEvents
 from transforms.runtime import tune_worker
 
@@ -84,10 +86,16 @@ def run(kind: str, n: int, groups: int) -> tuple[float, int]:
     return elapsed, sum(c.committed for c in counters)
 
 
-def main(argv: list[str] | None = None) -> int:
+def make_parser() -> argparse.ArgumentParser:
+    """This entry point's flags (tests/test_settings.py compares their defaults with core.settings)."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--events", type=int, default=100_000)
-    ap.add_argument("--key_groups", type=int, default=1024)
+    add_flags(ap, ("sharding",), only=("key_groups",))
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = make_parser()
     args = ap.parse_args(argv)
     source, _ = run("source_only", args.events, args.key_groups)
     base, kept_base = run("per_element", args.events, args.key_groups)

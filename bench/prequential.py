@@ -4,8 +4,8 @@ For every micro-batch of events, in event-time order, each model first scores th
 same sampled negatives for every model), then learns from them. Models compared in one run:
 
   static       incremental learner trained on the first 20% (one pass + one more epoch), then frozen
-  retrain      periodic full retrain from scratch every day of event time (replay buffer)
-  incremental  our micro-batch mode: one optimizer step per batch of ``--batch`` events
+  retrain      periodic full retrain from scratch every day of event time (``bench/retrain.py``)
+  incremental  our micro-batch mode: one optimizer step per batch of ``--batch_size`` events
   online       our per-event mode: one optimizer step per event
   river        River's BiasedMF with logistic loss (online matrix factorisation), an outside peer
 
@@ -38,12 +38,15 @@ from typing import Any
 
 import numpy as np
 
-from model.config import LearnerConfig, TableConfig
-from model.learner import IncrementalLearner, event_label
+from bench.retrain import PeriodicRetrain, RetrainConfig
+from core.cleaning import InvalidEvent, validate_event
+from core.featurizers import FeatureConfig, ItemPopularity, UserFeaturizer
+from core.readers import PRESETS, read_replay
+from core.settings import DEFAULTS, add_flags, feature_config, learner_config
+from model.batch import event_label
+from model.config import LearnerConfig
+from model.learner import IncrementalLearner
 from model.metrics import BinaryStats, exact_auc
-from transforms.cleaning import InvalidEvent, validate_event
-from transforms.featurizers import FeatureConfig, ItemPopularity, UserFeaturizer
-from transforms.sources import PRESETS, read_replay
 
 DAY_MS = 86_400_000
 DEFAULT_DIR = os.environ.get("FRESHREC_DATASETS", os.path.join(os.path.dirname(__file__), "..", "..", "shared", "datasets"))
@@ -145,9 +148,9 @@ class RiverMF:
 
 
 class OurModel:
-    def __init__(self, name: str, cfg: LearnerConfig):
+    def __init__(self, name: str, learner: IncrementalLearner | PeriodicRetrain):
         self.name = name
-        self.learner = IncrementalLearner(cfg)
+        self.learner = learner
 
     def learn(self, batch: list[dict[str, Any]]) -> tuple[list[float], list[float]]:
         r = self.learner.learn(batch)
@@ -161,17 +164,14 @@ class OurModel:
 
 
 def make_models(feature_cfg: FeatureConfig, args: argparse.Namespace, retrain_window_ms: int | None) -> list[Any]:
-    table = TableConfig(dim=args.dim, ttl_ms=None)
-    base = LearnerConfig(mode="incremental", optimizer=args.optimizer, lr=args.lr, negatives=0,
-                         user_features=feature_cfg.user_width, item_features=feature_cfg.item_width,
-                         history=feature_cfg.history, user_table=table, item_table=table, gate=True,
-                         gate_window=2_000, gate_tolerance=0.25, seed=args.seed, device="cpu")
+    # the model flags as the pipeline takes them; negatives are sampled once for all models (featurize_stream)
+    base = replace(learner_config(args, feature_cfg), mode="incremental", negatives=0, gate_window=2_000)
+    retrain = RetrainConfig(every_ms=DAY_MS, epochs=2, window_ms=retrain_window_ms, batch=args.retrain_batch)
     models: list[Any] = [
-        OurModel("static", replace(base, gate=False)),
-        OurModel("retrain", replace(base, mode="retrain", gate=False, retrain_every_ms=DAY_MS,
-                                    retrain_window_ms=retrain_window_ms, retrain_epochs=2, retrain_batch=args.retrain_batch)),
-        OurModel("incremental", base),
-        OurModel("online", replace(base, mode="online", lr=args.online_lr)),
+        OurModel("static", IncrementalLearner(replace(base, gate=False))),
+        OurModel("retrain", PeriodicRetrain(base, retrain)),
+        OurModel("incremental", IncrementalLearner(base)),
+        OurModel("online", IncrementalLearner(replace(base, mode="online", lr=args.online_lr))),
     ]
     if not args.no_river:
         models.append(RiverMF(base.rating_threshold, args.seed))
@@ -183,7 +183,7 @@ def run_dataset(name: str, path: str, limit: int | None, args: argparse.Namespac
     spec = DATASETS[name]
     t0 = time.time()
     raw = read_replay(path, PRESETS[spec["preset"]], limit)
-    feature_cfg = FeatureConfig()
+    feature_cfg = feature_config(args)
     stream, invalid = featurize_stream(raw, feature_cfg, args.negatives, args.seed)
     del raw
     prep_s = time.time() - t0
@@ -213,7 +213,7 @@ def run_dataset(name: str, path: str, limit: int | None, args: argparse.Namespac
     forgetting: dict[str, dict[str, float]] = {m.name: {} for m in models}
     recent: deque[str] = deque(maxlen=args.candidate_pool)
     positive_seen = 0
-    batch = args.batch
+    batch = args.batch_size
     for start in range(0, len(stream), batch):
         chunk = stream[start : start + batch]
         # Recall@K on sampled positive events, before anyone learns this chunk
@@ -308,27 +308,28 @@ def report(result: dict[str, Any]) -> None:
         print(f"incremental {verdict} static: AUC {fmt(models['incremental']['auc'])} vs {fmt(base['auc'])}")
 
 
-def main(argv: list[str] | None = None) -> int:
+def make_parser() -> argparse.ArgumentParser:
+    """This entry point's flags (tests/test_settings.py compares their defaults with core.settings)."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dataset", choices=["movielens", "globo", "all"], default="all")
     ap.add_argument("--data", help="dataset folder (only with a single --dataset); default $FRESHREC_DATASETS/<name>")
     ap.add_argument("--limit", type=int, default=None, help="events to replay (0 = all; default: all for MovieLens, 400000 for Globo)")
-    ap.add_argument("--batch", type=int, default=64)
-    ap.add_argument("--negatives", type=int, default=4)
     ap.add_argument("--retrain_batch", type=int, default=512, help="batch size of the daily full retrain")
-    ap.add_argument("--dim", type=int, default=16)
-    ap.add_argument("--optimizer", default="adagrad", choices=["adagrad", "ftrl", "sgd"])
-    ap.add_argument("--lr", type=float, default=0.1)
-    ap.add_argument("--online_lr", type=float, default=0.05)
+    ap.add_argument("--online_lr", type=float, default=DEFAULTS["lr"], help="learning rate of the online model")
     ap.add_argument("--windows", type=int, default=10)
     ap.add_argument("--recall_every", type=int, default=20, help="probe Recall@K on every Nth positive event")
     ap.add_argument("--candidate_pool", type=int, default=2_000, help="Recall@K candidates: items of the last N events")
     ap.add_argument("--forgetting_sample", type=int, default=5_000)
     ap.add_argument("--models", default="static,retrain,incremental,online,river")
     ap.add_argument("--no_river", action="store_true")
-    ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--progress", action="store_true")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
+    add_flags(ap, ("model", "stability"), skip=("mode", "flush_interval_s", "top_k"))
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = make_parser()
     args = ap.parse_args(argv)
     args.models = [m.strip() for m in args.models.split(",") if m.strip()]
     names = ["movielens", "globo"] if args.dataset == "all" else [args.dataset]

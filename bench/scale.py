@@ -4,11 +4,12 @@ per shard: score, learn, top-k, deltas, journal entry), with memory bounded by a
 
 Two configurations replay the same events side by side, so every report line compares them in one run:
 
-  bounded    ids admitted after --admit_after occurrences, embedding rows and feature state evicted
-             after --ttl_hours of event-time idleness (tombstones in the deltas)
+  bounded    ids admitted after --admit_after occurrences, embedding rows evicted after
+             --embedding_ttl_days and feature state after --state_ttl_days of event-time idleness
+             (tombstones in the deltas)
   unbounded  every id admitted on first sight, nothing ever evicted (the baseline)
 
-    python -m bench.scale                          # all clicks from $FRESHREC_DATASETS/globo-news-clicks
+    python -m bench.scale --admit_after 2 --embedding_ttl_days 1 --state_ttl_days 1   # all clicks
     python -m bench.scale --limit 500000 --data /path/to/globo-news-clicks
 
 Printed per report: events, events/s, embedding rows (users, items), the bytes of the live rows (values,
@@ -28,16 +29,17 @@ import os
 import resource
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
 
-from model.config import LearnerConfig, TableConfig
+from core.cleaning import InvalidEvent, validate_event
+from core.featurizers import FeatureConfig, ItemPopularity, UserFeaturizer
+from core.settings import add_flags, feature_config, pipeline_config
+from model.config import LearnerConfig
 from model.hashing import shard_of
 from model.journal import flush_micro_batch, new_meta
-from transforms.cleaning import InvalidEvent, validate_event
-from transforms.featurizers import FeatureConfig, ItemPopularity, UserFeaturizer
 
 HOUR_MS = 3_600_000
 DEFAULT_DIR = os.path.join(os.environ.get("FRESHREC_DATASETS", os.path.join(os.path.dirname(__file__), "..", "..",
@@ -162,33 +164,32 @@ class Replica:
 
 
 def make_replicas(args: argparse.Namespace, feature: FeatureConfig) -> list[Replica]:
-    def learner(table: TableConfig) -> LearnerConfig:
-        return LearnerConfig(user_features=feature.user_width, item_features=feature.item_width, history=feature.history,
-                             user_table=table, item_table=table, negatives=args.negatives, lr=args.lr, device="cpu")
-
-    ttl = int(args.ttl_hours * HOUR_MS)
-    bounded = TableConfig(dim=args.dim, admit_after=args.admit_after, ttl_ms=ttl, capacity=args.capacity)
-    unbounded = TableConfig(dim=args.dim, admit_after=1, ttl_ms=None, capacity=10**9)
-    out = [Replica("bounded", learner(bounded), feature, args.shards, args.batch, ttl)]
+    """bounded: the model, state and sharding flags as given; unbounded: the same, but every id admitted at
+    once and nothing evicted."""
+    cfg = pipeline_config(args)
+    bounded = cfg.learner
+    table = replace(bounded.user_table, admit_after=1, ttl_ms=None, capacity=10**9)
+    unbounded = replace(bounded, user_table=table, item_table=table)
+    shards, batch = cfg.sharding.shards, cfg.update.batch_size
+    out = [Replica("bounded", bounded, feature, shards, batch, cfg.state_ttl_ms)]
     if not args.no_baseline:
-        out.append(Replica("unbounded", learner(unbounded), feature, args.shards, args.batch, None))
+        out.append(Replica("unbounded", unbounded, feature, shards, batch, None))
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
+def make_parser() -> argparse.ArgumentParser:
+    """This entry point's flags (tests/test_settings.py compares their defaults with core.settings)."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", default=DEFAULT_DIR, help="the globo-news-clicks folder (holding clicks/)")
     ap.add_argument("--limit", type=int, default=0, help="first N clicks in time order (0 = all)")
-    ap.add_argument("--shards", type=int, default=4)
-    ap.add_argument("--batch", type=int, default=256, help="events per shard micro-batch")
-    ap.add_argument("--negatives", type=int, default=4)
-    ap.add_argument("--lr", type=float, default=0.05)
-    ap.add_argument("--dim", type=int, default=16)
-    ap.add_argument("--admit_after", type=int, default=2)
-    ap.add_argument("--ttl_hours", type=float, default=24.0, help="embedding rows and feature state idle this long go")
-    ap.add_argument("--capacity", type=int, default=500_000, help="hard bound on rows per table per shard (bounded)")
     ap.add_argument("--report_every", type=int, default=250_000)
     ap.add_argument("--no_baseline", action="store_true", help="skip the unbounded configuration")
+    add_flags(ap, ("model", "state", "sharding"), skip=("mode", "flush_interval_s", "allowed_lateness_s", "dedupe_ttl_s"))
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = make_parser()
     args = ap.parse_args(argv)
     if not os.path.isdir(args.data):
         print(f"scale: no data at {args.data}; pass --data or set FRESHREC_DATASETS", file=sys.stderr)
@@ -197,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     ts, users, items, sessions = load_clicks(args.data, args.limit or None)
     print(f"{len(ts)} clicks loaded and sorted in {time.perf_counter() - t0:.1f}s; RSS {rss_mb():.0f} MB; "
           f"{len(np.unique(users))} users, {len(np.unique(items))} articles", flush=True)
-    feature = FeatureConfig()
+    feature = feature_config(args)
     replicas = make_replicas(args, feature)
     invalid = 0
     wall = time.perf_counter()

@@ -4,7 +4,7 @@ on CPU and, where CUDA is available, on GPU. All figures come from this one run,
 against the plain torch loop measured on the same device.
 
     python -m bench.throughput                       # CPU (and CUDA if present)
-    python -m bench.throughput --events 100000 --pipeline_events 50000
+    python -m bench.throughput --events 100000 --pipeline_events 50000 --batch_size 1024
 
 The plain loop is the same model (user tower with history mean, biases, dense MLPs, BCE) on
 nn.Embedding tables with ids mapped to ints up front and torch's Adagrad: no admission, expiry,
@@ -23,15 +23,18 @@ import os
 import resource
 import sys
 import time
+from dataclasses import replace
 from typing import Any
 
 import torch
 from torch import nn
 
-from model.config import LearnerConfig, TableConfig
-from model.learner import IncrementalLearner, event_label
-from transforms.featurizers import FeatureConfig, ItemPopularity, UserFeaturizer
-from transforms.replay import SyntheticConfig, synthetic_events
+from core.featurizers import FeatureConfig, ItemPopularity, UserFeaturizer
+from core.readers import SyntheticConfig, synthetic_events
+from core.settings import add_flags, learner_config, pipeline_config
+from model.batch import event_label
+from model.config import LearnerConfig
+from model.learner import IncrementalLearner
 from transforms.runtime import GC_TUNING_ENV
 
 
@@ -65,11 +68,9 @@ def make_stream(n: int, negatives: int, seed: int) -> list[dict[str, Any]]:
     return out
 
 
-def learner_cfg(device: str, dim: int) -> LearnerConfig:
-    f = FeatureConfig()
-    table = TableConfig(dim=dim)
-    return LearnerConfig(user_features=f.user_width, item_features=f.item_width, history=f.history, user_table=table,
-                         item_table=table, negatives=0, gate=True, device=device, cpu_threads=torch.get_num_threads())
+def learner_cfg(args: argparse.Namespace, device: str) -> LearnerConfig:
+    """The pipeline's learner from the model flags; negatives come with the stream (the same for every model)."""
+    return replace(learner_config(args), negatives=0, device=device, cpu_threads=torch.get_num_threads())
 
 
 def sync(device: str) -> None:
@@ -77,8 +78,8 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def time_update_core(stream: list[dict[str, Any]], batch: int, device: str, dim: int) -> float:
-    learner = IncrementalLearner(learner_cfg(device, dim))
+def time_update_core(stream: list[dict[str, Any]], batch: int, device: str, args: argparse.Namespace) -> float:
+    learner = IncrementalLearner(learner_cfg(args, device))
     learner.learn(stream[:batch])  # warm-up (allocations, CUDA context)
     learner.take_deltas()
     sync(device)
@@ -127,13 +128,13 @@ def plain_tensors(chunk: list[dict[str, Any]], users: dict[str, int], items: dic
         torch.tensor([e["item_features"] for e in chunk]), torch.tensor(y)))
 
 
-def time_plain_loop(stream: list[dict[str, Any]], batch: int, device: str, dim: int) -> float:
+def time_plain_loop(stream: list[dict[str, Any]], batch: int, device: str, args: argparse.Namespace) -> float:
     """Same events, same model form, fixed vocabulary, torch's sparse embeddings + Adagrad; timed from the
     event dicts (tensorising each micro-batch is inside the loop, as it is for the update core)."""
     users, items = plain_vocab(stream)
     f = FeatureConfig()
-    model = PlainModel(len(users), len(items), dim, f.user_width, f.item_width).to(device)
-    opt = torch.optim.Adagrad(model.parameters(), lr=0.05)
+    model = PlainModel(len(users), len(items), args.dim, f.user_width, f.item_width).to(device)
+    opt = torch.optim.Adagrad(model.parameters(), lr=args.lr)
     lossf = nn.BCEWithLogitsLoss()
 
     def step(chunk):
@@ -195,25 +196,25 @@ def stage_breakdown(n: int, batch: int) -> dict[str, float]:
     UpdateShardModels (outputs counted, not written): where the pipeline's time goes, step by step."""
     import apache_beam as beam
 
-    from pipelines.freshrec_pipeline import PipelineConfig, ReadEvents, make_options
+    from pipelines.freshrec_pipeline import ReadEvents, make_options
     from transforms.clean import CleanEvents
     from transforms.featurize import FeaturizeEvents
     from transforms.update import UpdateShardModels
 
     opts = make_options(["--synthetic_events", str(n), "--shards", "2", "--batch_size", str(batch)])
-    cfg = PipelineConfig.from_options(opts)
+    cfg = pipeline_config(opts)
     out: dict[str, float] = {}
     for upto in ("source", "clean", "featurize", "update"):
         t = time.perf_counter()
         with beam.Pipeline(options=opts) as p:
             pc = p | "ReadEvents" >> ReadEvents(opts)
             if upto != "source":
-                pc = (pc | "CleanEvents" >> CleanEvents(cfg.update.shards, cfg.allowed_lateness_ms, cfg.dedupe_ttl_ms,
-                                                        cfg.clean, cfg.key_groups))["events"]
+                pc = (pc | "CleanEvents" >> CleanEvents(cfg.sharding.shards, cfg.allowed_lateness_ms, cfg.dedupe_ttl_ms,
+                                                        cfg.clean, cfg.sharding.key_groups))["events"]
             if upto in ("featurize", "update"):
-                pc = pc | "FeaturizeEvents" >> FeaturizeEvents(cfg.feature, cfg.state_ttl_ms, cfg.key_groups)
+                pc = pc | "FeaturizeEvents" >> FeaturizeEvents(cfg.feature, cfg.state_ttl_ms, cfg.sharding.key_groups)
             if upto == "update":
-                pc = (pc | "UpdateShardModels" >> UpdateShardModels(cfg.learner, cfg.update))["scores"]
+                pc = (pc | "UpdateShardModels" >> UpdateShardModels(cfg.learner, cfg.update, cfg.sharding.shards))["scores"]
             if upto in ("clean", "featurize"):  # micro-batches: count their events
                 pc = pc | "BatchSizes" >> beam.Map(len)
             pc | "Count" >> beam.combiners.Count.Globally()
@@ -225,12 +226,10 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-def main(argv: list[str] | None = None) -> int:
+def make_parser() -> argparse.ArgumentParser:
+    """This entry point's flags (tests/test_settings.py compares their defaults with core.settings)."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--events", type=int, default=30_000)
-    ap.add_argument("--negatives", type=int, default=4)
-    ap.add_argument("--batch", type=int, default=256, help="events per micro-batch")
-    ap.add_argument("--dim", type=int, default=16)
     ap.add_argument("--devices", default="cpu,cuda")
     ap.add_argument("--pipeline_events", type=int, default=100_000, help="0 skips the full DirectRunner pipeline")
     ap.add_argument("--no_river", action="store_true")
@@ -239,7 +238,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--stage_breakdown", action="store_true", help="also time the pipeline up to each of its steps")
     ap.add_argument("--json", default=None, help="also write the figures here")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads for every model (the same for all)")
+    add_flags(ap, ("model",), skip=("mode", "flush_interval_s", "top_k", "device", "seed"))
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = make_parser()
     args = ap.parse_args(argv)
+    args.batch = args.batch_size
     torch.set_num_threads(args.threads)
     stream = make_stream(args.events, args.negatives, seed=1)
     per_event = 1 + args.negatives
@@ -251,8 +257,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {device}: not available on this machine, skipped")
             continue
         name = torch.cuda.get_device_name(0) if device.startswith("cuda") else f"CPU ({torch.get_num_threads()} thread)"
-        plain = time_plain_loop(stream, ex_batch, device, args.dim)
-        core = time_update_core(stream, ex_batch, device, args.dim)
+        plain = time_plain_loop(stream, ex_batch, device, args)
+        core = time_update_core(stream, ex_batch, device, args)
         n = args.events * (1 - args.batch / max(1, args.events))
         results[device] = {"device": name, "plain_torch_events_per_s": n / plain, "update_core_events_per_s": n / core,
                            "core_vs_plain": plain / core}

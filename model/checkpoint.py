@@ -12,7 +12,8 @@ from typing import Any
 import torch
 
 from model.config import LearnerConfig
-from model.learner import IncrementalLearner, ModelDelta
+from model.deltas import ModelDelta
+from model.learner import IncrementalLearner
 
 _NAME = re.compile(r"^shard-(\d+)-v(\d{12})\.pt$")
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
-MODES = ("online", "incremental", "retrain")
+MODES = ("online", "incremental")
 OPTIMIZERS = ("adagrad", "ftrl", "sgd")
 
 
@@ -45,8 +45,8 @@ class LearnerConfig:
     """How one shard learns.
 
     mode: 'online' = one optimizer step per event; 'incremental' = one step per micro-batch handed
-    to ``learn`` (the caller decides its size: k events or a window); 'retrain' = keep a replay buffer
-    and retrain from scratch every ``retrain_every_ms`` of event time (the baseline).
+    to ``learn`` (the caller decides its size: k events or a window). The periodic full retrain
+    that both are compared against is a benchmark baseline (``bench/retrain.py``).
     accumulate_steps: micro-batches whose gradients are summed before one optimizer step.
     """
 
@@ -77,11 +77,6 @@ class LearnerConfig:
     gate_window: int = 400
     gate_tolerance: float = 0.15
     l2_to_good: float = 0.0
-    # periodic retrain baseline
-    retrain_every_ms: int = 86_400_000
-    retrain_epochs: int = 2
-    retrain_window_ms: int | None = None
-    retrain_batch: int = 256
     seed: int = 0
     device: str = "auto"
     cpu_threads: int | None = 1  # torch intra-op threads on CPU; small sparse steps run fastest on one
@@ -100,7 +95,6 @@ class LearnerConfig:
         _check(self.gate_window > 0, "LearnerConfig.gate_window must be > 0")
         _check(self.gate_tolerance >= 0, "LearnerConfig.gate_tolerance must be >= 0")
         _check(self.l2_to_good >= 0, "LearnerConfig.l2_to_good must be >= 0")
-        _check(self.retrain_every_ms > 0 and self.retrain_epochs >= 1, "retrain settings must be positive")
         _check(self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"),
                f"LearnerConfig.device must be auto, cpu or cuda[:N], got {self.device!r}")
         unknown = set(self.type_weights) - {"view", "click", "rating", "purchase"}

@@ -339,7 +339,7 @@ class DynamicEmbeddingTable:
         keys = sorted(self.index)
         rows = self.rows(keys)
         out: dict[str, Any] = {
-            "ids": json.dumps(keys),  # one string, not one pickled object per id (format 2)
+            "ids": json.dumps(keys),  # one string, not one pickled object per id
             "rows": rows.cpu().clone(),
             "capacity": int(self.weights.shape[0]),
             "free": torch.tensor(self.free, dtype=torch.long),
@@ -398,10 +398,8 @@ class DynamicEmbeddingTable:
 
 
 def _id_list(value: Any) -> list[str]:
-    """Ids as saved: a JSON array in one string (format 2) or a list of strings (format 1)."""
-    if isinstance(value, str):
-        ids = json.loads(value)
-        if not isinstance(ids, list) or not all(isinstance(k, str) for k in ids):
-            raise ValueError("checkpoint: a table's ids must be a JSON array of strings")
-        return ids
-    return [str(k) for k in value]
+    """Ids as saved: a JSON array of strings in one string."""
+    ids = json.loads(value) if isinstance(value, str) else None
+    if not isinstance(ids, list) or not all(isinstance(k, str) for k in ids):
+        raise ValueError("checkpoint: a table's ids must be a JSON array of strings")
+    return ids

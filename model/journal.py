@@ -5,34 +5,17 @@ exactly; Beam's UpdateShardModel and the PyFlink job both keep their partitions 
 from __future__ import annotations
 
 import marshal
-import struct
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from typing import Any
 
-import schemas
 from model.config import LearnerConfig
-from model.learner import IncrementalLearner, LearnResult
-
-
-def frame(records: list[bytes]) -> bytes:
-    """Length-prefixed concatenation (one state entry holding a whole micro-batch)."""
-    return b"".join(struct.pack("<I", len(r)) + r for r in records)
-
-
-def unframe(data: bytes) -> list[bytes]:
-    out, pos = [], 0
-    while pos < len(data):
-        (n,) = struct.unpack_from("<I", data, pos)
-        out.append(data[pos + 4 : pos + 4 + n])
-        pos += 4 + n
-    return out
-
+from model.deltas import LearnResult
+from model.learner import IncrementalLearner
 
 # A journal entry is one micro-batch of featurized events (dicts of str/int/float/None/lists) in
 # marshal's format behind this tag: about a ninth of the cost of Avro-encoding each event, and loading
-# it builds plain data, never code. Entries written before the tag (length-framed Avro records) still
-# load: such an entry never starts with four zero bytes (a record is never empty).
+# it builds plain data, never code.
 _MARSHALLED = b"\0\0\0\0"
 
 
@@ -43,7 +26,7 @@ def journal_entry(events: list[dict]) -> bytes:
 def journal_events(entry: bytes) -> list[dict[str, Any]]:
     """The micro-batch a journal entry holds; ValueError on bytes that are not one."""
     if not entry.startswith(_MARSHALLED):
-        return [schemas.decode(schemas.FEATURIZED_EVENT, rec) for rec in unframe(entry)]
+        raise ValueError("journal entry does not start with the marshalled-batch tag")
     try:
         events = marshal.loads(entry[len(_MARSHALLED):])
     except (EOFError, ValueError, TypeError) as exc:
@@ -117,7 +100,7 @@ def flush_micro_batch(
     meta["flushes"] += 1
     meta["journal_len"] += 1
     snapshot = None
-    if meta["journal_len"] >= snapshot_every and not learner._acc_batches:
+    if meta["journal_len"] >= snapshot_every and not learner.accumulating:
         snapshot = learner.to_bytes()
         meta["journal_len"] = 0
     live[live_key] = (learner, meta["flushes"])

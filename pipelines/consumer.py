@@ -4,7 +4,8 @@ Deltas are applied per shard strictly in ``sequence`` order. A duplicate (sequen
 is ignored. A gap (a sequence was lost) triggers a resync from the shard's latest checkpoint
 (``--checkpoint_dir`` of the pipeline, whose files record the delta sequence they include), after
 which buffered deltas newer than the checkpoint are applied. Scores come from the same code the
-pipeline uses (``IncrementalLearner.topk``), so for the same version they are the same.
+pipeline uses (``model.serving``), so for the same version they are the same. Each shard's copy is a
+``ServingModel``: the published tables alone, no optimizer state or undo log.
 
     python -m pipelines.consumer --subscription projects/P/subscriptions/deltas-sub --shards 4 --port 8080
     curl 'localhost:8080/scores?user=42&k=10'
@@ -24,17 +25,19 @@ from typing import Any
 from urllib.parse import parse_qs, urlparse
 
 import schemas
-from model.checkpoint import checkpoint_meta, latest_checkpoint, load_checkpoint
+from core.settings import add_flags, pipeline_config
+from model.checkpoint import checkpoint_meta, latest_checkpoint
 from model.config import LearnerConfig
+from model.deltas import ModelDelta
 from model.hashing import shard_of
-from model.learner import IncrementalLearner, ModelDelta
+from model.serving import ServingModel
 
 LOG = logging.getLogger("freshrec.consumer")
 
 
 @dataclass
 class _ShardReplica:
-    learner: IncrementalLearner
+    model: ServingModel
     applied_sequence: int = 0
     pending: dict[int, dict[str, Any]] = field(default_factory=dict)
 
@@ -42,7 +45,7 @@ class _ShardReplica:
 class DeltaConsumer:
     def __init__(self, cfg: LearnerConfig, shards: int, checkpoint_dir: str | None = None):
         self.cfg, self.shards, self.checkpoint_dir = cfg, shards, checkpoint_dir
-        self.replicas = {s: _ShardReplica(IncrementalLearner(cfg, s)) for s in range(shards)}
+        self.replicas = {s: _ShardReplica(ServingModel(cfg, s)) for s in range(shards)}
         self.counters: Counter[str] = Counter()
         self._lock = threading.Lock()
 
@@ -68,7 +71,7 @@ class DeltaConsumer:
     def _drain(self, rep: _ShardReplica) -> None:
         while rep.applied_sequence + 1 in rep.pending:
             rec = rep.pending.pop(rep.applied_sequence + 1)
-            rep.learner.apply_delta(ModelDelta.from_record(rec))
+            rep.model.apply_delta(ModelDelta.from_record(rec))
             rep.applied_sequence += 1
             self.counters["applied"] += 1
 
@@ -83,7 +86,7 @@ class DeltaConsumer:
         rep = self.replicas[shard]
         if seq <= rep.applied_sequence:
             return False
-        rep.learner = load_checkpoint(path, self.cfg)
+        rep.model = ServingModel.from_checkpoint(path, self.cfg)
         rep.applied_sequence = seq
         rep.pending = {s: r for s, r in rep.pending.items() if s > seq}
         self.counters["resyncs"] += 1
@@ -91,12 +94,12 @@ class DeltaConsumer:
         return True
 
     def version(self, shard: int) -> int:
-        return self.replicas[shard].learner.version
+        return self.replicas[shard].model.version
 
     def scores(self, user_id: str, k: int = 10) -> list[tuple[str, float]]:
         with self._lock:
-            learner = self.replicas[shard_of(user_id, self.shards)].learner
-            return learner.topk([user_id], k)[user_id]
+            model = self.replicas[shard_of(user_id, self.shards)].model
+            return model.topk([user_id], k)[user_id]
 
 
 def serve(consumer: DeltaConsumer, port: int) -> ThreadingHTTPServer:
@@ -125,18 +128,23 @@ def serve(consumer: DeltaConsumer, port: int) -> ThreadingHTTPServer:
     return server
 
 
-def main(argv: list[str] | None = None) -> int:
-    from google.cloud import pubsub_v1
-
-    from pipelines.freshrec_pipeline import PipelineConfig, make_options
-
+def make_parser() -> argparse.ArgumentParser:
+    """This entry point's flags (tests/test_settings.py compares their defaults with core.settings)."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--subscription", required=True, help="projects/P/subscriptions/S on the delta topic")
     ap.add_argument("--port", type=int, default=8080)
     ap.add_argument("--checkpoint_dir", default=None)
-    args, pipeline_flags = ap.parse_known_args(argv)
-    cfg = PipelineConfig.from_options(make_options(pipeline_flags))  # same model flags as the pipeline
-    consumer = DeltaConsumer(cfg.learner, cfg.update.shards, args.checkpoint_dir)
+    add_flags(ap, ("model", "sharding"), skip=("device",))  # the pipeline's flags: the same tables and shards
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    from google.cloud import pubsub_v1
+
+    ap = make_parser()
+    args = ap.parse_args(argv)
+    cfg = pipeline_config(args)
+    consumer = DeltaConsumer(cfg.learner, cfg.sharding.shards, args.checkpoint_dir)
     serve(consumer, args.port)
 
     def callback(message: Any) -> None:

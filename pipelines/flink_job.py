@@ -4,9 +4,9 @@ The same runner-free core as the Beam pipeline, behind thin Flink adapters:
 
     FileSource (JSONL replay, checkpointed position)
       -> DecodeAndValidate (ProcessFunction; dead letters to a side output)
-      -> key_by(event_id)  DedupeEvents        (ValueState)
-      -> key_by(item_id)   ItemPopularity      (ValueState, transforms.featurizers)
-      -> key_by(user_id)   UserFeatures        (ValueState, transforms.featurizers)
+      -> key_by(key group of event_id)  DedupeEvents    (core.keyed_state.GroupStates, TTL)
+      -> key_by(key group of item_id)   ItemPopularity  (GroupStates, core.featurizers)
+      -> key_by(key group of user_id)   UserFeatures    (GroupStates, core.featurizers)
       -> key_by(shard)     UpdateShardModel    (ListState buffer, snapshot + journal state, model.learner)
       -> FileSink (exactly-once: part files are committed on checkpoints)
 
@@ -43,13 +43,14 @@ from pyflink.datastream.connectors.file_system import FileSink, FileSource, Outp
 from pyflink.datastream.functions import KeyedProcessFunction, ProcessFunction, RuntimeContext  # noqa: E402
 from pyflink.datastream.state import ListStateDescriptor, ValueStateDescriptor  # noqa: E402
 
+from core.cleaning import InvalidEvent, decode_event, raw_bytes  # noqa: E402
+from core.featurizers import FeatureConfig, ItemPopularity, UserFeaturizer  # noqa: E402
+from core.keyed_state import GroupStates, key_group  # noqa: E402
+from core.settings import add_flags, pipeline_config  # noqa: E402
 from model.config import LearnerConfig  # noqa: E402
 from model.hashing import shard_of  # noqa: E402
 from model.journal import flush_micro_batch, new_meta  # noqa: E402
 from model.learner import IncrementalLearner  # noqa: E402
-from pipelines.flink_config import learner_config  # noqa: E402
-from transforms.cleaning import InvalidEvent, decode_event, raw_bytes  # noqa: E402
-from transforms.featurizers import FeatureConfig, ItemPopularity, UserFeaturizer  # noqa: E402
 
 DEAD_LETTER = OutputTag("dead-letter", Types.STRING())
 END_OF_TIME = 2**62
@@ -88,46 +89,52 @@ class DecodeAndValidate(ProcessFunction):
             yield DEAD_LETTER, _dead(record, f"malformed: {exc.reason}", "DecodeAndValidate")
 
 
-class DedupeEvents(KeyedProcessFunction):
-    def open(self, ctx: RuntimeContext):
-        self.seen = ctx.get_state(ValueStateDescriptor("seen", Types.BOOLEAN()))
+class KeyGroupFunction(KeyedProcessFunction):
+    """Keyed by key group: the group's per-id states (``core.keyed_state.GroupStates``, with its event-time
+    TTL) in one ValueState, as the Beam pipeline's ``KeyGroupStep``; ``handle`` does one event."""
 
-    def process_element(self, event, ctx):
-        if self.seen.value():
-            yield DEAD_LETTER, _dead(None, "duplicate event_id", "DedupeEvents", event)
-            return
-        self.seen.update(True)
-        yield event
-
-
-class AnnotateItemPopularity(KeyedProcessFunction):
-    def __init__(self, cfg: FeatureConfig):
-        self.cfg = cfg
+    def __init__(self, ttl_ms: int):
+        self.ttl_ms = ttl_ms
 
     def open(self, ctx: RuntimeContext):
-        self.state = ctx.get_state(ValueStateDescriptor("item_state", Types.PICKLED_BYTE_ARRAY()))
-        self.featurizer = ItemPopularity(self.cfg)
+        self.group = ctx.get_state(ValueStateDescriptor("group_states", Types.PICKLED_BYTE_ARRAY()))
+
+    def handle(self, group: dict[str, Any], event: dict[str, Any]) -> Any:
+        raise NotImplementedError
 
     def process_element(self, event, ctx):
-        current = self.state.value() or self.featurizer.new_state()
-        features = self.featurizer.transform_learn(current, event)
-        self.state.update(current)
-        yield {**event, "item_features": features}
+        group = self.group.value() or GroupStates.new()
+        out = self.handle(group, event)
+        GroupStates.sweep(group, self.ttl_ms)
+        self.group.update(group)
+        yield out
 
 
-class AnnotateUserFeatures(KeyedProcessFunction):
-    def __init__(self, cfg: FeatureConfig):
-        self.cfg = cfg
+class DedupeEvents(KeyGroupFunction):
+    """Keyed by key group of the event id; an id is remembered for ``ttl_ms`` of event time."""
 
-    def open(self, ctx: RuntimeContext):
-        self.state = ctx.get_state(ValueStateDescriptor("user_state", Types.PICKLED_BYTE_ARRAY()))
-        self.featurizer = UserFeaturizer(self.cfg)
+    def handle(self, group, event):
+        if GroupStates.seen(group, event["event_id"], event["event_time_ms"]):
+            return DEAD_LETTER, _dead(None, "duplicate event_id", "DedupeEvents", event)
+        return event
 
-    def process_element(self, event, ctx):
-        current = self.state.value() or self.featurizer.new_state()
-        features, history = self.featurizer.transform_learn(current, event)
-        self.state.update(current)
-        yield {**event, "user_features": features, "history": history}
+
+class AnnotateItemPopularity(KeyGroupFunction):
+    def __init__(self, cfg: FeatureConfig, ttl_ms: int):
+        super().__init__(ttl_ms)
+        self.featurizer = ItemPopularity(cfg)
+
+    def handle(self, group, event):
+        return self.featurizer.annotate(group, event)
+
+
+class AnnotateUserFeatures(KeyGroupFunction):
+    def __init__(self, cfg: FeatureConfig, ttl_ms: int):
+        super().__init__(ttl_ms)
+        self.featurizer = UserFeaturizer(cfg)
+
+    def handle(self, group, event):
+        return self.featurizer.annotate(group, event)
 
 
 class UpdateShardModel(KeyedProcessFunction):
@@ -181,21 +188,23 @@ class UpdateShardModel(KeyedProcessFunction):
 
 
 def build(env: StreamExecutionEnvironment, args: argparse.Namespace) -> None:
-    features = FeatureConfig()
-    cfg = learner_config(features, args.dim)
-    shards = args.shards
+    cfg = pipeline_config(args)
+    shards, groups = cfg.sharding.shards, cfg.sharding.key_groups
     source = FileSource.for_record_stream_format(StreamFormat.text_line_format(), args.input).build()
     watermarks = WatermarkStrategy.for_monotonous_timestamps().with_timestamp_assigner(EventTime())
     lines = env.from_source(source, watermarks, "ReplayEvents").uid("replay-source")
     events = lines.process(DecodeAndValidate(args.throttle_ms), output_type=Types.PICKLED_BYTE_ARRAY()).uid("decode")
-    unique = (events.key_by(lambda e: e["event_id"], key_type=Types.STRING())
-              .process(DedupeEvents(), output_type=Types.PICKLED_BYTE_ARRAY()).uid("dedupe"))
-    with_items = (unique.key_by(lambda e: e["item_id"], key_type=Types.STRING())
-                  .process(AnnotateItemPopularity(features), output_type=Types.PICKLED_BYTE_ARRAY()).uid("item-features"))
-    with_users = (with_items.key_by(lambda e: e["user_id"], key_type=Types.STRING())
-                  .process(AnnotateUserFeatures(features), output_type=Types.PICKLED_BYTE_ARRAY()).uid("user-features"))
+    unique = (events.key_by(lambda e: key_group(e["event_id"], groups), key_type=Types.INT())
+              .process(DedupeEvents(cfg.dedupe_ttl_ms), output_type=Types.PICKLED_BYTE_ARRAY()).uid("dedupe"))
+    with_items = (unique.key_by(lambda e: key_group(e["item_id"], groups), key_type=Types.INT())
+                  .process(AnnotateItemPopularity(cfg.feature, cfg.state_ttl_ms), output_type=Types.PICKLED_BYTE_ARRAY())
+                  .uid("item-features"))
+    with_users = (with_items.key_by(lambda e: key_group(e["user_id"], groups), key_type=Types.INT())
+                  .process(AnnotateUserFeatures(cfg.feature, cfg.state_ttl_ms), output_type=Types.PICKLED_BYTE_ARRAY())
+                  .uid("user-features"))
     outputs = (with_users.key_by(lambda e: shard_of(e["user_id"], shards), key_type=Types.INT())
-               .process(UpdateShardModel(cfg, args.batch_size, args.top_k, args.snapshot_every), output_type=Types.STRING())
+               .process(UpdateShardModel(cfg.learner, cfg.update.batch_size, cfg.update.top_k, args.snapshot_every),
+                        output_type=Types.STRING())
                .uid("update-shard-model"))
     dead = (events.get_side_output(DEAD_LETTER)
             .union(unique.get_side_output(DEAD_LETTER)))
@@ -205,19 +214,23 @@ def build(env: StreamExecutionEnvironment, args: argparse.Namespace) -> None:
     outputs.union(dead).sink_to(sink).uid("file-sink")
 
 
-def main(argv: list[str] | None = None) -> int:
+def make_parser() -> argparse.ArgumentParser:
+    """This entry point's flags (tests/test_settings.py compares their defaults with core.settings)."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--input", required=True, help="time-ordered JSONL of raw events (see pipelines.flink_job.write_jsonl)")
     ap.add_argument("--output", required=True)
     ap.add_argument("--checkpoint_dir", required=True)
     ap.add_argument("--checkpoint_interval_ms", type=int, default=1000)
     ap.add_argument("--restore_from", default=None, help="a retained checkpoint (…/chk-N) to resume from")
-    ap.add_argument("--shards", type=int, default=2)
-    ap.add_argument("--batch_size", type=int, default=32)
-    ap.add_argument("--top_k", type=int, default=5)
-    ap.add_argument("--dim", type=int, default=8)
-    ap.add_argument("--snapshot_every", type=int, default=5)
+    ap.add_argument("--snapshot_every", type=int, default=5, help="flushes between snapshots of a shard's learner")
     ap.add_argument("--throttle_ms", type=float, default=0.0, help="sleep per input record (to stretch a test run)")
+    # the Beam pipeline's flags and defaults; this job does not implement lateness or processing-time flushes yet
+    add_flags(ap, ("model", "stability", "state", "sharding"), skip=("flush_interval_s", "allowed_lateness_s"))
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = make_parser()
     args = ap.parse_args(argv)
     conf = Configuration()
     conf.set_string("execution.checkpointing.dir", "file://" + os.path.abspath(args.checkpoint_dir))

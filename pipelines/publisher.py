@@ -18,9 +18,10 @@ import time
 from collections.abc import Iterable
 from typing import Any
 
-from pipelines.pubsub import event_message
-from transforms.cleaning import InvalidEvent, validate_event
-from transforms.sources import DATA_ENV, PRESETS, guess_preset, read_replay
+from core.cleaning import InvalidEvent, validate_event
+from core.readers import DATA_ENV, PRESETS, guess_preset, read_replay
+from core.settings import add_flags
+from schemas.messages import event_message
 
 
 def prepare(records: Iterable[dict[str, Any]], retime: bool, speedup: float, start_ms: int) -> Iterable[tuple[bytes, dict[str, str]]]:
@@ -60,22 +61,23 @@ def publish(topic: str, messages: Iterable[tuple[bytes, dict[str, str]]], rate: 
     return n
 
 
-def main(argv: list[str] | None = None) -> int:
+def make_parser() -> argparse.ArgumentParser:
+    """This entry point's flags (tests/test_settings.py compares their defaults with core.settings)."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--topic", required=True, help="projects/PROJECT/topics/TOPIC")
-    ap.add_argument("--data", default=None, help=f"dataset file or folder (default ${DATA_ENV})")
-    ap.add_argument("--data_format", default=None, choices=sorted(PRESETS))
-    ap.add_argument("--limit", type=int, default=None)
     ap.add_argument("--rate", type=float, default=100.0, help="messages per second (0 = unthrottled)")
     ap.add_argument("--no_retime", action="store_true", help="keep the dataset's own event times")
     ap.add_argument("--speedup", type=float, default=1000.0, help="divide gaps between events by this when retiming")
-    args = ap.parse_args(argv)
-    import os
+    add_flags(ap, ("input",), only=("data", "data_format", "limit"))
+    return ap
 
-    data = args.data or os.environ.get(DATA_ENV)
-    if not data:
+
+def main(argv: list[str] | None = None) -> int:
+    ap = make_parser()
+    args = ap.parse_args(argv)
+    if not args.data:
         ap.error(f"--data or ${DATA_ENV} is required")
-    records = read_replay(data, PRESETS[args.data_format or guess_preset(data)], args.limit)
+    records = read_replay(args.data, PRESETS[args.data_format or guess_preset(args.data)], args.limit)
     n = publish(args.topic, prepare(records, not args.no_retime, args.speedup, int(time.time() * 1000)), args.rate)
     print(f"published {n} messages to {args.topic}")
     return 0

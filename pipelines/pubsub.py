@@ -1,14 +1,11 @@
 """Pub/Sub in production shape: Avro messages in, scored-output, delta and dead-letter topics out.
 
-Every message carries its schema's CRC-64-AVRO fingerprint (``schema_fingerprint``); events carry
-their event time in ``event_time_ms``; outputs carry ``shard``, ``model_version`` and a per-shard
-``sequence`` so consumers can detect gaps and duplicates.
+The messages' data and attributes are ``schemas.messages``; these are the Beam transforms over them.
 """
 
 from __future__ import annotations
 
 import time
-from typing import Any
 
 import apache_beam as beam
 from apache_beam.io.gcp.pubsub import PubsubMessage, ReadFromPubSub, WriteToPubSub
@@ -18,25 +15,8 @@ from apache_beam.transforms.window import TimestampedValue
 from apache_beam.utils.timestamp import Timestamp
 
 import schemas
+from schemas.messages import EVENT_TIME_ATTR, FINGERPRINT_ATTR, output_attributes
 from transforms.clean import DEAD_LETTER, dead_letter
-
-EVENT_TIME_ATTR = "event_time_ms"
-FINGERPRINT_ATTR = "schema_fingerprint"
-
-
-def event_message(record: dict[str, Any]) -> tuple[bytes, dict[str, str]]:
-    """(data, attributes) for one raw event; raises ValueError if it does not fit the schema."""
-    data = schemas.encode(schemas.RAW_EVENT, record)
-    return data, {FINGERPRINT_ATTR: schemas.schema_fingerprint(schemas.RAW_EVENT),
-                  EVENT_TIME_ATTR: str(int(record["event_time_ms"]))}
-
-
-def output_attributes(schema_name: str, record: dict[str, Any]) -> dict[str, str]:
-    attrs = {FINGERPRINT_ATTR: schemas.schema_fingerprint(schema_name)}
-    for key in ("shard", "model_version", "sequence", "table", "user_id", "step"):
-        if record.get(key) is not None:
-            attrs[key] = str(record[key])
-    return attrs
 
 
 class ParseEventMessages(beam.DoFn):

@@ -9,10 +9,30 @@ from typing import Any
 
 import apache_beam as beam
 
-from transforms.featurizers import FeatureConfig
+from core.featurizers import FeatureConfig
+from model.config import LearnerConfig, TableConfig
 
 FEATURES = FeatureConfig()
 BASE_MS = 1_700_000_000_000
+
+
+def cfg(**kw) -> LearnerConfig:
+    """A small learner config over ``FEATURES`` (the model-core tests' default)."""
+    table = kw.pop("table", TableConfig(dim=8))
+    base = dict(user_features=FEATURES.user_width, item_features=FEATURES.item_width, user_table=table,
+                item_table=table, gate=False, lr=0.1, negatives=3)
+    base.update(kw)
+    return LearnerConfig(**base)
+
+
+def replay(learner: Any, events: list[dict[str, Any]], batch: int) -> tuple[list[float], list[float]]:
+    """Learn ``events`` in batches of ``batch``; the prequential labels and probabilities."""
+    labels, probs = [], []
+    for i in range(0, len(events), batch):
+        r = learner.learn(events[i : i + batch])
+        labels += r.labels
+        probs += r.probs
+    return labels, probs
 
 
 def featurized(i: int, user: str, item: str, t_ms: int, etype: str = "click", value: float | None = None,

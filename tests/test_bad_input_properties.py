@@ -10,12 +10,13 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 import schemas
+from core.cleaning import CleanConfig, InvalidEvent, decode_event
+from core.settings import PipelineConfig, ShardingConfig, UpdateConfig
 from model.config import LearnerConfig, TableConfig
-from pipelines.freshrec_pipeline import PipelineConfig, RefreshModels
+from pipelines.freshrec_pipeline import RefreshModels
 from tests.helpers import BASE_MS, FEATURES, Collected, CollectTo
 from transforms.clean import DEAD_LETTER
-from transforms.cleaning import CleanConfig, InvalidEvent, decode_event
-from transforms.update import REPORTS, UpdateConfig
+from transforms.update import REPORTS
 
 GOOD = {"event_id": "e", "user_id": "u1", "item_id": "i1", "event_type": "click",
         "event_time_ms": BASE_MS, "value": None, "context": {}}
@@ -71,8 +72,8 @@ def _config() -> PipelineConfig:
     table = TableConfig(dim=4)
     learner = LearnerConfig(user_features=FEATURES.user_width, item_features=FEATURES.item_width,
                             user_table=table, item_table=table, negatives=1, gate=False)
-    return PipelineConfig(FEATURES, learner, UpdateConfig(shards=2, batch_size=5, flush_interval_s=None),
-                          CleanConfig(), 3_600_000, 86_400_000, 86_400_000, "unused", 0)
+    return PipelineConfig(FEATURES, learner, UpdateConfig(batch_size=5, flush_interval_s=None), CleanConfig(),
+                          ShardingConfig(shards=2), 3_600_000, 86_400_000, 86_400_000, "unused", 0)
 
 
 @settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,

@@ -7,8 +7,9 @@ import random
 import apache_beam as beam
 import pytest
 
+from core.keyed_state import GroupStates, key_group
 from tests.helpers import BASE_MS, FEATURES, Collected, CollectTo
-from transforms.batching import BatchByKey, GroupStates, RebatchByKey, key_group
+from transforms.batching import BatchByKey, RebatchByKey
 from transforms.featurize import FeaturizeEvents
 
 

@@ -41,7 +41,7 @@ def test_in_order_duplicates_and_out_of_order_arrivals():
     results = [consumer.handle(r) for r in shuffled + records[:5]]
     assert results.count("duplicate") == 5 and "buffered" in results
     assert consumer.version(0) == learner.version
-    assert consumer.replicas[0].learner.published_snapshot() == learner.published_snapshot()
+    assert consumer.replicas[0].model.published_snapshot() == learner.published_snapshot()
     assert served(consumer, learner, ["u1", "u7", "u33"])
 
 
@@ -53,7 +53,7 @@ def test_lost_delta_triggers_resync_from_checkpoint(tmp_path):
         if r["sequence"] != lost:
             consumer.handle(r)
     assert consumer.counters["resyncs"] == 1
-    assert consumer.replicas[0].learner.published_snapshot() == learner.published_snapshot()
+    assert consumer.replicas[0].model.published_snapshot() == learner.published_snapshot()
     assert served(consumer, learner, ["u2", "u5"])
 
 

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from transforms.featurizers import HOUR_MS, FeatureConfig, ItemPopularity, UserFeaturizer
+from core.featurizers import HOUR_MS, FeatureConfig, ItemPopularity, UserFeaturizer
 
 T0 = 1_700_000_000_000
 
@@ -75,8 +75,8 @@ def test_feature_config_validation():
 from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
+from core.featurizers import _Buckets  # noqa: E402
 from schemas import EVENT_TYPES  # noqa: E402
-from transforms.featurizers import _Buckets  # noqa: E402
 
 steps = st.lists(st.tuples(st.integers(-3 * HOUR_MS, 30 * HOUR_MS), st.sampled_from(EVENT_TYPES)), min_size=1, max_size=80)
 

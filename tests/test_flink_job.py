@@ -7,6 +7,7 @@ Java is absent."""
 
 from __future__ import annotations
 
+import argparse
 import glob
 import json
 import os
@@ -18,10 +19,10 @@ from collections import Counter, defaultdict
 
 import pytest
 
-from model.learner import IncrementalLearner, ModelDelta
-from pipelines.flink_config import learner_config
-from transforms.featurizers import FeatureConfig
-from transforms.replay import SyntheticConfig, synthetic_events
+from core.readers import SyntheticConfig, synthetic_events
+from core.settings import learner_config
+from model.deltas import ModelDelta
+from model.learner import IncrementalLearner
 
 pytestmark = pytest.mark.flink
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -69,7 +70,7 @@ def committed(out_dir):
 
 def parameters(records):
     """Apply the delta stream per shard in sequence order; the resulting parameters."""
-    cfg = learner_config(FeatureConfig(), DIM)
+    cfg = learner_config(argparse.Namespace(dim=DIM))
     by_shard = defaultdict(list)
     for r in records:
         if r["kind"] == "delta":

@@ -7,9 +7,10 @@ import math
 
 import apache_beam as beam
 
+from core.settings import UpdateConfig
 from model.config import LearnerConfig, TableConfig
 from tests.helpers import FEATURES, Collected, CollectTo, topic_stream
-from transforms.update import DELTAS, REPORTS, SCORES, UpdateConfig, UpdateShardModels
+from transforms.update import DELTAS, REPORTS, SCORES, UpdateShardModels
 
 
 def test_nan_inf_and_huge_features_never_reach_published_deltas():
@@ -28,7 +29,7 @@ def test_nan_inf_and_huge_features_never_reach_published_deltas():
         poisoned.append(e)
     Collected.clear()
     with beam.Pipeline() as p:
-        out = p | beam.Create([poisoned]) | UpdateShardModels(cfg, UpdateConfig(shards=1, batch_size=10, flush_interval_s=None))
+        out = p | beam.Create([poisoned]) | UpdateShardModels(cfg, UpdateConfig(batch_size=10, flush_interval_s=None), shards=1)
         out[DELTAS] | "CollectDeltas" >> CollectTo("nan/deltas")
         out[REPORTS] | "CollectReports" >> CollectTo("nan/reports")
         out[SCORES] | "CollectScores" >> CollectTo("nan/scores")

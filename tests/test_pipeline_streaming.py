@@ -11,20 +11,22 @@ from apache_beam.testing.test_stream import TestStream
 from apache_beam.transforms.window import TimestampedValue
 
 import schemas
+from core.cleaning import CleanConfig
+from core.settings import PipelineConfig, ShardingConfig, UpdateConfig
 from model.config import LearnerConfig, TableConfig
-from pipelines.freshrec_pipeline import PipelineConfig, RefreshModels
+from pipelines.freshrec_pipeline import RefreshModels
 from tests.helpers import BASE_MS, FEATURES, Collected, CollectTo, fixed_clock
 from transforms.clean import DEAD_LETTER
-from transforms.cleaning import CleanConfig
-from transforms.update import DELTAS, REPORTS, ROLLBACKS, SCORES, UpdateConfig
+from transforms.update import DELTAS, REPORTS, ROLLBACKS, SCORES
 
 
 def config(batch_size: int = 2, lateness_ms: int = 60_000, flush_interval_s: float | None = None) -> PipelineConfig:
     table = TableConfig(dim=8)
     learner = LearnerConfig(user_features=FEATURES.user_width, item_features=FEATURES.item_width,
                             user_table=table, item_table=table, negatives=2, gate=False, lr=0.2)
-    update = UpdateConfig(shards=1, batch_size=batch_size, flush_interval_s=flush_interval_s, top_k=3)
-    return PipelineConfig(FEATURES, learner, update, CleanConfig(), lateness_ms, 86_400_000, 86_400_000, "unused", 0)
+    update = UpdateConfig(batch_size=batch_size, flush_interval_s=flush_interval_s, top_k=3)
+    return PipelineConfig(FEATURES, learner, update, CleanConfig(), ShardingConfig(shards=1), lateness_ms, 86_400_000,
+                          86_400_000, "unused", 0)
 
 
 def wire(i: int, user: str, item: str, t_s: float, event_id: str | None = None) -> TimestampedValue:

@@ -15,11 +15,12 @@ import apache_beam as beam
 import pytest
 
 import schemas
+from core.settings import pipeline_config
 from pipelines.consumer import DeltaConsumer
 from pipelines.emulator import EmulatorUnavailable, start_emulator
-from pipelines.freshrec_pipeline import PipelineConfig, build_pipeline, make_options
+from pipelines.freshrec_pipeline import build_pipeline, make_options
 from pipelines.publisher import prepare, publish
-from pipelines.pubsub import FINGERPRINT_ATTR
+from schemas.messages import FINGERPRINT_ATTR
 
 pytestmark = pytest.mark.emulator
 PROJECT = "freshrec-test"
@@ -84,7 +85,7 @@ def test_pubsub_end_to_end_with_consumer(emulator):
             "--rollbacks_topic", _topic("rollbacks"), "--shards", "2", "--batch_size", "8",
             "--flush_interval_s", "1", "--allowed_lateness_s", "3600", "--dim", "8", "--no_gate"]
     opts = make_options(argv)
-    cfg = PipelineConfig.from_options(opts)
+    cfg = pipeline_config(opts)
     p = beam.Pipeline(options=opts)
     build_pipeline(p, opts)
     result = p.run()
@@ -134,7 +135,7 @@ def test_pubsub_end_to_end_with_consumer(emulator):
         assert versions == sorted(versions)
 
     # the downstream consumer reproduces the pipeline's scores at the same version
-    consumer = DeltaConsumer(cfg.learner, cfg.update.shards)
+    consumer = DeltaConsumer(cfg.learner, cfg.sharding.shards)
     pending = {(s.get("shard"), s["model_version"]): [] for s in score_recs}
     for s in score_recs:
         pending[(s["shard"], s["model_version"])].append(s)
@@ -142,7 +143,7 @@ def test_pubsub_end_to_end_with_consumer(emulator):
     shuffled = sorted(delta_recs, key=lambda r: (r["sequence"] % 3, r["shard"]))  # arrival order differs
     for rec in shuffled + shuffled[:3]:  # and duplicates arrive again
         consumer.handle(rec)
-    consumer2 = DeltaConsumer(cfg.learner, cfg.update.shards)
+    consumer2 = DeltaConsumer(cfg.learner, cfg.sharding.shards)
     for shard, recs in by_shard.items():
         for i, rec in enumerate(recs):
             consumer2.handle(rec)

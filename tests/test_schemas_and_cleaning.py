@@ -8,7 +8,7 @@ import avro.schema
 import pytest
 
 import schemas
-from transforms.cleaning import CleanConfig, InvalidEvent, LatenessTracker, decode_event, validate_event
+from core.cleaning import CleanConfig, InvalidEvent, LatenessTracker, decode_event, validate_event
 
 GOOD = {"event_id": "e1", "user_id": "u1", "item_id": "i1", "event_type": "rating",
         "event_time_ms": 1_700_000_000_000, "value": 4.0, "context": {"device": "phone"}}

@@ -17,12 +17,13 @@ import pytest
 import torch
 
 import schemas
+from core.readers import PRESETS, SyntheticConfig, guess_preset, read_replay, synthetic_events
 from model.config import LearnerConfig, TableConfig
-from model.journal import frame, journal_entry, journal_events, restore_learner
+from model.journal import journal_entry, journal_events, restore_learner
 from model.learner import IncrementalLearner
 from pipelines import cli
 from tests.helpers import FEATURES, Collected, CollectTo, topic_stream
-from transforms.sources import PRESETS, ReplayEvents, SyntheticConfig, guess_preset, read_replay, synthetic_events
+from transforms.sources import ReplayEvents
 
 
 @pytest.fixture
@@ -132,39 +133,22 @@ def test_restore_from_snapshot_and_journal_equals_the_live_learner():
         live.take_deltas()
     snapshot = live.to_bytes()
     journal = []
-    for i, b in enumerate(batches[8:]):
+    for b in batches[8:]:
         live.learn(b)
         live.take_deltas()
-        # entries written before the marshalled format (length-framed Avro records) still replay
-        journal.append(journal_entry(b) if i % 2 else frame([schemas.encode(schemas.FEATURIZED_EVENT, e) for e in b]))
+        journal.append(journal_entry(b))
     restored = restore_learner(cfg, 0, snapshot, journal)
     assert restored.version == live.version
     assert restored.parameters_snapshot() == live.parameters_snapshot()
-    # and from a format-1 snapshot (ids as lists, the undo log as one entry per row)
-    legacy = restore_learner(cfg, 0, format_1(snapshot), journal)
-    assert legacy.parameters_snapshot() == live.parameters_snapshot()
 
 
-def format_1(snapshot: bytes) -> bytes:
-    """A snapshot rewritten as format 1 wrote it."""
-    sd = torch.load(io.BytesIO(snapshot), weights_only=True)
-    assert sd["format"] == 2
-    sd["format"] = 1
-    for t in sd["tables"].values():
-        for k in ("ids", "dirty", "tombstones"):
-            t[k] = json.loads(t[k])
-        t["free"] = t["free"].tolist()
-    undo = []
-    for name, block in sd["undo"].items():
-        fields, j = block["fields"], 0
-        for key, had in zip(json.loads(block["ids"]), block["exists"].tolist(), strict=True):
-            undo.append([name, key, {n: v[j] for n, v in fields.items()} if had else None])
-            j += had
-    sd["undo"] = undo
-    assert any(u[2] is not None for u in undo) and any(u[2] is None for u in undo)
+def test_a_snapshot_of_another_format_is_refused():
+    sd = torch.load(io.BytesIO(IncrementalLearner(LearnerConfig()).to_bytes()), weights_only=True)
+    sd["format"] = 2
     buf = io.BytesIO()
     torch.save(sd, buf)
-    return buf.getvalue()
+    with pytest.raises(ValueError, match="checkpoint format 2 is not 3"):
+        IncrementalLearner.from_bytes(buf.getvalue())
 
 
 def test_a_damaged_journal_entry_is_a_clear_error():

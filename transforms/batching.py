@@ -10,11 +10,9 @@ id modulo ``groups``, as Flink's key groups) and receive micro-batches ``(group,
   ``RebatchByKey`` does the same from micro-batches: the keyed steps emit their kept events as one
   list per input batch, so events move between steps as lists and Beam's per-element work (an output
   receiver call and a DoFn invocation per event per step) is paid per batch;
-* ``GroupStates`` (runner-free) holds the per-id states of one group in a plain dict (kept in Beam
-  state marshalled: Beam's state cache weighs what it holds by walking it, bytes in O(1)), with an
-  event-time TTL: an id idle for ``ttl_ms`` is dropped when the group's event time passes it
-  (checked at most every ``ttl_ms / 8``), and a watermark timer per group clears a group whose ids
-  have all gone idle.
+* ``KeyGroupStep`` keeps a group's per-id states (``core.keyed_state.GroupStates``, runner-free, with
+  an event-time TTL) in Beam state, marshalled (Beam's state cache weighs what it holds by walking
+  it, bytes in O(1)), and a watermark timer per group clears a group whose ids have all gone idle.
 
 More groups = smaller state values per commit (streaming runners commit every bundle); fewer =
 fewer keys per event (the DirectRunner). ``--key_groups`` sets it.
@@ -24,7 +22,6 @@ from __future__ import annotations
 
 import marshal
 from collections.abc import Callable, Iterable, Iterator
-from operator import itemgetter
 from typing import Any
 
 import apache_beam as beam
@@ -36,25 +33,10 @@ from apache_beam.transforms.window import TimestampedValue
 from apache_beam.utils.timestamp import Timestamp
 from apache_beam.utils.windowed_value import WindowedValue
 
-from model.hashing import stable_hash
+from core.keyed_state import GroupStates, in_time_order
 from transforms.runtime import tune_worker
 
 DEAD_LETTER = "dead_letter"
-
-
-def in_time_order(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """A batch sorted by event time (stable: equal times keep arrival order)."""
-    return sorted(events, key=_EVENT_TIME)
-
-
-_EVENT_TIME = itemgetter("event_time_ms")
-
-
-def key_group(key: str, groups: int) -> int:
-    """The key group of an id: stable across processes and runs."""
-    if groups < 1:
-        raise ValueError(f"key groups must be >= 1, got {groups}")
-    return stable_hash(key) % groups
 
 
 class BatchByKey(beam.DoFn):
@@ -127,55 +109,6 @@ def batch_by(key_fn: Callable[[dict[str, Any]], int], step: str = "BatchByKey") 
 def rebatch_by(key_fn: Callable[[dict[str, Any]], int], step: str = "RebatchByKey") -> beam.ParDo:
     """``RebatchByKey`` with an int key, typed as ``batch_by``."""
     return beam.ParDo(RebatchByKey(key_fn, step=step)).with_output_types(tuple[int, list[Any]])
-
-
-class GroupStates:
-    """Runner-free: the per-id states of one key group, as a plain dict a runner's state can hold.
-
-    Layout: ``{"states": {id: state}, "touched": {id: newest event ms}, "newest": ms, "swept": ms}``.
-    """
-
-    @staticmethod
-    def new() -> dict[str, Any]:
-        return {"states": {}, "touched": {}, "newest": None, "swept": None}
-
-    @staticmethod
-    def touch(group: dict[str, Any], key: str, event_ms: int) -> None:
-        touched = group["touched"]
-        prev = touched.get(key)
-        if prev is None or event_ms > prev:
-            touched[key] = event_ms
-        if group["newest"] is None or event_ms > group["newest"]:
-            group["newest"] = event_ms
-
-    @staticmethod
-    def state_for(group: dict[str, Any], key: str, event_ms: int, new_state: Callable[[], Any]) -> Any:
-        """The state of ``key`` (``new_state()`` if it has none), marked as touched at ``event_ms``."""
-        states = group["states"]
-        state = states.get(key)
-        if state is None:
-            states[key] = state = new_state()
-        GroupStates.touch(group, key, event_ms)
-        return state
-
-    @staticmethod
-    def sweep(group: dict[str, Any], ttl_ms: int) -> int:
-        """Drop ids idle for ``ttl_ms`` as of the group's newest event time, at most once per ``ttl_ms / 8``
-        of event time. Returns how many were dropped."""
-        newest = group["newest"]
-        if newest is None:
-            return 0
-        every = max(1000, ttl_ms // 8)
-        if group["swept"] is not None and newest - group["swept"] < every:
-            return 0
-        group["swept"] = newest
-        cutoff = newest - ttl_ms
-        touched, states = group["touched"], group["states"]
-        idle = [k for k, t in touched.items() if t <= cutoff]
-        for k in idle:
-            del touched[k]
-            states.pop(k, None)
-        return len(idle)
 
 
 class KeyGroupStep(beam.DoFn):

@@ -14,9 +14,10 @@ from apache_beam.transforms.userstate import ReadModifyWriteStateSpec, TimerSpec
 from apache_beam.transforms.window import TimestampedValue
 from apache_beam.utils.timestamp import Timestamp
 
+from core.cleaning import CleanConfig, InvalidEvent, LatenessTracker, decode_event, raw_bytes
+from core.keyed_state import GroupStates, key_group
 from model.hashing import shard_of
-from transforms.batching import DEAD_LETTER, GroupStates, KeyGroupStep, batch_by, key_group, rebatch_by
-from transforms.cleaning import CleanConfig, InvalidEvent, LatenessTracker, decode_event, raw_bytes
+from transforms.batching import DEAD_LETTER, KeyGroupStep, batch_by, rebatch_by
 from transforms.runtime import tune_worker
 
 __all__ = ["DEAD_LETTER", "CleanEvents", "DecodeAndValidate", "DedupeEvents", "DropLateEvents", "dead_letter"]
@@ -136,15 +137,13 @@ class DedupeEvents(KeyGroupStep):
         self.duplicates = Metrics.counter(NAMESPACE, "dead_letter_duplicate")
 
     def handle_batch(self, group, events, dead):
-        seen = group["touched"]
+        seen = GroupStates.seen
         kept = []
         for event in events:
-            event_id = event["event_id"]
-            if event_id in seen:
+            if seen(group, event["event_id"], event["event_time_ms"]):
                 self.duplicates.inc()
                 dead.append(dead_letter(None, "duplicate event_id", self.STEP, event))
                 continue
-            GroupStates.touch(group, event_id, event["event_time_ms"])
             kept.append(event)
         return kept
 

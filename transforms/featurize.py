@@ -1,7 +1,7 @@
 """FeaturizeEvents: item popularity (keyed by item group) then per-user windowed features (keyed by user
 group), each on micro-batches (see ``transforms.batching``): micro-batches in, micro-batches out.
 
-The DoFns only move state in and out; the arithmetic is in ``transforms.featurizers``.
+The DoFns only move state in and out; the arithmetic is in ``core.featurizers``.
 """
 
 from __future__ import annotations
@@ -10,8 +10,9 @@ from typing import Any
 
 import apache_beam as beam
 
-from transforms.batching import GroupStates, KeyGroupStep, key_group, rebatch_by
-from transforms.featurizers import FeatureConfig, ItemPopularity, UserFeaturizer
+from core.featurizers import FeatureConfig, ItemPopularity, UserFeaturizer
+from core.keyed_state import key_group
+from transforms.batching import KeyGroupStep, rebatch_by
 
 
 class AnnotateItemPopularity(KeyGroupStep):
@@ -24,10 +25,8 @@ class AnnotateItemPopularity(KeyGroupStep):
         self.featurizer = ItemPopularity(cfg)
 
     def handle_batch(self, group, events, dead):
-        featurizer, state_for, new_state = self.featurizer, GroupStates.state_for, self.featurizer.new_state
-        return [{**event, "item_features": featurizer.transform_learn(
-                    state_for(group, event["item_id"], event["event_time_ms"], new_state), event)}
-                for event in events]
+        annotate = self.featurizer.annotate
+        return [annotate(group, event) for event in events]
 
 
 class AnnotateUserFeatures(KeyGroupStep):
@@ -40,13 +39,8 @@ class AnnotateUserFeatures(KeyGroupStep):
         self.featurizer = UserFeaturizer(cfg)
 
     def handle_batch(self, group, events, dead):
-        featurizer, state_for, new_state = self.featurizer, GroupStates.state_for, self.featurizer.new_state
-        out = []
-        for event in events:
-            features, history = featurizer.transform_learn(
-                state_for(group, event["user_id"], event["event_time_ms"], new_state), event)
-            out.append({**event, "user_features": features, "history": history})
-        return out
+        annotate = self.featurizer.annotate
+        return [annotate(group, event) for event in events]
 
 
 class FeaturizeEvents(beam.PTransform):

@@ -22,14 +22,10 @@ from apache_beam.transforms.window import GlobalWindow, TimestampedValue
 from apache_beam.utils.timestamp import Timestamp
 from apache_beam.utils.windowed_value import WindowedValue
 
-from transforms.replay import (  # noqa: F401 (re-exported for callers of the Beam sources)
+from core.readers import (
     DATA_ENV,
-    PRESETS,
     ColumnMapping,
     SyntheticConfig,
-    guess_preset,
-    map_row,
-    read_replay,
     read_replay_packed,
     synthetic_events,
     unpack_event,

@@ -18,7 +18,6 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import apache_beam as beam
@@ -39,12 +38,14 @@ from apache_beam.utils.timestamp import Timestamp
 from apache_beam.utils.windowed_value import WindowedValue
 
 import schemas
+from core.keyed_state import in_time_order
+from core.settings import UpdateConfig
 from model.config import LearnerConfig
 from model.hashing import shard_of
 from model.journal import flush_micro_batch, new_meta
 from model.learner import IncrementalLearner
 from model.metrics import BinaryStats
-from transforms.batching import in_time_order, rebatch_by
+from transforms.batching import rebatch_by
 from transforms.coders import AvroRecordCoder
 from transforms.featurize import featurized_record
 from transforms.runtime import tune_worker
@@ -54,27 +55,6 @@ NAMESPACE = "freshrec"
 
 # Live learners of this worker, by (DoFn instance id, shard): (learner, flushes it has applied).
 _LIVE: dict[tuple[str, int], tuple[IncrementalLearner, int]] = {}
-
-
-@dataclass(frozen=True)
-class UpdateConfig:
-    shards: int = 4
-    batch_size: int = 256
-    flush_interval_s: float | None = 5.0
-    top_k: int = 10
-    snapshot_every: int = 50
-    checkpoint_dir: str | None = None
-    checkpoint_every: int = 0
-
-    def __post_init__(self) -> None:
-        if self.shards < 1:
-            raise ValueError(f"UpdateConfig.shards must be >= 1, got {self.shards}")
-        if self.batch_size < 1:
-            raise ValueError(f"UpdateConfig.batch_size must be >= 1, got {self.batch_size}")
-        if self.flush_interval_s is not None and self.flush_interval_s <= 0:
-            raise ValueError("UpdateConfig.flush_interval_s must be > 0 or None")
-        if self.top_k < 1 or self.snapshot_every < 1 or self.checkpoint_every < 0:
-            raise ValueError("UpdateConfig.top_k and snapshot_every must be >= 1, checkpoint_every >= 0")
 
 
 class UpdateShardModel(beam.DoFn):
@@ -215,7 +195,7 @@ class UpdateShardModel(beam.DoFn):
             journal.add(done.journal_entry)
         state["buffer_newest_ms"] = None
         if self.cfg.checkpoint_dir and self.cfg.checkpoint_every and state["flushes"] % self.cfg.checkpoint_every == 0 \
-                and not learner._acc_batches:
+                and not learner.accumulating:
             from model.checkpoint import save_checkpoint
             save_checkpoint(learner, self.cfg.checkpoint_dir, {"delta_sequence": state["delta_seq"]})
 
@@ -265,12 +245,14 @@ class UpdateShardModels(beam.PTransform):
     """Micro-batches of featurized events (lists, as ``FeaturizeEvents`` emits them) -> {scores, deltas,
     rollbacks, reports}."""
 
-    def __init__(self, learner_cfg: LearnerConfig, cfg: UpdateConfig, clock: Callable[[], float] = time.time):
+    def __init__(self, learner_cfg: LearnerConfig, cfg: UpdateConfig, shards: int, clock: Callable[[], float] = time.time):
         super().__init__()
-        self.learner_cfg, self.cfg, self.clock = learner_cfg, cfg, clock
+        if shards < 1:
+            raise ValueError(f"UpdateShardModels: shards must be >= 1, got {shards}")
+        self.learner_cfg, self.cfg, self.shards, self.clock = learner_cfg, cfg, shards, clock
 
     def expand(self, events):
-        shards = self.cfg.shards
+        shards = self.shards
         cls = UpdateShardModelWithIntervalFlush if self.cfg.flush_interval_s else UpdateShardModel
         dofn = cls(self.learner_cfg, self.cfg, self.clock)
         outputs = (

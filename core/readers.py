@@ -111,7 +111,8 @@ def _rows(path: str, mapping: ColumnMapping) -> Iterator[dict[str, Any]]:
         import fastavro
 
         with open(path, "rb") as fh:
-            yield from fastavro.reader(fh)
+            for rec in fastavro.reader(fh):
+                yield rec if isinstance(rec, dict) else {"__unparsable__": repr(rec)[:1000]}
 
 
 def _field(spec: str | None, row: dict[str, Any]) -> Any:

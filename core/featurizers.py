@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from math import log1p
 from typing import Any
 
+from core.keyed_state import GroupStates
 from schemas import EVENT_TYPES
 
 HOUR_MS = 3_600_000
@@ -148,7 +149,20 @@ class _Buckets:
 
 class UserFeaturizer:
     """Per-user: counts by event type over each window (log1p), total events, recency, recent mean rating,
-    and the user's last N items."""
+    and the user's last N items.
+
+    >>> f = UserFeaturizer(FeatureConfig(windows_ms=(HOUR_MS,), bucket_ms=60_000, history=2))
+    >>> state = f.new_state()
+    >>> for n, item in enumerate(["a", "b", "c"]):
+    ...     features, history = f.transform_learn(state, {"event_type": "click", "item_id": item,
+    ...                                                    "event_time_ms": 60_000 * n})
+    >>> history                      # the items before this event (the last 2)
+    ['a', 'b']
+    >>> [round(x, 3) for x in features[:4]]  # log1p of the hour's views, clicks (2), ratings, purchases
+    [0.0, 1.099, 0.0, 0.0]
+    >>> f.transform_one(state, {"event_type": "view", "event_time_ms": 180_000})[1]
+    ['b', 'c']
+    """
 
     def __init__(self, cfg: FeatureConfig = FeatureConfig()):
         self.cfg = cfg
@@ -182,6 +196,13 @@ class UserFeaturizer:
         self.learn_one(state, event, totals)
         return out
 
+    def annotate(self, group: dict[str, Any], event: dict[str, Any]) -> dict[str, Any]:
+        """The event with its user's features and history before it, learning it into the user's state in
+        ``group`` (a key group's ``GroupStates``): what the keyed user-feature steps do per event."""
+        state = GroupStates.state_for(group, event["user_id"], event["event_time_ms"], self.new_state)
+        features, history = self.transform_learn(state, event)
+        return {**event, "user_features": features, "history": history}
+
     def _features(self, state: dict[str, Any], now: int, totals: list[list[int]]) -> tuple[list[float], list[str]]:
         feats: list[float] = []
         for total in totals:
@@ -208,7 +229,14 @@ class UserFeaturizer:
 
 
 class ItemPopularity:
-    """Per-item: event counts over each window (log1p) and recency of the item's last event."""
+    """Per-item: event counts over each window (log1p) and recency of the item's last event.
+
+    >>> f = ItemPopularity(FeatureConfig(windows_ms=(HOUR_MS, DAY_MS)))
+    >>> group = GroupStates.new()
+    >>> events = [{"item_id": "i1", "event_type": "view", "event_time_ms": t} for t in (0, 1_000, 2 * HOUR_MS)]
+    >>> [[round(x, 3) for x in f.annotate(group, e)["item_features"]] for e in events]
+    [[0.0, 0.0, 1.5], [0.693, 0.693, 0.069], [0.0, 1.099, 0.888]]
+    """
 
     def __init__(self, cfg: FeatureConfig = FeatureConfig()):
         self.cfg = cfg
@@ -233,6 +261,11 @@ class ItemPopularity:
         out = self._features(state, now, totals)
         self.learn_one(state, event, totals)
         return out
+
+    def annotate(self, group: dict[str, Any], event: dict[str, Any]) -> dict[str, Any]:
+        """The event with its item's popularity features before it (``UserFeaturizer.annotate``, per item)."""
+        state = GroupStates.state_for(group, event["item_id"], event["event_time_ms"], self.new_state)
+        return {**event, "item_features": self.transform_learn(state, event)}
 
     @staticmethod
     def _features(state: dict[str, Any], now: int, totals: list[list[int]]) -> list[float]:

@@ -1,0 +1,212 @@
+"""One configuration for every entry point: the flags, their defaults, and the configs they build.
+
+Every flag is declared once, in ``FLAGS``, with its group, default and one sentence of help. The
+Beam pipeline's options, the PyFlink job, the consumer, the publisher and the benchmarks add the
+groups they take with ``add_flags`` and build their configs with ``pipeline_config``, so a default
+changed here changes it everywhere (``tests/test_settings.py`` checks that no entry point declares
+its own). Beam-free: the consumer and the publisher import it without importing Beam.
+
+>>> import argparse
+>>> parser = argparse.ArgumentParser()
+>>> add_flags(parser, ("model", "sharding"))
+>>> cfg = pipeline_config(parser.parse_args(["--shards", "2", "--dim", "8"]))
+>>> cfg.sharding.shards, cfg.learner.dim, cfg.update.batch_size
+(2, 8, 256)
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from core.cleaning import CleanConfig
+from core.featurizers import FeatureConfig
+from core.readers import DATA_ENV, PRESETS
+from model.config import MODES, OPTIMIZERS, LearnerConfig, TableConfig
+
+DAY_MS = 86_400_000
+
+
+@dataclass(frozen=True)
+class Flag:
+    """One command-line flag. A flag whose default is ``False`` and that has no ``type`` is a switch."""
+
+    name: str
+    group: str
+    default: Any
+    help: str
+    type: Callable[[str], Any] | None = None
+    choices: tuple[str, ...] | None = None
+
+
+GROUPS: dict[str, str] = {
+    "input": "input: where events come from",
+    "model": "model: the learner of each shard",
+    "stability": "stability: the quality gate and rollback",
+    "state": "cleaning and state: lateness, dedupe and feature-state lifetimes",
+    "sharding": "sharding: how events spread over keyed steps",
+    "outputs": "outputs: scores, deltas, dead letters, checkpoints",
+}
+
+FLAGS: tuple[Flag, ...] = (
+    # input
+    Flag("data", "input", os.environ.get(DATA_ENV), f"dataset file or folder to replay (${DATA_ENV}; none: the synthetic stream)"),
+    Flag("data_format", "input", None, "column mapping preset (guessed from the path when omitted)", choices=tuple(sorted(PRESETS))),
+    Flag("limit", "input", None, "replay only the first N events in time order", int),
+    Flag("replay_rate", "input", None, "pace the replay at this many events/s of processing time (streaming runs)", float),
+    Flag("synthetic_events", "input", 20_000, "events in the embedded synthetic stream", int),
+    Flag("events_subscription", "input", None, "read Avro events from this Pub/Sub subscription (projects/P/subscriptions/S); implies --streaming"),
+    # model
+    Flag("mode", "model", "incremental", "online: one step per event; incremental: one step per micro-batch", choices=MODES),
+    Flag("batch_size", "model", 256, "events per micro-batch (online mode: 1)", int),
+    Flag("accumulate_steps", "model", 1, "micro-batches whose gradients are summed before one optimizer step", int),
+    Flag("flush_interval_s", "model", 0.0, "also flush a non-empty buffer after this many seconds of processing time (0: off)", float),
+    Flag("optimizer", "model", "adagrad", "row-wise optimizer of the embedding tables", choices=OPTIMIZERS),
+    Flag("lr", "model", 0.05, "learning rate of the embedding tables", float),
+    Flag("dim", "model", 16, "embedding width", int),
+    Flag("negatives", "model", 4, "negatives sampled per positive event from the item table", int),
+    Flag("rating_threshold", "model", 4.0, "a rating at or above this is a positive", float),
+    Flag("admit_after", "model", 1, "occurrences of an id before it gets an embedding row", int),
+    Flag("embedding_ttl_days", "model", 0.0, "evict embedding rows idle this long in event time (0: never)", float),
+    Flag("capacity", "model", 500_000, "most rows per embedding table per shard", int),
+    Flag("feature_windows_s", "model", "3600,86400", "sliding event-time windows of the count features, seconds"),
+    Flag("top_k", "model", 10, "items in each refreshed score record", int),
+    Flag("device", "model", "auto", "auto | cpu | cuda[:N] for the update step"),
+    Flag("seed", "model", 0, "seed of the model and the synthetic stream", int),
+    # stability
+    Flag("no_gate", "stability", False, "turn the quality gate (and rollback) off"),
+    Flag("gate_tolerance", "stability", 0.15, "roll back when the candidate's logloss exceeds the last good version's by this fraction", float),
+    # cleaning and state
+    Flag("allowed_lateness_s", "state", 3600.0, "events older than the watermark by more than this are dead-lettered", float),
+    Flag("dedupe_ttl_s", "state", 86400.0, "how long an event id is remembered for dedupe, event time", float),
+    Flag("state_ttl_days", "state", 30.0, "drop per-user and per-item feature state idle this long", float),
+    # sharding
+    Flag("shards", "sharding", 4, "model shards (users are hashed to shards)", int),
+    Flag("key_groups", "sharding", 1024, "key groups of the per-id keyed steps (dedupe, item and user features)", int),
+    # outputs
+    Flag("output_dir", "outputs", "out", "where scores, deltas, rollbacks, dead letters and the summary go"),
+    Flag("output_window_s", "outputs", 0, "fixed event-time window of the output files (0: one window, for bounded runs)", int),
+    Flag("scores_topic", "outputs", None, "publish scores to this Pub/Sub topic (projects/P/topics/T) instead of files"),
+    Flag("deltas_topic", "outputs", None, "publish model deltas to this topic"),
+    Flag("rollbacks_topic", "outputs", None, "publish rollback records to this topic"),
+    Flag("dead_letter_topic", "outputs", None, "publish dead letters to this topic"),
+    Flag("checkpoint_dir", "outputs", None, "also write atomic model checkpoints here"),
+    Flag("checkpoint_every", "outputs", 0, "flushes between checkpoint files (0: none)", int),
+)
+
+DEFAULTS: dict[str, Any] = {f.name: f.default for f in FLAGS}
+
+
+def add_flags(parser: argparse.ArgumentParser, groups: Iterable[str] = tuple(GROUPS),
+              skip: Iterable[str] = (), only: Iterable[str] | None = None) -> None:
+    """Add the flags of ``groups`` (all by default), but ``skip`` (or ``only`` those named), to ``parser``,
+    one argument group each."""
+    skip, keep = set(skip), None if only is None else set(only)
+    unknown = (skip | (keep or set())) - set(DEFAULTS)
+    if unknown:
+        raise ValueError(f"add_flags: no such flags {sorted(unknown)}")
+    for group in groups:
+        g = parser.add_argument_group(GROUPS[group])
+        for flag in FLAGS:
+            if flag.group != group or flag.name in skip or (keep is not None and flag.name not in keep):
+                continue
+            shown = "off" if flag.default is False else flag.default
+            text = f"{flag.help} (default: {shown})"
+            if flag.type is None and flag.default is False:
+                g.add_argument(f"--{flag.name}", action="store_true", help=text)
+            else:
+                g.add_argument(f"--{flag.name}", default=flag.default, type=flag.type or str, choices=flag.choices,
+                               help=text)
+
+
+def _get(ns: Any, name: str) -> Any:
+    return getattr(ns, name, DEFAULTS[name])
+
+
+@dataclass(frozen=True)
+class ShardingConfig:
+    """Pipeline-wide: how many model shards, and how many key groups the per-id keyed steps use."""
+
+    shards: int = DEFAULTS["shards"]
+    key_groups: int = DEFAULTS["key_groups"]
+
+    def __post_init__(self) -> None:
+        if self.shards < 1:
+            raise ValueError(f"ShardingConfig.shards must be >= 1, got {self.shards}")
+        if self.key_groups < 1:
+            raise ValueError(f"ShardingConfig.key_groups must be >= 1, got {self.key_groups}")
+
+
+@dataclass(frozen=True)
+class UpdateConfig:
+    """How a shard's update step flushes and publishes (the learner itself is ``LearnerConfig``)."""
+
+    batch_size: int = DEFAULTS["batch_size"]
+    flush_interval_s: float | None = None
+    top_k: int = DEFAULTS["top_k"]
+    snapshot_every: int = 50
+    checkpoint_dir: str | None = None
+    checkpoint_every: int = 0
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ValueError(f"UpdateConfig.batch_size must be >= 1, got {self.batch_size}")
+        if self.flush_interval_s is not None and self.flush_interval_s <= 0:
+            raise ValueError("UpdateConfig.flush_interval_s must be > 0 or None")
+        if self.top_k < 1 or self.snapshot_every < 1 or self.checkpoint_every < 0:
+            raise ValueError("UpdateConfig.top_k and snapshot_every must be >= 1, checkpoint_every >= 0")
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    """Everything a run is configured with, built from flags by ``pipeline_config``."""
+
+    feature: FeatureConfig
+    learner: LearnerConfig
+    update: UpdateConfig
+    clean: CleanConfig
+    sharding: ShardingConfig
+    allowed_lateness_ms: int
+    dedupe_ttl_ms: int
+    state_ttl_ms: int
+    output_dir: str
+    output_window_s: int
+
+
+def feature_config(ns: Any) -> FeatureConfig:
+    windows = tuple(int(float(w) * 1000) for w in str(_get(ns, "feature_windows_s")).split(",") if w.strip())
+    if not windows:
+        raise ValueError("--feature_windows_s: expected comma-separated seconds, e.g. 3600,86400")
+    return FeatureConfig(windows_ms=windows, bucket_ms=max(1000, min(windows) // 12))
+
+
+def learner_config(ns: Any, feature: FeatureConfig | None = None) -> LearnerConfig:
+    """The learner of every shard, from the model and stability flags (defaults for any ``ns`` lacks)."""
+    feature = feature or feature_config(ns)
+    ttl_days = _get(ns, "embedding_ttl_days")
+    table = TableConfig(dim=_get(ns, "dim"), capacity=_get(ns, "capacity"), admit_after=_get(ns, "admit_after"),
+                        ttl_ms=int(ttl_days * DAY_MS) if ttl_days else None)
+    return LearnerConfig(
+        mode=_get(ns, "mode"), optimizer=_get(ns, "optimizer"), lr=_get(ns, "lr"),
+        accumulate_steps=_get(ns, "accumulate_steps"), negatives=_get(ns, "negatives"),
+        rating_threshold=_get(ns, "rating_threshold"), user_features=feature.user_width,
+        item_features=feature.item_width, history=feature.history, user_table=table, item_table=table,
+        gate=not _get(ns, "no_gate"), gate_tolerance=_get(ns, "gate_tolerance"), seed=_get(ns, "seed"),
+        device=_get(ns, "device"))
+
+
+def pipeline_config(ns: Any) -> PipelineConfig:
+    """The whole run's configuration from parsed flags (argparse, or Beam's options view)."""
+    feature = feature_config(ns)
+    batch = 1 if _get(ns, "mode") == "online" else _get(ns, "batch_size")
+    update = UpdateConfig(batch_size=batch, flush_interval_s=_get(ns, "flush_interval_s") or None,
+                          top_k=_get(ns, "top_k"), checkpoint_dir=_get(ns, "checkpoint_dir"),
+                          checkpoint_every=_get(ns, "checkpoint_every"))
+    return PipelineConfig(
+        feature, learner_config(ns, feature), update, CleanConfig(),
+        ShardingConfig(_get(ns, "shards"), _get(ns, "key_groups")),
+        int(_get(ns, "allowed_lateness_s") * 1000), int(_get(ns, "dedupe_ttl_s") * 1000),
+        int(_get(ns, "state_ttl_days") * DAY_MS), _get(ns, "output_dir"), _get(ns, "output_window_s"))
