@@ -18,7 +18,7 @@ import time
 import numpy as np
 
 import schemas
-from core.settings import add_flags
+from core.settings import HelpFormatter, add_flags
 from pipelines.emulator import EmulatorUnavailable, start_emulator
 from schemas.messages import event_message
 
@@ -82,7 +82,7 @@ def run_once(batch_size: int, flush_s: float, rate: float, seconds: float, tag: 
 
 def make_parser() -> argparse.ArgumentParser:
     """This entry point's flags (tests/test_settings.py compares their defaults with core.settings)."""
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     ap.add_argument("--rate", type=float, default=50.0)
     ap.add_argument("--seconds", type=float, default=30.0)
     ap.add_argument("--batch_sizes", default="1,16")

@@ -23,7 +23,7 @@ from apache_beam.transforms.userstate import ReadModifyWriteStateSpec, TimerSpec
 from apache_beam.transforms.window import TimestampedValue
 
 from core.keyed_state import key_group
-from core.settings import add_flags
+from core.settings import HelpFormatter, add_flags
 from transforms.batching import batch_by
 from transforms.clean import DedupeEvents
 from transforms.runtime import tune_worker
@@ -88,7 +88,7 @@ def run(kind: str, n: int, groups: int) -> tuple[float, int]:
 
 def make_parser() -> argparse.ArgumentParser:
     """This entry point's flags (tests/test_settings.py compares their defaults with core.settings)."""
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     ap.add_argument("--events", type=int, default=100_000)
     add_flags(ap, ("sharding",), only=("key_groups",))
     return ap

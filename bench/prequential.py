@@ -15,6 +15,7 @@ forgetting: AUC on a fixed sample of the first 20% right after it and again afte
 
     python -m bench.prequential                           # both datasets from ../shared/datasets
     python -m bench.prequential --dataset movielens --data /path/to/ml-100k
+    python -m bench.prequential --data ratings.csv --columns user_id=userId,item_id=movieId  # any layout
     python -m bench.prequential --dataset globo --limit 0  # all 2,988,181 clicks (slow)
 
 Datasets are read where they are (``--data`` or ``$FRESHREC_DATASETS``); nothing is copied. Official
@@ -41,8 +42,9 @@ import numpy as np
 from bench.retrain import PeriodicRetrain, RetrainConfig
 from core.cleaning import InvalidEvent, validate_event
 from core.featurizers import FeatureConfig, ItemPopularity, UserFeaturizer
-from core.readers import PRESETS, read_replay
-from core.settings import DEFAULTS, add_flags, feature_config, learner_config
+from core.layout import LayoutError, resolve_layout
+from core.readers import read_replay
+from core.settings import DEFAULTS, HelpFormatter, add_flags, feature_config, learner_config
 from model.batch import event_label
 from model.config import LearnerConfig
 from model.learner import IncrementalLearner
@@ -53,6 +55,7 @@ DEFAULT_DIR = os.environ.get("FRESHREC_DATASETS", os.path.join(os.path.dirname(_
 DATASETS = {
     "movielens": {"folder": "movielens-100k", "preset": "movielens", "limit": None, "retrain_window_ms": None},
     "globo": {"folder": "globo-news-clicks", "preset": "globo", "limit": 400_000, "retrain_window_ms": 2 * DAY_MS},
+    "custom": {"folder": None, "preset": None, "limit": None, "retrain_window_ms": None},  # --data with any layout
 }
 
 
@@ -182,7 +185,10 @@ def make_models(feature_cfg: FeatureConfig, args: argparse.Namespace, retrain_wi
 def run_dataset(name: str, path: str, limit: int | None, args: argparse.Namespace) -> dict[str, Any]:
     spec = DATASETS[name]
     t0 = time.time()
-    raw = read_replay(path, PRESETS[spec["preset"]], limit)
+    preset = None if args.columns else args.data_format or spec["preset"]
+    layout = resolve_layout(path, preset, args.columns, args.time_unit)
+    print(f"{name}: reading {path} as {layout.described}", flush=True)
+    raw = read_replay(path, layout.mapping, limit)
     feature_cfg = feature_config(args)
     stream, invalid = featurize_stream(raw, feature_cfg, args.negatives, args.seed)
     del raw
@@ -310,9 +316,11 @@ def report(result: dict[str, Any]) -> None:
 
 def make_parser() -> argparse.ArgumentParser:
     """This entry point's flags (tests/test_settings.py compares their defaults with core.settings)."""
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--dataset", choices=["movielens", "globo", "all"], default="all")
-    ap.add_argument("--data", help="dataset folder (only with a single --dataset); default $FRESHREC_DATASETS/<name>")
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    ap.add_argument("--dataset", choices=["movielens", "globo", "all", "custom"], default=None,
+                    help="a shared dataset, both, or custom (any --data); default: all, or custom with --data")
+    ap.add_argument("--data", help="dataset file or folder (with a single --dataset); default $FRESHREC_DATASETS/<name>")
+    add_flags(ap, ("input",), only=("data_format", "columns", "time_unit"))
     ap.add_argument("--limit", type=int, default=None, help="events to replay (0 = all; default: all for MovieLens, 400000 for Globo)")
     ap.add_argument("--retrain_batch", type=int, default=512, help="batch size of the daily full retrain")
     ap.add_argument("--online_lr", type=float, default=DEFAULTS["lr"], help="learning rate of the online model")
@@ -332,18 +340,25 @@ def main(argv: list[str] | None = None) -> int:
     ap = make_parser()
     args = ap.parse_args(argv)
     args.models = [m.strip() for m in args.models.split(",") if m.strip()]
-    names = ["movielens", "globo"] if args.dataset == "all" else [args.dataset]
+    dataset = args.dataset or ("custom" if args.data else "all")
+    names = ["movielens", "globo"] if dataset == "all" else [dataset]
     if args.data and len(names) > 1:
         ap.error("--data needs a single --dataset")
+    if dataset == "custom" and not args.data:
+        ap.error("--dataset custom needs --data")
     os.makedirs(args.out, exist_ok=True)
     for name in names:
-        path = args.data or os.path.join(DEFAULT_DIR, DATASETS[name]["folder"])
+        path = args.data or os.path.join(DEFAULT_DIR, str(DATASETS[name]["folder"]))
         if not os.path.exists(path):
             print(f"{name}: no data at {path}; pass --data or set FRESHREC_DATASETS (see the module docstring for the download)",
                   file=sys.stderr)
             return 2
         limit = DATASETS[name]["limit"] if args.limit is None else (args.limit or None)
-        result = run_dataset(name, path, limit, args)
+        try:
+            result = run_dataset(name, path, limit, args)
+        except LayoutError as exc:
+            print(f"prequential: error: {exc}", file=sys.stderr)
+            return 2
         report(result)
         with open(os.path.join(args.out, f"prequential-{name}.json"), "w") as fh:
             json.dump(result, fh, indent=1, default=lambda x: None)

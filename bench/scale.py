@@ -36,7 +36,7 @@ import numpy as np
 
 from core.cleaning import InvalidEvent, validate_event
 from core.featurizers import FeatureConfig, ItemPopularity, UserFeaturizer
-from core.settings import add_flags, feature_config, pipeline_config
+from core.settings import HelpFormatter, add_flags, feature_config, pipeline_config
 from model.config import LearnerConfig
 from model.hashing import shard_of
 from model.journal import flush_micro_batch, new_meta
@@ -179,7 +179,7 @@ def make_replicas(args: argparse.Namespace, feature: FeatureConfig) -> list[Repl
 
 def make_parser() -> argparse.ArgumentParser:
     """This entry point's flags (tests/test_settings.py compares their defaults with core.settings)."""
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     ap.add_argument("--data", default=DEFAULT_DIR, help="the globo-news-clicks folder (holding clicks/)")
     ap.add_argument("--limit", type=int, default=0, help="first N clicks in time order (0 = all)")
     ap.add_argument("--report_every", type=int, default=250_000)

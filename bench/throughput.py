@@ -31,7 +31,7 @@ from torch import nn
 
 from core.featurizers import FeatureConfig, ItemPopularity, UserFeaturizer
 from core.readers import SyntheticConfig, synthetic_events
-from core.settings import add_flags, learner_config, pipeline_config
+from core.settings import HelpFormatter, add_flags, learner_config, pipeline_config
 from model.batch import event_label
 from model.config import LearnerConfig
 from model.learner import IncrementalLearner
@@ -228,7 +228,7 @@ def peak_rss_mb() -> float:
 
 def make_parser() -> argparse.ArgumentParser:
     """This entry point's flags (tests/test_settings.py compares their defaults with core.settings)."""
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     ap.add_argument("--events", type=int, default=30_000)
     ap.add_argument("--devices", default="cpu,cuda")
     ap.add_argument("--pipeline_events", type=int, default=100_000, help="0 skips the full DirectRunner pipeline")

@@ -13,6 +13,7 @@ import os
 import random
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from itertools import accumulate
 from operator import itemgetter
 from typing import Any
@@ -35,16 +36,45 @@ class ColumnMapping:
     item_id: str = "col:item_id"
     event_type: str = "col:event_type"
     event_time: str = "col:event_time_ms"
-    time_unit: str = "ms"  # s | ms
+    time_unit: str = "ms"  # one of TIME_UNITS
     value: str | None = None
     context: tuple[str, ...] = ()
     file_glob: str = "*"
+    delimiter: str | None = None  # csv/tsv: the field separator (default "," or a tab)
 
     def __post_init__(self) -> None:
         if self.format not in ("csv", "tsv", "jsonl", "avro"):
             raise ValueError(f"ColumnMapping.format must be csv, tsv, jsonl or avro, got {self.format!r}")
-        if self.time_unit not in ("s", "ms"):
-            raise ValueError(f"ColumnMapping.time_unit must be 's' or 'ms', got {self.time_unit!r}")
+        if self.time_unit not in TIME_UNITS:
+            raise ValueError(f"ColumnMapping.time_unit must be one of {', '.join(TIME_UNITS)}, got {self.time_unit!r}")
+
+    @property
+    def separator(self) -> str:
+        return self.delimiter or ("\t" if self.format == "tsv" else ",")
+
+
+TIME_UNITS = ("s", "ms", "us", "iso")  # seconds (integer or float), milliseconds, microseconds, ISO-8601 text
+
+
+def to_epoch_ms(value: Any, unit: str) -> Any:
+    """An event time in ``unit`` as epoch milliseconds (an int); a value that is not one is returned as it
+    is, for validation to refuse."""
+    if unit == "iso":
+        if not isinstance(value, str):
+            return value
+        try:
+            parsed = datetime.fromisoformat(value.strip().replace("Z", "+00:00"))
+        except ValueError:
+            return value
+        if parsed.tzinfo is None:
+            parsed = parsed.replace(tzinfo=UTC)
+        return int(parsed.timestamp() * 1000)
+    value = _number(value)
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+        return value
+    if unit == "ms":
+        return value
+    return int(value * (1000 if unit == "s" else 0.001))
 
 
 PRESETS: dict[str, ColumnMapping] = {
@@ -91,7 +121,7 @@ def _files(path: str, mapping: ColumnMapping) -> list[str]:
 
 def _rows(path: str, mapping: ColumnMapping) -> Iterator[dict[str, Any]]:
     if mapping.format in ("csv", "tsv"):
-        delim = "\t" if mapping.format == "tsv" else ","
+        delim = mapping.separator
         with open(path, newline="", encoding="utf-8", errors="replace") as fh:
             if mapping.columns:
                 for row in csv.reader(fh, delimiter=delim):
@@ -138,9 +168,7 @@ def map_row(row: dict[str, Any], mapping: ColumnMapping, line: int) -> tuple[int
     """(sort key in ms, raw event dict) for one input row; unparsable times sort first and fail validation."""
     if "__unparsable__" in row:
         return (-1, {"__unparsable__": row["__unparsable__"], "line": line})
-    ts = _number(_field(mapping.event_time, row))
-    if isinstance(ts, (int, float)) and math.isfinite(ts) and mapping.time_unit == "s":
-        ts = int(ts * 1000)
+    ts = to_epoch_ms(_field(mapping.event_time, row), mapping.time_unit)
     values = {k: ("" if v is None else v) for k, v in row.items()}
     try:
         event_id = mapping.event_id.format(__line__=line, **values) if "{" in mapping.event_id else _field(mapping.event_id, row)

@@ -24,7 +24,8 @@ from typing import Any
 
 from core.cleaning import CleanConfig
 from core.featurizers import FeatureConfig
-from core.readers import DATA_ENV, PRESETS
+from core.layout import Layout, resolve_layout
+from core.readers import DATA_ENV, PRESETS, TIME_UNITS
 from model.config import MODES, OPTIMIZERS, LearnerConfig, TableConfig
 
 DAY_MS = 86_400_000
@@ -40,6 +41,7 @@ class Flag:
     help: str
     type: Callable[[str], Any] | None = None
     choices: tuple[str, ...] | None = None
+    bound: str | None = None  # ">=N" or ">N": what a number must be (None, where allowed, passes)
 
 
 GROUPS: dict[str, str] = {
@@ -49,55 +51,73 @@ GROUPS: dict[str, str] = {
     "state": "cleaning and state: lateness, dedupe and feature-state lifetimes",
     "sharding": "sharding: how events spread over keyed steps",
     "outputs": "outputs: scores, deltas, dead letters, checkpoints",
+    "run": "run: what the command line checks and prints",
 }
 
 FLAGS: tuple[Flag, ...] = (
     # input
     Flag("data", "input", os.environ.get(DATA_ENV), f"dataset file or folder to replay (${DATA_ENV}; none: the synthetic stream)"),
-    Flag("data_format", "input", None, "column mapping preset (guessed from the path when omitted)", choices=tuple(sorted(PRESETS))),
-    Flag("limit", "input", None, "replay only the first N events in time order", int),
-    Flag("replay_rate", "input", None, "pace the replay at this many events/s of processing time (streaming runs)", float),
-    Flag("synthetic_events", "input", 20_000, "events in the embedded synthetic stream", int),
+    Flag("data_format", "input", None, "force a column mapping preset instead of recognising the layout", choices=tuple(sorted(PRESETS))),
+    Flag("columns", "input", None, "override the recognised columns: user_id=COL,item_id=COL,event_time=COL,value=COL,event_type=COL|TYPE"),
+    Flag("time_unit", "input", None, "unit of the time column (recognised from its values when omitted)", choices=TIME_UNITS),
+    Flag("limit", "input", None, "replay only the first N events in time order", int, bound=">=1"),
+    Flag("replay_rate", "input", None, "pace the replay at this many events/s of processing time (streaming runs)", float, bound=">0"),
+    Flag("synthetic_events", "input", 20_000, "events in the embedded synthetic stream", int, bound=">=1"),
     Flag("events_subscription", "input", None, "read Avro events from this Pub/Sub subscription (projects/P/subscriptions/S); implies --streaming"),
     # model
     Flag("mode", "model", "incremental", "online: one step per event; incremental: one step per micro-batch", choices=MODES),
-    Flag("batch_size", "model", 256, "events per micro-batch (online mode: 1)", int),
-    Flag("accumulate_steps", "model", 1, "micro-batches whose gradients are summed before one optimizer step", int),
-    Flag("flush_interval_s", "model", 0.0, "also flush a non-empty buffer after this many seconds of processing time (0: off)", float),
+    Flag("batch_size", "model", 256, "events per micro-batch (online mode: 1)", int, bound=">=1"),
+    Flag("accumulate_steps", "model", 1, "micro-batches whose gradients are summed before one optimizer step", int, bound=">=1"),
+    Flag("flush_interval_s", "model", 0.0, "also flush a non-empty buffer after this many seconds of processing time (0: off)", float, bound=">=0"),
     Flag("optimizer", "model", "adagrad", "row-wise optimizer of the embedding tables", choices=OPTIMIZERS),
-    Flag("lr", "model", 0.05, "learning rate of the embedding tables", float),
-    Flag("dim", "model", 16, "embedding width", int),
-    Flag("negatives", "model", 4, "negatives sampled per positive event from the item table", int),
+    Flag("lr", "model", 0.05, "learning rate of the embedding tables", float, bound=">0"),
+    Flag("dim", "model", 16, "embedding width", int, bound=">=1"),
+    Flag("negatives", "model", 4, "negatives sampled per positive event from the item table", int, bound=">=0"),
     Flag("rating_threshold", "model", 4.0, "a rating at or above this is a positive", float),
-    Flag("admit_after", "model", 1, "occurrences of an id before it gets an embedding row", int),
-    Flag("embedding_ttl_days", "model", 0.0, "evict embedding rows idle this long in event time (0: never)", float),
-    Flag("capacity", "model", 500_000, "most rows per embedding table per shard", int),
+    Flag("admit_after", "model", 1, "occurrences of an id before it gets an embedding row", int, bound=">=1"),
+    Flag("embedding_ttl_days", "model", 0.0, "evict embedding rows idle this long in event time (0: never)", float, bound=">=0"),
+    Flag("capacity", "model", 500_000, "most rows per embedding table per shard", int, bound=">=1"),
     Flag("feature_windows_s", "model", "3600,86400", "sliding event-time windows of the count features, seconds"),
-    Flag("top_k", "model", 10, "items in each refreshed score record", int),
+    Flag("top_k", "model", 10, "items in each refreshed score record", int, bound=">=1"),
     Flag("device", "model", "auto", "auto | cpu | cuda[:N] for the update step"),
     Flag("seed", "model", 0, "seed of the model and the synthetic stream", int),
     # stability
     Flag("no_gate", "stability", False, "turn the quality gate (and rollback) off"),
-    Flag("gate_tolerance", "stability", 0.15, "roll back when the candidate's logloss exceeds the last good version's by this fraction", float),
+    Flag("gate_tolerance", "stability", 0.15, "roll back when the candidate's logloss exceeds the last good version's by this fraction", float, bound=">=0"),
     # cleaning and state
-    Flag("allowed_lateness_s", "state", 3600.0, "events older than the watermark by more than this are dead-lettered", float),
-    Flag("dedupe_ttl_s", "state", 86400.0, "how long an event id is remembered for dedupe, event time", float),
-    Flag("state_ttl_days", "state", 30.0, "drop per-user and per-item feature state idle this long", float),
+    Flag("allowed_lateness_s", "state", 3600.0, "events older than the watermark by more than this are dead-lettered", float, bound=">=0"),
+    Flag("dedupe_ttl_s", "state", 86400.0, "how long an event id is remembered for dedupe, event time", float, bound=">0"),
+    Flag("state_ttl_days", "state", 30.0, "drop per-user and per-item feature state idle this long", float, bound=">0"),
     # sharding
-    Flag("shards", "sharding", 4, "model shards (users are hashed to shards)", int),
-    Flag("key_groups", "sharding", 1024, "key groups of the per-id keyed steps (dedupe, item and user features)", int),
+    Flag("shards", "sharding", 4, "model shards (users are hashed to shards)", int, bound=">=1"),
+    Flag("key_groups", "sharding", 1024, "key groups of the per-id keyed steps (dedupe, item and user features)", int, bound=">=1"),
     # outputs
     Flag("output_dir", "outputs", "out", "where scores, deltas, rollbacks, dead letters and the summary go"),
-    Flag("output_window_s", "outputs", 0, "fixed event-time window of the output files (0: one window, for bounded runs)", int),
+    Flag("output_window_s", "outputs", 0, "fixed event-time window of the output files (0: one window, for bounded runs)", int, bound=">=0"),
     Flag("scores_topic", "outputs", None, "publish scores to this Pub/Sub topic (projects/P/topics/T) instead of files"),
     Flag("deltas_topic", "outputs", None, "publish model deltas to this topic"),
     Flag("rollbacks_topic", "outputs", None, "publish rollback records to this topic"),
     Flag("dead_letter_topic", "outputs", None, "publish dead letters to this topic"),
     Flag("checkpoint_dir", "outputs", None, "also write atomic model checkpoints here"),
-    Flag("checkpoint_every", "outputs", 0, "flushes between checkpoint files (0: none)", int),
+    Flag("checkpoint_every", "outputs", 0, "flushes between checkpoint files (0: none)", int, bound=">=0"),
+    # run
+    Flag("max_dead_letter_fraction", "run", 0.5, "fail the run (exit 1) when more than this fraction of its input is dead-lettered", float, bound=">=0"),
+    Flag("progress_s", "run", 10.0, "print a progress line this often, seconds (0: never)", float, bound=">=0"),
+    Flag("quiet", "run", False, "print no progress lines"),
+    Flag("debug", "run", False, "show the traceback of an error instead of one line"),
 )
 
 DEFAULTS: dict[str, Any] = {f.name: f.default for f in FLAGS}
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Keeps a description's layout and shows each option's default (once: the shared flags carry theirs)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "(default" in text or action.default in (None, argparse.SUPPRESS, False) or action.required:
+            return text
+        return f"{text} (default: {action.default})".strip()
 
 
 def add_flags(parser: argparse.ArgumentParser, groups: Iterable[str] = tuple(GROUPS),
@@ -120,6 +140,20 @@ def add_flags(parser: argparse.ArgumentParser, groups: Iterable[str] = tuple(GRO
             else:
                 g.add_argument(f"--{flag.name}", default=flag.default, type=flag.type or str, choices=flag.choices,
                                help=text)
+
+
+def check_flags(ns: Any) -> None:
+    """ValueError naming the first flag whose value is out of its bound (e.g. ``--shards must be >= 1, got 0``)."""
+    for flag in FLAGS:
+        value = getattr(ns, flag.name, None)
+        if flag.bound is None or value is None:
+            continue
+        strict, low = flag.bound.startswith(">") and not flag.bound.startswith(">="), float(flag.bound.lstrip(">="))
+        if value < low or (strict and value == low):
+            raise ValueError(f"--{flag.name} must be {flag.bound.replace('>=', '>= ').replace('>0', '> 0')}, got {value}")
+    fraction = getattr(ns, "max_dead_letter_fraction", None)
+    if fraction is not None and fraction > 1:
+        raise ValueError(f"--max_dead_letter_fraction must be at most 1, got {fraction}")
 
 
 def _get(ns: Any, name: str) -> Any:
@@ -196,6 +230,14 @@ def learner_config(ns: Any, feature: FeatureConfig | None = None) -> LearnerConf
         item_features=feature.item_width, history=feature.history, user_table=table, item_table=table,
         gate=not _get(ns, "no_gate"), gate_tolerance=_get(ns, "gate_tolerance"), seed=_get(ns, "seed"),
         device=_get(ns, "device"))
+
+
+def input_layout(ns: Any) -> Layout | None:
+    """How ``--data`` is read (None: the synthetic stream); ``core.layout.LayoutError`` if it cannot be."""
+    data = _get(ns, "data")
+    if not data:
+        return None
+    return resolve_layout(data, _get(ns, "data_format"), _get(ns, "columns"), _get(ns, "time_unit"))
 
 
 def pipeline_config(ns: Any) -> PipelineConfig:

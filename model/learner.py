@@ -49,7 +49,7 @@ from model.serving import score_candidates, topk_from_tables, write_delta
 from model.step import GradientAccumulator
 from model.towers import latest_per_user, logits, user_query_rows
 
-FORMAT_VERSION = 3  # checkpoint layout; 3: the guard's state under "guard", no retrain buffer
+FORMAT_VERSION = 3  # the checkpoint layout; a checkpoint of another layout is refused
 
 
 def resolve_device(name: str) -> torch.device:

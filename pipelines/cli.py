@@ -1,35 +1,79 @@
-"""freshrec command line: run the pipeline (default: the embedded synthetic stream on the DirectRunner).
+"""freshrec command line.
 
-    python -m pipelines.cli                                   # synthetic stream, DirectRunner
-    python -m pipelines.cli --data ../shared/datasets/movielens-100k --output_dir out/ml
-    python -m pipelines.cli --runner_config runner_configs/flink.yaml ...
+    freshrec [run] [FLAGS]                       run the pipeline (default: the synthetic stream, DirectRunner)
+    freshrec show OUT [--user U] [--shard S]     look at a run's results
+    freshrec export --data PATH --output FILE    write a dataset as raw events (JSON lines or Avro)
+
+    freshrec --data ../shared/datasets/movielens-100k --output_dir out/ml
+    freshrec --data ratings.csv --columns user_id=userId,item_id=movieId,event_time=timestamp
+    freshrec --runner_config runner_configs/flink.yaml ...
+
+Every flag is checked before any work starts: a mistake (an unknown flag, a missing path, a value out
+of range, an unwritable output folder) is one line on stderr and exit code 2. ``python -m
+pipelines.cli`` is the same command.
 """
 
 from __future__ import annotations
 
-import glob
+import argparse
+import difflib
 import json
-import logging
 import os
-import shutil
 import sys
 import time
 from typing import Any
 
-import apache_beam as beam
 import yaml
-from apache_beam.options.pipeline_options import StandardOptions
 
-from pipelines.freshrec_pipeline import build_pipeline, make_options, output_paths
-from transforms.sinks import write_summary
+from core.layout import LayoutError
+from core.progress import ProgressPrinter
+from core.settings import HelpFormatter, add_flags, check_flags, input_layout, pipeline_config
+from pipelines.results import (
+    DEAD_LETTER,
+    clear_outputs,
+    dead_letter_examples,
+    output_paths,
+    remove_temp_dirs,
+    window_totals,
+)
+
+BEAM_VERSION = "2.77.0"
+
+
+class UsageError(Exception):
+    """A mistake in the command line: printed as one line, exit code 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # type: ignore[override]
+        raise UsageError(message)
+
+
+def make_parser() -> argparse.ArgumentParser:
+    ap = _Parser(prog="freshrec", usage="freshrec [run] [FLAGS] | freshrec show OUT | freshrec export --data PATH --output FILE",
+                 description=__doc__, formatter_class=HelpFormatter, allow_abbrev=False)
+    add_flags(ap)
+    g = ap.add_argument_group("runner: where the pipeline runs (any other Beam pipeline option, e.g. --project or "
+                              "--flink_master, passes through to the runner)")
+    g.add_argument("--runner_config", help="YAML file of pipeline options, e.g. runner_configs/flink.yaml (flags given "
+                                           "here win)")
+    g.add_argument("--runner", default="DirectRunner", help="Beam runner (default: DirectRunner)")
+    g.add_argument("--streaming", action="store_true", help="run as a streaming pipeline (default: off; on with "
+                                                             "--events_subscription)")
+    return ap
 
 
 def load_runner_config(path: str) -> list[str]:
     """A runner config is a YAML mapping of pipeline options; returns them as --flags."""
-    with open(path) as fh:
-        data = yaml.safe_load(fh) or {}
+    if not os.path.isfile(path):
+        raise UsageError(f"--runner_config {path}: no such file")
+    try:
+        with open(path) as fh:
+            data = yaml.safe_load(fh) or {}
+    except yaml.YAMLError as exc:
+        raise UsageError(f"--runner_config {path}: not YAML ({str(exc).splitlines()[0]})") from exc
     if not isinstance(data, dict) or not isinstance(data.get("options", {}), dict):
-        raise ValueError(f"{path}: expected a mapping with an 'options' mapping of pipeline options")
+        raise UsageError(f"--runner_config {path}: expected a mapping with an 'options' mapping of pipeline options")
     flags: list[str] = []
     for key, value in (data.get("options") or {}).items():
         if isinstance(value, bool):
@@ -44,16 +88,82 @@ def load_runner_config(path: str) -> list[str]:
     return flags
 
 
-BEAM_VERSION = "2.77.0"
+def split_runner_config(argv: list[str]) -> list[str]:
+    out, i = [], 0
+    config_flags: list[str] = []
+    while i < len(argv):
+        arg = argv[i]
+        if arg == "--runner_config":
+            if i + 1 >= len(argv):
+                raise UsageError("--runner_config: expected a file")
+            config_flags = load_runner_config(argv[i + 1])
+            i += 2
+            continue
+        if arg.startswith("--runner_config="):
+            config_flags = load_runner_config(arg.split("=", 1)[1])
+            i += 1
+            continue
+        out.append(arg)
+        i += 1
+    return config_flags + out  # explicit flags win over the config's
+
+
+def _beam_parser() -> argparse.ArgumentParser:
+    from apache_beam.options.pipeline_options import PipelineOptions, _BeamArgumentParser
+
+    parser = _BeamArgumentParser(allow_abbrev=False)
+    classes: dict[str, Any] = {}
+    for cls in PipelineOptions.__subclasses__():
+        classes.setdefault(str(cls), cls)
+    for cls in classes.values():
+        cls._add_argparse_args(parser)
+    return parser
+
+
+def check_unknown(rest: list[str], ours: argparse.ArgumentParser, runner: str) -> None:
+    """What our parser did not take must be a Beam pipeline option. A flag close to one of ours is a typo
+    (one line with the suggestion); on the DirectRunner any other unknown flag is too. Other runners take
+    options of their own that only they know (the Flink job server's ``--checkpointing_interval``, say),
+    so there the rest passes through to the runner, which checks it."""
+    if not rest:
+        return
+    beam_parser = _beam_parser()
+    _, unknown = beam_parser.parse_known_args(rest)
+    mine = [o for a in ours._actions for o in a.option_strings if o.startswith("--")]
+    direct = runner.split(".")[-1] in ("DirectRunner", "")
+    for arg in unknown:
+        if not arg.startswith("--"):
+            if direct:
+                raise UsageError(f"unexpected argument {arg!r} (flags start with --; see --help)")
+            continue
+        name = arg.split("=", 1)[0]
+        close = difflib.get_close_matches(name, mine, n=1, cutoff=0.85)
+        if close:
+            raise UsageError(f"unknown flag {name} (did you mean {close[0]}?)")
+        if direct:
+            known = mine + [o for a in beam_parser._actions for o in a.option_strings if o.startswith("--")]
+            near = difflib.get_close_matches(name, known, n=1, cutoff=0.75)
+            raise UsageError(f"unknown flag {name}" + (f" (did you mean {near[0]}?)" if near else "; see --help"))
+
+
+def _check_writable(flag: str, path: str | None) -> None:
+    if not path:
+        return
+    target = os.path.abspath(path)
+    if os.path.exists(target) and not os.path.isdir(target):
+        raise UsageError(f"--{flag} {path}: exists and is not a folder")
+    probe = target
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe):
+        raise UsageError(f"--{flag} {path}: {probe} is a file, not a folder")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise UsageError(f"--{flag} {path}: {probe} is not writable")
 
 
 def flink_job_server_jar_url(flink_version: str) -> str:
     name = f"beam-runners-flink-{flink_version}-job-server"
     return f"https://repo.maven.apache.org/maven2/org/apache/beam/{name}/{BEAM_VERSION}/{name}-{BEAM_VERSION}.jar"
-
-
-class RunnerSetupError(RuntimeError):
-    pass
 
 
 def check_runner(opts: Any) -> None:
@@ -67,28 +177,35 @@ def check_runner(opts: Any) -> None:
     url = flink_job_server_jar_url(flink.flink_version)
     jar = flink.flink_job_server_jar
     if jar and "://" not in jar and not os.path.exists(jar):
-        raise RunnerSetupError(
+        raise UsageError(
             f"FlinkRunner: job-server jar {jar!r} does not exist. Beam {BEAM_VERSION} with Flink {flink.flink_version} "
             f"needs {url.rsplit('/', 1)[1]}: download it from {url} and pass --flink_job_server_jar=PATH "
             f"(or set FRESHREC_FLINK_JOB_SERVER_JAR for runner_configs/flink.yaml).")
 
 
-def split_runner_config(argv: list[str]) -> list[str]:
-    out, i = [], 0
-    config_flags: list[str] = []
-    while i < len(argv):
-        arg = argv[i]
-        if arg == "--runner_config":
-            config_flags = load_runner_config(argv[i + 1])
-            i += 2
-            continue
-        if arg.startswith("--runner_config="):
-            config_flags = load_runner_config(arg.split("=", 1)[1])
-            i += 1
-            continue
-        out.append(arg)
-        i += 1
-    return config_flags + out  # explicit flags win over the config's
+def prepare(argv: list[str]) -> tuple[argparse.Namespace, Any]:
+    """Parse and check everything a run needs, before any work; UsageError on the first mistake."""
+    argv = split_runner_config(argv)
+    parser = make_parser()
+    ns, rest = parser.parse_known_args(argv)
+    check_unknown(rest, parser, ns.runner or "")
+    try:
+        check_flags(ns)
+        pipeline_config(ns)
+        layout = input_layout(ns)
+    except LayoutError as exc:
+        raise UsageError(str(exc)) from exc
+    except ValueError as exc:
+        raise UsageError(str(exc).splitlines()[0]) from exc
+    _check_writable("output_dir", ns.output_dir)
+    _check_writable("checkpoint_dir", ns.checkpoint_dir)
+    from pipelines.freshrec_pipeline import make_options
+
+    opts = make_options(argv)
+    check_runner(opts)
+    if layout is not None:
+        print(f"freshrec: reading {ns.data} as {layout.described}")
+    return ns, opts
 
 
 def metric_counters(result: Any) -> dict[str, int]:
@@ -103,49 +220,43 @@ def metric_counters(result: Any) -> dict[str, int]:
     return out
 
 
-def clear_outputs(paths: dict[str, str]) -> None:
-    """Remove what an earlier run left at exactly our output paths (never anything else)."""
-    for path in paths.values():
-        if os.path.isdir(path):
-            shutil.rmtree(path)
-        elif os.path.isfile(path):
-            os.unlink(path)
+def counter_accounting(counters: dict[str, int]) -> tuple[int, int] | None:
+    """(received, applied + dead-lettered) from the Beam counters alone; None where the runner reported none."""
+    if "events_in" not in counters:
+        return None
+    received = counters.get("messages_in", counters["events_in"])  # Pub/Sub counts messages before decoding
+    accounted = counters.get("events_applied", 0) + sum(v for k, v in counters.items() if k.startswith("dead_letter_"))
+    return received, accounted
 
 
-def main(argv: list[str] | None = None) -> int:
-    logging.getLogger().setLevel(logging.WARNING)
-    argv = split_runner_config(list(sys.argv[1:] if argv is None else argv))
-    opts = make_options(argv)
-    try:
-        check_runner(opts)
-    except RunnerSetupError as exc:
-        print(f"freshrec: {exc}", file=sys.stderr)
-        return 2
-    clear_outputs(output_paths(opts.output_dir))
+def run(ns: argparse.Namespace, opts: Any) -> int:
+    import apache_beam as beam
+
+    from pipelines.freshrec_pipeline import build_pipeline
+    from transforms.sinks import write_summary
+
+    paths = output_paths(ns.output_dir)
+    clear_outputs(paths)
     started = time.time()
+    printer = ProgressPrinter(0 if ns.quiet else ns.progress_s).start()
     try:
         with beam.Pipeline(options=opts) as p:
-            built = build_pipeline(p, opts)
-    except Exception as exc:
-        if "flink" in str(opts.view_as(StandardOptions).runner or "").lower() and "jar" in str(exc).lower():
-            from apache_beam.options.pipeline_options import FlinkRunnerOptions
-
-            url = flink_job_server_jar_url(opts.view_as(FlinkRunnerOptions).flink_version)
-            print(f"freshrec: FlinkRunner could not get its job-server jar ({exc}). Download {url} "
-                  f"and pass --flink_job_server_jar=PATH.", file=sys.stderr)
-            return 2
-        raise
+            build_pipeline(p, opts)
+    finally:
+        printer.stop()
+        remove_temp_dirs(paths)
     result = p.result if hasattr(p, "result") else None
-    elapsed = time.time() - started
-    paths = output_paths(built["config"].output_dir)
-    print(f"freshrec: pipeline finished in {elapsed:.1f}s")
+    print(f"freshrec: pipeline finished in {time.time() - started:.1f}s")
     for name, path in paths.items():
-        files = sorted(glob.glob(os.path.join(path, "*"))) if os.path.isdir(path) else ([path] if os.path.exists(path) else [])
-        print(f"  {name:12s} {path}  ({len(files)} file{'s' if len(files) != 1 else ''})")
+        if os.path.isdir(path):
+            n = len([f for f in os.listdir(path) if not f.startswith(".")])
+            print(f"  {name:12s} {path}  ({n} file{'s' if n != 1 else ''})")
+        elif os.path.isfile(path):
+            print(f"  {name:12s} {path}")
+    counters = metric_counters(result) if result is not None else {}
     if os.path.exists(paths["summary"]):
         with open(paths["summary"]) as fh:
             summary = json.load(fh)
-        counters = metric_counters(result) if result is not None else {}
         if counters:
             summary["counters"] = counters
             summary["events_in"] = counters.get("events_in")
@@ -156,39 +267,58 @@ def main(argv: list[str] | None = None) -> int:
             print(f"freshrec: ACCOUNTING MISMATCH: {events_in} in, {summary['events_accounted']} accounted", file=sys.stderr)
             return 1
     else:  # windowed outputs: a summary per window; totals from those, checked against the counters
-        counters = metric_counters(result) if result is not None else {}
-        totals = window_totals(paths["summaries"])
-        print(json.dumps({"counters": counters, "windows": totals}, indent=2, sort_keys=True))
+        summary = window_totals(paths["summaries"])
+        print(json.dumps({"counters": counters, "windows": summary}, indent=2, sort_keys=True))
         received = counter_accounting(counters)
-        if received is not None and totals["windows"] and received[0] != totals["events_accounted"]:
-            print(f"freshrec: ACCOUNTING MISMATCH: {received[0]} in, {totals['events_accounted']} accounted "
+        if received is not None and summary["windows"] and received[0] != summary["events_accounted"]:
+            print(f"freshrec: ACCOUNTING MISMATCH: {received[0]} in, {summary['events_accounted']} accounted "
                   f"(window summaries)", file=sys.stderr)
             return 1
-    return 0
+    return check_dead_letter_fraction(summary, ns.max_dead_letter_fraction, paths[DEAD_LETTER])
 
 
-def window_totals(directory: str) -> dict[str, Any]:
-    """Sums over the per-window summaries of a windowed run."""
-    out: dict[str, Any] = {"windows": 0, "events_applied": 0, "events_dead_lettered": 0, "events_accounted": 0,
-                           "flushes": 0, "rollbacks": 0, "dead_letter_by_reason": {}}
-    for path in sorted(glob.glob(os.path.join(directory, "window-*.json"))):
-        with open(path) as fh:
-            w = json.load(fh)
-        out["windows"] += 1
-        for key in ("events_applied", "events_dead_lettered", "events_accounted", "flushes", "rollbacks"):
-            out[key] += w[key]
-        for reason, n in w["dead_letter_by_reason"].items():
-            out["dead_letter_by_reason"][reason] = out["dead_letter_by_reason"].get(reason, 0) + n
-    return out
+def check_dead_letter_fraction(summary: dict[str, Any], limit: float, dead_dir: str) -> int:
+    total, dead = summary.get("events_accounted", 0), summary.get("events_dead_lettered", 0)
+    if not total or dead / total <= limit:
+        return 0
+    print(f"freshrec: {dead / total:.1%} of {total:,} events were dead-lettered (more than "
+          f"--max_dead_letter_fraction {limit}); the most frequent reasons:", file=sys.stderr)
+    for reason, n, raw in dead_letter_examples(dead_dir) if os.path.isdir(dead_dir) else []:
+        print(f"  {n:>8,}  {reason}  e.g. {raw}", file=sys.stderr)
+    return 1
 
 
-def counter_accounting(counters: dict[str, int]) -> tuple[int, int] | None:
-    """(received, applied + dead-lettered) from the Beam counters alone; None where the runner reported none."""
-    if "events_in" not in counters:
-        return None
-    received = counters.get("messages_in", counters["events_in"])  # Pub/Sub counts messages before decoding
-    accounted = counters.get("events_applied", 0) + sum(v for k, v in counters.items() if k.startswith("dead_letter_"))
-    return received, accounted
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = argv[0] if argv and not argv[0].startswith("-") else "run"
+    if command in ("show", "export") or (argv and argv[0] == "run"):
+        argv = argv[1:]
+    if command == "show":
+        from pipelines.results import show_main
+
+        return show_main(argv)
+    if command == "export":
+        from pipelines.export import export_main
+
+        return export_main(argv)
+    if command != "run":
+        print(f"freshrec: error: unknown command {command!r} (run, show, export; see --help)", file=sys.stderr)
+        return 2
+    debug = "--debug" in argv
+    try:
+        ns, opts = prepare(argv)
+        return run(ns, opts)
+    except UsageError as exc:
+        if debug:
+            raise
+        print(f"freshrec: error: {exc}", file=sys.stderr)
+        return 2
+    except Exception as exc:  # the run itself failed: one line, the traceback with --debug
+        if debug:
+            raise
+        print(f"freshrec: error: {type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+              " (--debug shows the traceback)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ from typing import Any
 from urllib.parse import parse_qs, urlparse
 
 import schemas
-from core.settings import add_flags, pipeline_config
+from core.settings import HelpFormatter, add_flags, pipeline_config
 from model.checkpoint import checkpoint_meta, latest_checkpoint
 from model.config import LearnerConfig
 from model.deltas import ModelDelta
@@ -130,7 +130,7 @@ def serve(consumer: DeltaConsumer, port: int) -> ThreadingHTTPServer:
 
 def make_parser() -> argparse.ArgumentParser:
     """This entry point's flags (tests/test_settings.py compares their defaults with core.settings)."""
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     ap.add_argument("--subscription", required=True, help="projects/P/subscriptions/S on the delta topic")
     ap.add_argument("--port", type=int, default=8080)
     ap.add_argument("--checkpoint_dir", default=None)

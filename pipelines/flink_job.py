@@ -43,10 +43,11 @@ from pyflink.datastream.connectors.file_system import FileSink, FileSource, Outp
 from pyflink.datastream.functions import KeyedProcessFunction, ProcessFunction, RuntimeContext  # noqa: E402
 from pyflink.datastream.state import ListStateDescriptor, ValueStateDescriptor  # noqa: E402
 
+from core import progress  # noqa: E402  (by module: the worker's own board, not a pickled copy)
 from core.cleaning import InvalidEvent, decode_event, raw_bytes  # noqa: E402
 from core.featurizers import FeatureConfig, ItemPopularity, UserFeaturizer  # noqa: E402
 from core.keyed_state import GroupStates, key_group  # noqa: E402
-from core.settings import add_flags, pipeline_config  # noqa: E402
+from core.settings import HelpFormatter, add_flags, pipeline_config  # noqa: E402
 from model.config import LearnerConfig  # noqa: E402
 from model.hashing import shard_of  # noqa: E402
 from model.journal import flush_micro_batch, new_meta  # noqa: E402
@@ -78,14 +79,17 @@ class DecodeAndValidate(ProcessFunction):
     def process_element(self, value: str, ctx):
         if self.throttle_ms:
             time.sleep(self.throttle_ms / 1000.0)
+        progress.BOARD.note_read()
         try:
             record = json.loads(value)
         except ValueError:
+            progress.BOARD.note_dead()
             yield DEAD_LETTER, _dead(value.encode(), "malformed: not JSON", "DecodeAndValidate")
             return
         try:
             yield decode_event(record)
         except InvalidEvent as exc:
+            progress.BOARD.note_dead()
             yield DEAD_LETTER, _dead(record, f"malformed: {exc.reason}", "DecodeAndValidate")
 
 
@@ -140,10 +144,16 @@ class AnnotateUserFeatures(KeyGroupFunction):
 class UpdateShardModel(KeyedProcessFunction):
     """Keyed by shard; the partition is a snapshot plus a journal of micro-batches in Flink state."""
 
-    def __init__(self, cfg: LearnerConfig, batch_size: int, top_k: int, snapshot_every: int):
+    def __init__(self, cfg: LearnerConfig, batch_size: int, top_k: int, snapshot_every: int, progress_s: float = 0.0):
         self.cfg, self.batch_size, self.top_k, self.snapshot_every = cfg, batch_size, top_k, snapshot_every
+        self.progress_s = progress_s
+
+    def close(self):
+        self.printer.stop()
 
     def open(self, ctx: RuntimeContext):
+        # one printer per Python worker: the steps of a worker share its board (core.progress)
+        self.printer = progress.ProgressPrinter(self.progress_s, prefix="freshrec-flink: ").start()
         self.buffer = ctx.get_list_state(ListStateDescriptor("buffer", Types.PICKLED_BYTE_ARRAY()))
         self.snapshot = ctx.get_state(ValueStateDescriptor("snapshot", Types.PICKLED_BYTE_ARRAY()))
         self.journal = ctx.get_list_state(ListStateDescriptor("journal", Types.PICKLED_BYTE_ARRAY()))
@@ -174,6 +184,7 @@ class UpdateShardModel(KeyedProcessFunction):
         done = flush_micro_batch(self.cfg, shard, events, meta,
                                  lambda: (self.snapshot.value(), list(self.journal.get() or [])),
                                  self.live, shard, self.top_k, self.snapshot_every, emit_time_ms=0)
+        progress.BOARD.note_flush(shard, len(events), done.learner.version, done.result.labels, done.result.probs)
         for record in done.scores:
             yield json.dumps({"kind": "score", **record})
         for record in done.deltas:
@@ -193,6 +204,7 @@ def build(env: StreamExecutionEnvironment, args: argparse.Namespace) -> None:
     source = FileSource.for_record_stream_format(StreamFormat.text_line_format(), args.input).build()
     watermarks = WatermarkStrategy.for_monotonous_timestamps().with_timestamp_assigner(EventTime())
     lines = env.from_source(source, watermarks, "ReplayEvents").uid("replay-source")
+    progress_s = 0.0 if args.quiet else args.progress_s
     events = lines.process(DecodeAndValidate(args.throttle_ms), output_type=Types.PICKLED_BYTE_ARRAY()).uid("decode")
     unique = (events.key_by(lambda e: key_group(e["event_id"], groups), key_type=Types.INT())
               .process(DedupeEvents(cfg.dedupe_ttl_ms), output_type=Types.PICKLED_BYTE_ARRAY()).uid("dedupe"))
@@ -203,8 +215,8 @@ def build(env: StreamExecutionEnvironment, args: argparse.Namespace) -> None:
                   .process(AnnotateUserFeatures(cfg.feature, cfg.state_ttl_ms), output_type=Types.PICKLED_BYTE_ARRAY())
                   .uid("user-features"))
     outputs = (with_users.key_by(lambda e: shard_of(e["user_id"], shards), key_type=Types.INT())
-               .process(UpdateShardModel(cfg.learner, cfg.update.batch_size, cfg.update.top_k, args.snapshot_every),
-                        output_type=Types.STRING())
+               .process(UpdateShardModel(cfg.learner, cfg.update.batch_size, cfg.update.top_k, args.snapshot_every,
+                                         progress_s), output_type=Types.STRING())
                .uid("update-shard-model"))
     dead = (events.get_side_output(DEAD_LETTER)
             .union(unique.get_side_output(DEAD_LETTER)))
@@ -216,7 +228,7 @@ def build(env: StreamExecutionEnvironment, args: argparse.Namespace) -> None:
 
 def make_parser() -> argparse.ArgumentParser:
     """This entry point's flags (tests/test_settings.py compares their defaults with core.settings)."""
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     ap.add_argument("--input", required=True, help="time-ordered JSONL of raw events (see pipelines.flink_job.write_jsonl)")
     ap.add_argument("--output", required=True)
     ap.add_argument("--checkpoint_dir", required=True)
@@ -226,6 +238,7 @@ def make_parser() -> argparse.ArgumentParser:
     ap.add_argument("--throttle_ms", type=float, default=0.0, help="sleep per input record (to stretch a test run)")
     # the Beam pipeline's flags and defaults; this job does not implement lateness or processing-time flushes yet
     add_flags(ap, ("model", "stability", "state", "sharding"), skip=("flush_interval_s", "allowed_lateness_s"))
+    add_flags(ap, ("run",), only=("progress_s", "quiet"))
     return ap
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Callable
 from dataclasses import replace
@@ -12,8 +11,9 @@ import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
 import schemas
-from core.readers import PRESETS, SyntheticConfig, guess_preset
-from core.settings import PipelineConfig, add_flags, pipeline_config
+from core.readers import SyntheticConfig
+from core.settings import PipelineConfig, add_flags, input_layout, pipeline_config
+from pipelines.results import output_paths
 from transforms.clean import DEAD_LETTER, CleanEvents
 from transforms.featurize import FeaturizeEvents
 from transforms.sinks import SummarizeRun, WriteAvroRecords
@@ -52,22 +52,11 @@ class ReadEvents(beam.PTransform):
 
     def expand(self, pbegin):
         o = self.opts
-        if o.data:
-            preset = o.data_format or guess_preset(o.data)
-            return pbegin | "ReplayDataset" >> ReplayEvents(o.data, PRESETS[preset], o.limit, rate=o.replay_rate)
+        layout = input_layout(o)
+        if layout is not None:
+            return pbegin | "ReplayDataset" >> ReplayEvents(o.data, layout.mapping, o.limit, rate=o.replay_rate)
         synth = replace(SyntheticConfig(), events=o.synthetic_events, seed=7 + o.seed)
         return pbegin | "SyntheticDriftingStream" >> SyntheticEvents(synth)
-
-
-def output_paths(output_dir: str) -> dict[str, str]:
-    return {
-        SCORES: os.path.join(output_dir, "scores"),
-        DELTAS: os.path.join(output_dir, "deltas"),
-        ROLLBACKS: os.path.join(output_dir, "rollbacks"),
-        DEAD_LETTER: os.path.join(output_dir, "dead_letter"),
-        "summary": os.path.join(output_dir, "summary.json"),
-        "summaries": os.path.join(output_dir, "summaries"),  # one per window when --output_window_s is set
-    }
 
 
 def build_pipeline(p: beam.Pipeline, opts: FreshrecOptions, clock: Callable[[], float] = time.time) -> dict[str, Any]:

@@ -20,7 +20,7 @@ from typing import Any
 
 from core.cleaning import InvalidEvent, validate_event
 from core.readers import DATA_ENV, PRESETS, guess_preset, read_replay
-from core.settings import add_flags
+from core.settings import HelpFormatter, add_flags
 from schemas.messages import event_message
 
 
@@ -63,7 +63,7 @@ def publish(topic: str, messages: Iterable[tuple[bytes, dict[str, str]]], rate: 
 
 def make_parser() -> argparse.ArgumentParser:
     """This entry point's flags (tests/test_settings.py compares their defaults with core.settings)."""
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     ap.add_argument("--topic", required=True, help="projects/PROJECT/topics/TOPIC")
     ap.add_argument("--rate", type=float, default=100.0, help="messages per second (0 = unthrottled)")
     ap.add_argument("--no_retime", action="store_true", help="keep the dataset's own event times")

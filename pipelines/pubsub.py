@@ -15,6 +15,7 @@ from apache_beam.transforms.window import TimestampedValue
 from apache_beam.utils.timestamp import Timestamp
 
 import schemas
+from core.progress import BOARD
 from schemas.messages import EVENT_TIME_ATTR, FINGERPRINT_ATTR, output_attributes
 from transforms.clean import DEAD_LETTER, dead_letter
 
@@ -35,6 +36,8 @@ class ParseEventMessages(beam.DoFn):
         expected = schemas.schema_fingerprint(schemas.RAW_EVENT)
         if fp != expected:
             self.bad.inc()
+            BOARD.note_read()
+            BOARD.note_dead()
             yield TaggedOutput(DEAD_LETTER, dead_letter(
                 message.data, f"malformed: schema fingerprint {fp!r} is not raw_event's {expected}", self.STEP))
             return
@@ -42,6 +45,8 @@ class ParseEventMessages(beam.DoFn):
             event_ms = int(attrs[EVENT_TIME_ATTR])
         except (KeyError, ValueError):
             self.bad.inc()
+            BOARD.note_read()
+            BOARD.note_dead()
             yield TaggedOutput(DEAD_LETTER, dead_letter(
                 message.data, f"malformed: attribute {EVENT_TIME_ATTR!r} missing or not an integer", self.STEP))
             return

@@ -54,9 +54,10 @@ def job(python, events, out, ck, *extra):
     return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
 
 
-def finish(proc, timeout=240):
+def finish(proc, timeout=240) -> str:
     out, _ = proc.communicate(timeout=timeout)
     assert proc.returncode == 0, out.decode(errors="replace")[-3000:]
+    return out.decode(errors="replace")
 
 
 def committed(out_dir):
@@ -93,7 +94,9 @@ def latest_checkpoint(ck_dir):
 
 def test_killed_job_restored_from_checkpoint_equals_uninterrupted_run(flink_python, events_file, tmp_path):
     out_a, ck_a = str(tmp_path / "out_a"), str(tmp_path / "ck_a")
-    finish(job(flink_python, events_file, out_a, ck_a))
+    printed = finish(job(flink_python, events_file, out_a, ck_a, "--progress_s", "1"))
+    progress_lines = [line for line in printed.splitlines() if line.startswith("freshrec-flink: ")]
+    assert progress_lines and "applied" in progress_lines[-1] and "running AUC" in progress_lines[-1]
     a = committed(out_a)
     kinds_a = Counter(r["kind"] for r in a)
     assert kinds_a["score"] > 0 and kinds_a["delta"] > 0 and kinds_a["dead_letter"] > 0

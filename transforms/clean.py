@@ -16,6 +16,7 @@ from apache_beam.utils.timestamp import Timestamp
 
 from core.cleaning import CleanConfig, InvalidEvent, LatenessTracker, decode_event, raw_bytes
 from core.keyed_state import GroupStates, key_group
+from core.progress import BOARD
 from model.hashing import shard_of
 from transforms.batching import DEAD_LETTER, KeyGroupStep, batch_by, rebatch_by
 from transforms.runtime import tune_worker
@@ -49,10 +50,12 @@ class DecodeAndValidate(beam.DoFn):
 
     def process(self, payload: Any) -> Iterable[Any]:
         self.events_in.inc()
+        BOARD.note_read()
         try:
             event = decode_event(payload, self.cfg)
         except InvalidEvent as exc:
             self.malformed.inc()
+            BOARD.note_dead()
             yield TaggedOutput(DEAD_LETTER, dead_letter(payload, f"malformed: {exc.reason}", self.STEP))
             return
         yield event
@@ -95,6 +98,7 @@ class DropLateEvents(beam.DoFn):
             event_ms = event["event_time_ms"]
             if tracker.is_late(event_ms):
                 self.late.inc()
+                BOARD.note_dead()
                 behind = tracker.watermark_ms - event_ms
                 reason = (f"late: event time is {behind} ms behind the watermark "
                           f"(allowed lateness {self.allowed_lateness_ms} ms)")
@@ -142,6 +146,7 @@ class DedupeEvents(KeyGroupStep):
         for event in events:
             if seen(group, event["event_id"], event["event_time_ms"]):
                 self.duplicates.inc()
+                BOARD.note_dead()
                 dead.append(dead_letter(None, "duplicate event_id", self.STEP, event))
                 continue
             kept.append(event)

@@ -60,7 +60,8 @@ class SummaryFn(beam.CombineFn):
 
     def create_accumulator(self):
         return {"applied": 0, "dead_letter": {}, "stats": BinaryStats().to_dict(), "versions": {},
-                "steps": 0, "skipped_nonfinite": 0, "rollbacks": 0, "flushes": 0, "table_rows": {}}
+                "steps": 0, "skipped_nonfinite": 0, "rollbacks": 0, "flushes": 0, "table_rows": {},
+                "scores": 0, "deltas": 0}
 
     def add_input(self, acc, item):
         kind, rec = item
@@ -72,6 +73,8 @@ class SummaryFn(beam.CombineFn):
         acc["steps"] += rec["steps"]
         acc["skipped_nonfinite"] += rec["skipped_nonfinite"]
         acc["rollbacks"] += rec["rollbacks"]
+        acc["scores"] += rec.get("scores", 0)
+        acc["deltas"] += rec.get("deltas", 0)
         acc["flushes"] += 1
         acc["stats"] = BinaryStats.from_dict(acc["stats"]).merge(BinaryStats.from_dict(rec["stats"])).to_dict()
         shard = str(rec["shard"])
@@ -85,7 +88,7 @@ class SummaryFn(beam.CombineFn):
         out = self.create_accumulator()
         for a in accs:
             out["applied"] += a["applied"]
-            for k in ("steps", "skipped_nonfinite", "rollbacks", "flushes"):
+            for k in ("steps", "skipped_nonfinite", "rollbacks", "flushes", "scores", "deltas"):
                 out[k] += a[k]
             for r, n in a["dead_letter"].items():
                 out["dead_letter"][r] = out["dead_letter"].get(r, 0) + n
@@ -114,6 +117,8 @@ class SummaryFn(beam.CombineFn):
             "optimizer_steps": acc["steps"],
             "steps_skipped_nonfinite": acc["skipped_nonfinite"],
             "rollbacks": acc["rollbacks"],
+            "scores_written": acc["scores"],
+            "deltas_written": acc["deltas"],
         }
 
 

@@ -39,6 +39,7 @@ from apache_beam.utils.windowed_value import WindowedValue
 
 import schemas
 from core.keyed_state import in_time_order
+from core.progress import BOARD
 from core.settings import UpdateConfig
 from model.config import LearnerConfig
 from model.hashing import shard_of
@@ -178,12 +179,14 @@ class UpdateShardModel(beam.DoFn):
 
         stats = BinaryStats()
         stats.update(result.labels, result.probs)
+        BOARD.note_flush(shard, len(events), learner.version, result.labels, result.probs)
         self.applied.inc(len(events))
         self.flushes.inc()
         self.skipped.inc(result.skipped_nonfinite)
         yield TaggedOutput(REPORTS, WindowedValue({
             "shard": shard, "events": len(events), "version": learner.version, "steps": result.steps,
             "skipped_nonfinite": result.skipped_nonfinite, "rollbacks": len(result.rollbacks),
+            "scores": len(done.scores), "deltas": len(done.deltas),
             "stats": stats.to_dict(), "max_event_time_ms": newest, "emit_time_ms": now_ms,
             "table_rows": {name: len(t) for name, t in learner.tables().items()},
         }, out_ts, windows))
