@@ -1,7 +1,13 @@
-"""Versioned, atomic checkpoints of a learner, loadable without unpickling code (``weights_only=True``)."""
+"""Versioned, atomic checkpoints of a learner, loadable without unpickling code (``weights_only=True``).
+
+Each checkpoint file has a ``.sha256`` sidecar written after it; ``verified_state`` refuses a file whose
+bytes do not match it (a torn or corrupted write), so a reader can fall back to an older checkpoint
+(``checkpoints`` lists them newest first)."""
 
 from __future__ import annotations
 
+import hashlib
+import io
 import os
 import re
 import tempfile
@@ -30,11 +36,18 @@ def save_checkpoint(learner: IncrementalLearner, directory: str | os.PathLike[st
     target = checkpoint_path(directory, learner.shard, learner.version)
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".tmp-", suffix=".pt")
+    buf = io.BytesIO()
+    torch.save({**learner.state_dict(), "meta": dict(meta or {})}, buf)
+    data = buf.getvalue()
     try:
         with os.fdopen(fd, "wb") as fh:
-            torch.save({**learner.state_dict(), "meta": dict(meta or {})}, fh)
+            fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
+        side = target.with_name(target.name + ".sha256")
+        side_tmp = side.with_name(side.name + ".tmp")
+        side_tmp.write_text(hashlib.sha256(data).hexdigest() + "\n")
+        os.replace(side_tmp, side)  # the sidecar first: a checkpoint is never visible without its checksum
         os.replace(tmp, target)
     except BaseException:
         if os.path.exists(tmp):
@@ -44,26 +57,35 @@ def save_checkpoint(learner: IncrementalLearner, directory: str | os.PathLike[st
 
 
 def load_checkpoint(path: str | os.PathLike[str], cfg: LearnerConfig | None = None) -> IncrementalLearner:
-    sd = torch.load(path, weights_only=True, map_location="cpu")
+    sd = verified_state(path)
     learner = IncrementalLearner(cfg or LearnerConfig.from_dict(sd["config"]), int(sd["shard"]))
     learner.load_state_dict(sd)
     return learner
 
 
-def checkpoint_meta(path: str | os.PathLike[str]) -> dict[str, Any]:
-    return dict(torch.load(path, weights_only=True, map_location="cpu").get("meta", {}))
+def checkpoints(directory: str | os.PathLike[str], shard: int) -> list[Path]:
+    """The shard's checkpoint files, newest version first."""
+    d = Path(directory)
+    if not d.is_dir():
+        return []
+    found = [(int(m.group(2)), p) for p in d.iterdir() if (m := _NAME.match(p.name)) and int(m.group(1)) == shard]
+    return [p for _, p in sorted(found, reverse=True)]
 
 
 def latest_checkpoint(directory: str | os.PathLike[str], shard: int) -> Path | None:
-    best: tuple[int, Path] | None = None
-    d = Path(directory)
-    if not d.is_dir():
-        return None
-    for p in d.iterdir():
-        m = _NAME.match(p.name)
-        if m and int(m.group(1)) == shard and (best is None or int(m.group(2)) > best[0]):
-            best = (int(m.group(2)), p)
-    return None if best is None else best[1]
+    found = checkpoints(directory, shard)
+    return found[0] if found else None
+
+
+def verified_state(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """A checkpoint's state dict, after checking its ``.sha256`` sidecar where there is one; ValueError if
+    the bytes do not match, torch's own errors (truncated file, refused pickle) otherwise."""
+    path = Path(path)
+    data = path.read_bytes()
+    side = path.with_name(path.name + ".sha256")
+    if side.exists() and side.read_text().strip() != hashlib.sha256(data).hexdigest():
+        raise ValueError(f"checkpoint {path.name}: its bytes do not match {side.name}")
+    return torch.load(io.BytesIO(data), weights_only=True, map_location="cpu")
 
 
 def replay_deltas(learner: IncrementalLearner, deltas: Iterable[ModelDelta]) -> IncrementalLearner:

@@ -14,7 +14,6 @@ where ``user_query`` holds (q_u, c_u) and ``item`` holds (e_i, b_i, item feature
 
 from __future__ import annotations
 
-import os
 from dataclasses import replace
 from typing import Any
 
@@ -89,6 +88,14 @@ def write_delta(tables: dict[str, DynamicEmbeddingTable], dense: DenseTower, del
     return True
 
 
+class BadDelta(ValueError):
+    """A delta a serving copy refuses (``reason`` is short and stable, for counters)."""
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+
+
 class ServingModel:
     """One shard's published tables, as a consumer holds them."""
 
@@ -104,8 +111,28 @@ class ServingModel:
     def tables(self) -> dict[str, DynamicEmbeddingTable]:
         return {ITEM: self.items, QUERY: self.queries}
 
+    def check_delta(self, delta: ModelDelta) -> None:
+        """BadDelta unless ``delta`` fits these tables: a known table, rows of its width, finite values."""
+        values, n = delta.row_values, len(delta.row_ids)
+        if delta.table == DENSE:
+            params = dict(self.dense.named_parameters())
+            unknown = [name for name in delta.row_ids if name not in params]
+            if unknown:
+                raise BadDelta("unknown_parameter", f"dense rows {unknown[:3]} are not parameters of this model")
+            width = max((params[name].numel() for name in delta.row_ids), default=0)
+        elif delta.table in (ITEM, QUERY, USER):
+            width = self.items.width + self.items.extra_width if delta.table == ITEM else self.queries.width
+        else:
+            raise BadDelta("unknown_table", f"table {delta.table!r} (expected {ITEM}, {QUERY}, {USER} or {DENSE})")
+        if n and (values.dim() != 2 or values.shape[0] != n or values.shape[1] < width
+                  or (delta.table != DENSE and values.shape[1] != width)):
+            raise BadDelta("wrong_width", f"{delta.table} rows of shape {tuple(values.shape)}, expected ({n}, {width})")
+        if n and not bool(torch.isfinite(values).all()):
+            raise BadDelta("non_finite", f"{delta.table} delta of version {delta.model_version} holds NaN or Inf")
+
     def apply_delta(self, delta: ModelDelta) -> None:
-        """Apply a published delta (user rows are the learner's own and are skipped)."""
+        """Apply a published delta (user rows are the learner's own and are skipped); ``check_delta`` first."""
+        self.check_delta(delta)
         if delta.table != USER and not write_delta(self.tables(), self.dense, delta, 0):
             raise ValueError(f"ServingModel: delta for unknown table {delta.table!r}")
         self.version = max(self.version, delta.model_version)
@@ -122,8 +149,8 @@ class ServingModel:
         self.version = int(sd["version"])
 
     @classmethod
-    def from_checkpoint(cls, path: str | os.PathLike[str], cfg: LearnerConfig | None = None) -> ServingModel:
-        sd = torch.load(path, weights_only=True, map_location="cpu")
+    def from_state(cls, sd: dict[str, Any], cfg: LearnerConfig | None = None) -> ServingModel:
+        """From a learner's state dict (``model.checkpoint.verified_state`` reads one from a file)."""
         model = cls(cfg or LearnerConfig.from_dict(sd["config"]), int(sd["shard"]))
         model.load_state_dict(sd)
         return model

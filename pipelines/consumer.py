@@ -26,13 +26,14 @@ from urllib.parse import parse_qs, urlparse
 
 import schemas
 from core.settings import HelpFormatter, add_flags, pipeline_config
-from model.checkpoint import checkpoint_meta, latest_checkpoint
+from model.checkpoint import checkpoints, verified_state
 from model.config import LearnerConfig
 from model.deltas import ModelDelta
 from model.hashing import shard_of
-from model.serving import ServingModel
+from model.serving import BadDelta, ServingModel
 
 LOG = logging.getLogger("freshrec.consumer")
+MAX_K = 1000
 
 
 @dataclass
@@ -49,13 +50,35 @@ class DeltaConsumer:
         self.counters: Counter[str] = Counter()
         self._lock = threading.Lock()
 
-    def handle(self, record: dict[str, Any]) -> str:
-        """Take one delta record (``schemas/model_delta.avsc``); returns what happened to it."""
+    def handle_message(self, data: bytes, message_id: str = "?") -> str:
+        """Take one Pub/Sub message's data; a message that is not a delta this copy can apply is refused
+        (counted and logged with its id), never raised: the copy keeps serving its last good state."""
+        try:
+            record = schemas.decode(schemas.MODEL_DELTA, data)
+        except Exception as exc:  # any decoding failure of one message: bytes from anywhere
+            return self._refuse("undecodable", f"message {message_id}: {type(exc).__name__}: {exc}")
+        return self.handle(record, message_id)
+
+    def _refuse(self, reason: str, detail: str) -> str:
+        self.counters["refused"] += 1
+        self.counters[f"refused_{reason}"] += 1
+        LOG.error("delta refused (%s): %s", reason, detail)
+        return "refused"
+
+    def handle(self, record: dict[str, Any], message_id: str = "?") -> str:
+        """Take one delta record (``schemas/model_delta.avsc``); returns what happened to it: applied,
+        buffered (waiting for a gap to close), duplicate or refused."""
         with self._lock:
             shard = int(record["shard"])
             if shard not in self.replicas:
-                raise ValueError(f"DeltaConsumer: delta for shard {shard} but only {self.shards} shards configured")
+                return self._refuse("unknown_shard", f"message {message_id}: shard {shard} of {self.shards}")
             rep = self.replicas[shard]
+            try:
+                rep.model.check_delta(ModelDelta.from_record(record))
+            except BadDelta as exc:
+                return self._refuse(exc.reason, f"message {message_id}: shard {shard}: {exc}")
+            except (TypeError, ValueError, RuntimeError) as exc:  # rows that do not even make a tensor
+                return self._refuse("malformed", f"message {message_id}: shard {shard}: {exc}")
             seq = int(record["sequence"])
             if seq <= rep.applied_sequence or seq in rep.pending:
                 self.counters["duplicates"] += 1
@@ -76,17 +99,27 @@ class DeltaConsumer:
             self.counters["applied"] += 1
 
     def _resync(self, shard: int) -> bool:
-        """Load the shard's newest checkpoint; deltas it already contains are dropped from the buffer."""
+        """Load the shard's newest readable checkpoint (an unreadable one is counted and skipped for the next
+        older); deltas it already contains are dropped from the buffer."""
         if not self.checkpoint_dir:
             return False
-        path = latest_checkpoint(self.checkpoint_dir, shard)
-        if path is None:
-            return False
-        seq = int(checkpoint_meta(path).get("delta_sequence", 0))
         rep = self.replicas[shard]
-        if seq <= rep.applied_sequence:
+        for path in checkpoints(self.checkpoint_dir, shard):
+            try:
+                state = verified_state(path)
+                seq = int(state.get("meta", {}).get("delta_sequence", 0))
+                model = ServingModel.from_state(state, self.cfg) if seq > rep.applied_sequence else None
+            except Exception as exc:  # truncated, corrupted, refused pickle, another model's tables
+                self.counters["checkpoint_errors"] += 1
+                LOG.error("shard %d: checkpoint %s unreadable (%s: %s); trying an older one", shard, path,
+                          type(exc).__name__, exc)
+                continue
+            if model is None:
+                return False
+            break
+        else:
             return False
-        rep.model = ServingModel.from_checkpoint(path, self.cfg)
+        rep.model = model
         rep.applied_sequence = seq
         rep.pending = {s: r for s, r in rep.pending.items() if s > seq}
         self.counters["resyncs"] += 1
@@ -102,23 +135,44 @@ class DeltaConsumer:
             return model.topk([user_id], k)[user_id]
 
 
+def query(consumer: DeltaConsumer, path: str) -> tuple[int, dict[str, Any]]:
+    """(HTTP status, JSON body) for a GET: every bad parameter is a 400 with a one-line error."""
+    url = urlparse(path)
+    if url.path != "/scores":
+        return 404, {"error": f"no such endpoint {url.path!r}: GET /scores?user=ID&k=N"}
+    q = parse_qs(url.query)
+    users = q.get("user", [])
+    if len(users) != 1 or not users[0]:
+        return 400, {"error": "user: expected one user id, as /scores?user=ID"}
+    raw_k = q.get("k", ["10"])
+    try:
+        k = int(raw_k[0]) if len(raw_k) == 1 else 0
+    except ValueError:
+        k = 0
+    if not 1 <= k <= MAX_K:
+        return 400, {"error": f"k: expected one integer from 1 to {MAX_K}, got {','.join(raw_k)!r}"}
+    user = users[0]
+    shard = shard_of(user, consumer.shards)
+    return 200, {"user_id": user, "shard": shard, "model_version": consumer.version(shard),
+                 "items": [{"item_id": i, "score": s} for i, s in consumer.scores(user, k)]}
+
+
 def serve(consumer: DeltaConsumer, port: int) -> ThreadingHTTPServer:
+    """GET /scores?user=ID&k=N on 127.0.0.1:``port`` (0: any free port) in a daemon thread."""
+
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self):  # noqa: N802 (http.server API)
-            url = urlparse(self.path)
-            q = parse_qs(url.query)
-            if url.path != "/scores" or "user" not in q:
-                self.send_error(404, "GET /scores?user=ID&k=N")
-                return
-            user = q["user"][0]
-            k = int(q.get("k", ["10"])[0])
-            shard = shard_of(user, consumer.shards)
-            body = json.dumps({"user_id": user, "shard": shard, "model_version": consumer.version(shard),
-                               "items": [{"item_id": i, "score": s} for i, s in consumer.scores(user, k)]}).encode()
-            self.send_response(200)
+            try:
+                status, body = query(consumer, self.path)
+            except Exception as exc:  # never drop a connection without an answer
+                LOG.exception("GET %s failed", self.path)
+                status, body = 500, {"error": f"{type(exc).__name__}: {exc}"}
+            data = json.dumps(body).encode()
+            self.send_response(status)
             self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
             self.end_headers()
-            self.wfile.write(body)
+            self.wfile.write(data)
 
         def log_message(self, *args):
             pass
@@ -148,10 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     serve(consumer, args.port)
 
     def callback(message: Any) -> None:
-        try:
-            consumer.handle(schemas.decode(schemas.MODEL_DELTA, message.data))
-        except ValueError as exc:
-            LOG.error("undecodable delta message dropped: %s", exc)
+        consumer.handle_message(message.data, getattr(message, "message_id", "?"))  # refusals are counted and logged
         message.ack()
 
     # ordered per shard by sequence in handle(); flow control keeps memory bounded
