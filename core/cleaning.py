@@ -44,8 +44,19 @@ def raw_bytes(payload: Any) -> bytes:
         return payload
     try:
         return json.dumps(payload, default=str, sort_keys=True).encode("utf-8")
-    except (TypeError, ValueError):
-        return repr(payload).encode("utf-8", "replace")
+    except (TypeError, ValueError, RecursionError):
+        try:
+            return repr(payload)[:2048].encode("utf-8", "replace")
+        except (ValueError, RecursionError):  # an integer of thousands of digits, a structure too deep
+            return f"<{type(payload).__name__} that cannot be shown>".encode()
+
+
+def _short(value: Any) -> str:
+    """At most 40 characters of a value, for a reason (an integer of thousands of digits has no str)."""
+    try:
+        return str(value)[:40]
+    except ValueError:
+        return "an integer of over 4,300 digits"
 
 
 def _id(record: dict[str, Any], name: str, cfg: CleanConfig) -> str:
@@ -54,31 +65,41 @@ def _id(record: dict[str, Any], name: str, cfg: CleanConfig) -> str:
         raise InvalidEvent(f"missing field {name!r}")
     if isinstance(value, bool) or not isinstance(value, (str, int)):
         raise InvalidEvent(f"field {name!r} must be a string or integer id, got {type(value).__name__}")
+    if isinstance(value, int) and abs(value) >= 10**40:
+        raise InvalidEvent(f"number_out_of_range: field {name!r} is an integer of over 40 digits")
     text = str(value)
     if not text or len(text) > cfg.max_id_length:
         raise InvalidEvent(f"field {name!r} must have 1..{cfg.max_id_length} characters, got {len(text)}")
+    if text != text.strip() or not text.isprintable():  # whitespace at an end, NUL, RTL overrides, lone surrogates
+        raise InvalidEvent(f"id_invalid: field {name!r} must be printable text without surrounding spaces, "
+                           f"got {text[:40]!r}")
     return text
 
 
 def validate_event(record: Any, cfg: CleanConfig = CleanConfig()) -> dict[str, Any]:
     if not isinstance(record, dict):
-        raise InvalidEvent(f"expected a record (dict), got {type(record).__name__}")
+        raise InvalidEvent(f"not_an_object: expected a record (dict), got {type(record).__name__}")
+    if "__unparsable__" in record:  # a record the reader could not make a row of (core.records)
+        raise InvalidEvent(f"{record.get('__reason__', 'unparsable')}: line {record.get('line')}")
     event: dict[str, Any] = {name: _id(record, name, cfg) for name in ("event_id", "user_id", "item_id")}
     etype = record.get("event_type")
     if etype not in schemas.EVENT_TYPES:
-        raise InvalidEvent(f"unknown event_type {str(etype)[:40]!r}; expected one of {', '.join(schemas.EVENT_TYPES)}")
+        raise InvalidEvent(f"unknown event_type {_short(etype)!r}; expected one of {', '.join(schemas.EVENT_TYPES)}")
     event["event_type"] = etype
     ts = record.get("event_time_ms")
     if isinstance(ts, bool) or not isinstance(ts, (int, float)) or (isinstance(ts, float) and not math.isfinite(ts)):
-        raise InvalidEvent(f"event_time_ms must be an integer (epoch ms), got {str(ts)[:40]!r}")
+        raise InvalidEvent(f"event_time_ms must be an integer (epoch ms), got {_short(ts)!r}")
     ts = int(ts)
     if not cfg.min_event_time_ms <= ts <= cfg.max_event_time_ms:
-        raise InvalidEvent(f"event_time_ms {ts} outside [{cfg.min_event_time_ms}, {cfg.max_event_time_ms}]")
+        shown = ts if abs(ts) < 10**40 else "of over 40 digits"
+        raise InvalidEvent(f"event_time_ms {shown} outside [{cfg.min_event_time_ms}, {cfg.max_event_time_ms}]")
     event["event_time_ms"] = ts
     value = record.get("value")
     if value is not None:
+        if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 10**300:
+            raise InvalidEvent("number_out_of_range: value is an integer too large for a float")
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(float(value)):
-            raise InvalidEvent(f"value must be a finite number or null, got {str(value)[:40]!r}")
+            raise InvalidEvent(f"value must be a finite number or null, got {_short(value)!r}")
         value = float(value)
     if etype == "rating" and value is None:
         raise InvalidEvent("rating event without a value")

@@ -21,13 +21,14 @@ from __future__ import annotations
 
 import csv
 import glob
-import json
+import itertools
 import os
 from dataclasses import dataclass, replace
 from typing import Any
 
 from core.cleaning import MAX_EVENT_TIME_MS, MIN_EVENT_TIME_MS
 from core.readers import PRESETS, TIME_UNITS, ColumnMapping, guess_preset, to_epoch_ms
+from core.records import csv_records, jsonl_records
 from schemas import EVENT_TYPES
 
 FIELDS = ("user_id", "item_id", "event_time", "value", "event_type", "event_id")
@@ -87,29 +88,15 @@ def guess_time_unit(values: list[Any]) -> str | None:
     return None
 
 
-def _sample_rows(path: str, fmt: str, delimiter: str, header: bool) -> tuple[list[str], list[dict[str, Any]]]:
-    with open(path, encoding="utf-8", errors="replace", newline="") as fh:
-        if fmt == "jsonl":
-            rows = []
-            for line in fh:
-                try:
-                    rec = json.loads(line)
-                except ValueError:
-                    continue
-                if isinstance(rec, dict):
-                    rows.append(rec)
-                if len(rows) >= SAMPLE_ROWS:
-                    break
-            return list(dict.fromkeys(k for r in rows for k in r)), rows
-        reader = csv.reader(fh, delimiter=delimiter)
-        first = next(reader, [])
-        names = first if header else [f"c{i}" for i in range(len(first))]
-        rows = [] if header else [dict(zip(names, first, strict=False))]
-        for row in reader:
-            rows.append(dict(zip(names, row, strict=False)))
-            if len(rows) >= SAMPLE_ROWS:
-                break
-        return names, rows
+def _sample_rows(path: str, fmt: str, delimiter: str, header: bool, first: list[str]) -> tuple[list[str], list[dict[str, Any]]]:
+    """Column names and the first ``SAMPLE_ROWS`` rows that parse (read as the replay reads them)."""
+    if fmt == "jsonl":
+        rows = [r for r in itertools.islice(jsonl_records(path), SAMPLE_ROWS * 2) if "__unparsable__" not in r]
+        return list(dict.fromkeys(k for r in rows for k in r)), rows[:SAMPLE_ROWS]
+    names = first if header else [f"c{i}" for i in range(len(first))]
+    records = csv_records(path, delimiter, None if header else tuple(names))
+    rows = [r for r in itertools.islice(records, SAMPLE_ROWS * 2) if "__unparsable__" not in r]
+    return names, rows[:SAMPLE_ROWS]
 
 
 def _positional(names: list[str], rows: list[dict[str, Any]]) -> dict[str, str]:
@@ -154,7 +141,8 @@ def _sniff_file(path: str, columns: str | None, time_unit: str | None) -> Layout
     text = head.decode("utf-8", "replace")
     if not text.strip():
         raise LayoutError(f"--data {path}: the file is empty")
-    if text.lstrip().startswith("{"):
+    first: list[str] = []
+    if text.lstrip().startswith(("{", "[")):
         fmt, delimiter, header = "jsonl", "", True
     else:
         sample = "\n".join(text.splitlines()[:50])
@@ -165,7 +153,7 @@ def _sniff_file(path: str, columns: str | None, time_unit: str | None) -> Layout
         first = next(csv.reader([text.splitlines()[0]], delimiter=delimiter))
         header = len(_match(first)) >= 2 or not all(_is_number(v) for v in first) and csv.Sniffer().has_header(sample)
         fmt = "tsv" if delimiter == "\t" else "csv"
-    names, rows = _sample_rows(path, fmt, delimiter, header)
+    names, rows = _sample_rows(path, fmt, delimiter, header, [] if fmt == "jsonl" else first)
     chosen = _match(names) if header else _positional(names, rows)
     if "event_time" not in chosen:  # a column named otherwise whose values read as times
         taken = set(chosen.values())

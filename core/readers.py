@@ -4,9 +4,7 @@ the benchmarks all read through these."""
 
 from __future__ import annotations
 
-import csv
 import glob
-import json
 import marshal
 import math
 import os
@@ -17,6 +15,8 @@ from datetime import UTC, datetime
 from itertools import accumulate
 from operator import itemgetter
 from typing import Any
+
+from core.records import MAX_EVENT_BYTES, avro_records, csv_records, jsonl_records
 
 DATA_ENV = "FRESHREC_DATA"
 
@@ -119,30 +119,13 @@ def _files(path: str, mapping: ColumnMapping) -> list[str]:
     return files
 
 
-def _rows(path: str, mapping: ColumnMapping) -> Iterator[dict[str, Any]]:
+def _rows(path: str, mapping: ColumnMapping, max_bytes: int = MAX_EVENT_BYTES) -> Iterator[dict[str, Any]]:
+    """One row (or unparsable record, ``core.records``) per physical record of the file."""
     if mapping.format in ("csv", "tsv"):
-        delim = mapping.separator
-        with open(path, newline="", encoding="utf-8", errors="replace") as fh:
-            if mapping.columns:
-                for row in csv.reader(fh, delimiter=delim):
-                    yield dict(zip(mapping.columns, row, strict=False))
-            else:
-                yield from csv.DictReader(fh, delimiter=delim)
-    elif mapping.format == "jsonl":
-        with open(path, encoding="utf-8", errors="replace") as fh:
-            for line in fh:
-                if line.strip():
-                    try:
-                        rec = json.loads(line)
-                    except json.JSONDecodeError:
-                        rec = {"__unparsable__": line.rstrip("\n")[:1000]}
-                    yield rec if isinstance(rec, dict) else {"__unparsable__": line[:1000]}
-    else:
-        import fastavro
-
-        with open(path, "rb") as fh:
-            for rec in fastavro.reader(fh):
-                yield rec if isinstance(rec, dict) else {"__unparsable__": repr(rec)[:1000]}
+        return csv_records(path, mapping.separator, mapping.columns, max_bytes)
+    if mapping.format == "jsonl":
+        return jsonl_records(path, max_bytes)
+    return avro_records(path)
 
 
 def _field(spec: str | None, row: dict[str, Any]) -> Any:
@@ -167,7 +150,8 @@ def _number(x: Any) -> Any:
 def map_row(row: dict[str, Any], mapping: ColumnMapping, line: int) -> tuple[int, dict[str, Any]]:
     """(sort key in ms, raw event dict) for one input row; unparsable times sort first and fail validation."""
     if "__unparsable__" in row:
-        return (-1, {"__unparsable__": row["__unparsable__"], "line": line})
+        return (-1, {"__unparsable__": row["__unparsable__"], "__reason__": row.get("__reason__", "unparsable"),
+                     "line": line})
     ts = to_epoch_ms(_field(mapping.event_time, row), mapping.time_unit)
     values = {k: ("" if v is None else v) for k, v in row.items()}
     try:
@@ -188,11 +172,12 @@ def map_row(row: dict[str, Any], mapping: ColumnMapping, line: int) -> tuple[int
     return key, event
 
 
-def _sorted_rows(path: str, mapping: ColumnMapping, pack: Callable[[dict[str, Any]], Any]) -> list[Any]:
+def _sorted_rows(path: str, mapping: ColumnMapping, pack: Callable[[dict[str, Any]], Any],
+                 max_bytes: int = MAX_EVENT_BYTES) -> list[Any]:
     keyed: list[tuple[int, int, Any]] = []
     line = 0
     for f in _files(path, mapping):
-        for row in _rows(f, mapping):
+        for row in _rows(f, mapping, max_bytes):
             key, event = map_row(row, mapping, line)
             keyed.append((key, line, pack(event)))
             line += 1
@@ -200,16 +185,19 @@ def _sorted_rows(path: str, mapping: ColumnMapping, pack: Callable[[dict[str, An
     return [e for _, _, e in keyed]
 
 
-def read_replay(path: str, mapping: ColumnMapping, limit: int | None = None) -> list[dict[str, Any]]:
-    """Every row of the files, mapped to raw events and sorted by event time (stable: file order breaks ties)."""
-    events = _sorted_rows(path, mapping, lambda e: e)
+def read_replay(path: str, mapping: ColumnMapping, limit: int | None = None,
+                max_bytes: int = MAX_EVENT_BYTES) -> list[dict[str, Any]]:
+    """Every record of the files, mapped to raw events and sorted by event time (stable: file order breaks
+    ties); records that cannot be rows come first, for validation to dead-letter."""
+    events = _sorted_rows(path, mapping, lambda e: e, max_bytes)
     return events[:limit] if limit is not None else events
 
 
-def read_replay_packed(path: str, mapping: ColumnMapping, limit: int | None = None) -> list[bytes]:
+def read_replay_packed(path: str, mapping: ColumnMapping, limit: int | None = None,
+                       max_bytes: int = MAX_EVENT_BYTES) -> list[bytes]:
     """``read_replay`` with each event kept as ``marshal`` bytes (``unpack_event``): a replay source holds
     the whole sorted dataset, and packed it takes about a fifth of the memory of the dicts."""
-    events = _sorted_rows(path, mapping, marshal.dumps)
+    events = _sorted_rows(path, mapping, marshal.dumps, max_bytes)
     return events[:limit] if limit is not None else events
 
 

@@ -26,6 +26,7 @@ from core.cleaning import CleanConfig
 from core.featurizers import FeatureConfig
 from core.layout import Layout, resolve_layout
 from core.readers import DATA_ENV, PRESETS, TIME_UNITS
+from core.records import MAX_EVENT_BYTES
 from model.config import MODES, OPTIMIZERS, LearnerConfig, TableConfig
 
 DAY_MS = 86_400_000
@@ -60,6 +61,7 @@ FLAGS: tuple[Flag, ...] = (
     Flag("data_format", "input", None, "force a column mapping preset instead of recognising the layout", choices=tuple(sorted(PRESETS))),
     Flag("columns", "input", None, "override the recognised columns: user_id=COL,item_id=COL,event_time=COL,value=COL,event_type=COL|TYPE"),
     Flag("time_unit", "input", None, "unit of the time column (recognised from its values when omitted)", choices=TIME_UNITS),
+    Flag("max_event_bytes", "input", MAX_EVENT_BYTES, "a record longer than this is dead-lettered (too_large) before it is parsed", int, bound=">=1"),
     Flag("limit", "input", None, "replay only the first N events in time order", int, bound=">=1"),
     Flag("replay_rate", "input", None, "pace the replay at this many events/s of processing time (streaming runs)", float, bound=">0"),
     Flag("synthetic_events", "input", 20_000, "events in the embedded synthetic stream", int, bound=">=1"),
@@ -133,7 +135,7 @@ def add_flags(parser: argparse.ArgumentParser, groups: Iterable[str] = tuple(GRO
         for flag in FLAGS:
             if flag.group != group or flag.name in skip or (keep is not None and flag.name not in keep):
                 continue
-            shown = "off" if flag.default is False else flag.default
+            shown = "off" if flag.default is False else "none" if flag.default is None else flag.default
             text = f"{flag.help} (default: {shown})"
             if flag.type is None and flag.default is False:
                 g.add_argument(f"--{flag.name}", action="store_true", help=text)

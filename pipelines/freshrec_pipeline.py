@@ -54,7 +54,8 @@ class ReadEvents(beam.PTransform):
         o = self.opts
         layout = input_layout(o)
         if layout is not None:
-            return pbegin | "ReplayDataset" >> ReplayEvents(o.data, layout.mapping, o.limit, rate=o.replay_rate)
+            return pbegin | "ReplayDataset" >> ReplayEvents(o.data, layout.mapping, o.limit, rate=o.replay_rate,
+                                                             max_bytes=o.max_event_bytes)
         synth = replace(SyntheticConfig(), events=o.synthetic_events, seed=7 + o.seed)
         return pbegin | "SyntheticDriftingStream" >> SyntheticEvents(synth)
 

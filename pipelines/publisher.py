@@ -19,8 +19,9 @@ from collections.abc import Iterable
 from typing import Any
 
 from core.cleaning import InvalidEvent, validate_event
-from core.readers import DATA_ENV, PRESETS, guess_preset, read_replay
-from core.settings import HelpFormatter, add_flags
+from core.layout import LayoutError
+from core.readers import DATA_ENV, read_replay
+from core.settings import HelpFormatter, add_flags, input_layout
 from schemas.messages import event_message
 
 
@@ -68,7 +69,7 @@ def make_parser() -> argparse.ArgumentParser:
     ap.add_argument("--rate", type=float, default=100.0, help="messages per second (0 = unthrottled)")
     ap.add_argument("--no_retime", action="store_true", help="keep the dataset's own event times")
     ap.add_argument("--speedup", type=float, default=1000.0, help="divide gaps between events by this when retiming")
-    add_flags(ap, ("input",), only=("data", "data_format", "limit"))
+    add_flags(ap, ("input",), only=("data", "data_format", "columns", "time_unit", "limit"))
     return ap
 
 
@@ -77,7 +78,13 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if not args.data:
         ap.error(f"--data or ${DATA_ENV} is required")
-    records = read_replay(args.data, PRESETS[args.data_format or guess_preset(args.data)], args.limit)
+    try:
+        layout = input_layout(args)
+    except LayoutError as exc:
+        ap.error(str(exc))
+    assert layout is not None
+    print(f"reading {args.data} as {layout.described}", file=sys.stderr)
+    records = read_replay(args.data, layout.mapping, args.limit)
     n = publish(args.topic, prepare(records, not args.no_retime, args.speedup, int(time.time() * 1000)), args.rate)
     print(f"published {n} messages to {args.topic}")
     return 0

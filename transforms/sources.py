@@ -30,11 +30,12 @@ from core.readers import (
     synthetic_events,
     unpack_event,
 )
+from core.records import MAX_EVENT_BYTES
 
 
 @lru_cache(maxsize=2)
-def _cached_replay(path: str, mapping: ColumnMapping, limit: int | None) -> list[bytes]:
-    return read_replay_packed(path, mapping, limit)
+def _cached_replay(path: str, mapping: ColumnMapping, limit: int | None, max_bytes: int = MAX_EVENT_BYTES) -> list[bytes]:
+    return read_replay_packed(path, mapping, limit, max_bytes)
 
 
 def event_timestamp(event: dict[str, Any]) -> Timestamp:
@@ -45,11 +46,10 @@ def event_timestamp(event: dict[str, Any]) -> Timestamp:
 
 
 class _ReplayRestrictions(RestrictionProvider):
-    """Offsets into the time-sorted event list of one replay task: (path, ColumnMapping, limit)."""
+    """Offsets into the time-sorted event list of one replay task: (path, ColumnMapping, limit, max bytes)."""
 
     def initial_restriction(self, task):
-        path, mapping, limit = task
-        return OffsetRange(0, len(_cached_replay(path, mapping, limit)))
+        return OffsetRange(0, len(_cached_replay(*task)))
 
     def create_tracker(self, restriction):
         return OffsetRestrictionTracker(restriction)
@@ -113,7 +113,7 @@ class ReplayEvents(beam.PTransform):
     """A dataset file or folder replayed as a time-ordered event stream (mapped dicts, not yet validated)."""
 
     def __init__(self, path: str, mapping: ColumnMapping, limit: int | None = None, max_out_of_orderness_ms: int = 60_000,
-                 rate: float | None = None):
+                 rate: float | None = None, max_bytes: int = MAX_EVENT_BYTES):
         super().__init__()
         if not os.path.exists(path):
             raise FileNotFoundError(
@@ -121,11 +121,12 @@ class ReplayEvents(beam.PTransform):
         if rate is not None and rate <= 0:
             raise ValueError(f"ReplayEvents: rate must be > 0 events/s or None, got {rate}")
         self.path, self.mapping, self.limit, self.max_ooo, self.rate = path, mapping, limit, max_out_of_orderness_ms, rate
+        self.max_bytes = max_bytes
 
     def expand(self, pbegin):
         return (
             pbegin
-            | "ReplayTask" >> beam.Create([(self.path, self.mapping, self.limit)])
+            | "ReplayTask" >> beam.Create([(self.path, self.mapping, self.limit, self.max_bytes)])
             | "ReadInTimeOrder" >> beam.ParDo(_ReplayFile(self.max_ooo, self.rate))
         )
 
