@@ -102,6 +102,7 @@ FLAGS: tuple[Flag, ...] = (
     Flag("dead_letter_topic", "outputs", None, "publish dead letters to this topic"),
     Flag("checkpoint_dir", "outputs", None, "also write atomic model checkpoints here"),
     Flag("checkpoint_every", "outputs", 0, "flushes between checkpoint files (0: none)", int, bound=">=0"),
+    Flag("checkpoint_keep", "outputs", 5, "checkpoint files kept per shard (older ones are deleted)", int, bound=">=1"),
     # run
     Flag("max_dead_letter_fraction", "run", 0.5, "fail the run (exit 1) when more than this fraction of its input is dead-lettered", float, bound=">=0"),
     Flag("progress_s", "run", 10.0, "print a progress line this often, seconds (0: never)", float, bound=">=0"),
@@ -186,14 +187,15 @@ class UpdateConfig:
     snapshot_every: int = 50
     checkpoint_dir: str | None = None
     checkpoint_every: int = 0
+    checkpoint_keep: int = DEFAULTS["checkpoint_keep"]
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
             raise ValueError(f"UpdateConfig.batch_size must be >= 1, got {self.batch_size}")
         if self.flush_interval_s is not None and self.flush_interval_s <= 0:
             raise ValueError("UpdateConfig.flush_interval_s must be > 0 or None")
-        if self.top_k < 1 or self.snapshot_every < 1 or self.checkpoint_every < 0:
-            raise ValueError("UpdateConfig.top_k and snapshot_every must be >= 1, checkpoint_every >= 0")
+        if self.top_k < 1 or self.snapshot_every < 1 or self.checkpoint_every < 0 or self.checkpoint_keep < 1:
+            raise ValueError("UpdateConfig.top_k, snapshot_every and checkpoint_keep must be >= 1, checkpoint_every >= 0")
 
 
 @dataclass(frozen=True)
@@ -248,7 +250,7 @@ def pipeline_config(ns: Any) -> PipelineConfig:
     batch = 1 if _get(ns, "mode") == "online" else _get(ns, "batch_size")
     update = UpdateConfig(batch_size=batch, flush_interval_s=_get(ns, "flush_interval_s") or None,
                           top_k=_get(ns, "top_k"), checkpoint_dir=_get(ns, "checkpoint_dir"),
-                          checkpoint_every=_get(ns, "checkpoint_every"))
+                          checkpoint_every=_get(ns, "checkpoint_every"), checkpoint_keep=_get(ns, "checkpoint_keep"))
     return PipelineConfig(
         feature, learner_config(ns, feature), update, CleanConfig(),
         ShardingConfig(_get(ns, "shards"), _get(ns, "key_groups")),

@@ -72,6 +72,15 @@ def checkpoints(directory: str | os.PathLike[str], shard: int) -> list[Path]:
     return [p for _, p in sorted(found, reverse=True)]
 
 
+def prune_checkpoints(directory: str | os.PathLike[str], shard: int, keep: int) -> list[Path]:
+    """Delete all but the ``keep`` newest checkpoints of ``shard`` (and their sidecars); the deleted paths."""
+    old = checkpoints(directory, shard)[keep:]
+    for path in old:
+        path.with_name(path.name + ".sha256").unlink(missing_ok=True)
+        path.unlink(missing_ok=True)
+    return old
+
+
 def latest_checkpoint(directory: str | os.PathLike[str], shard: int) -> Path | None:
     found = checkpoints(directory, shard)
     return found[0] if found else None

@@ -148,3 +148,14 @@ def test_show_and_export_read_what_a_run_wrote(tmp_path, capsys):
         exported = list(fastavro.reader(fh))
     assert len(exported) == 300 and exported[0]["event_type"] == "rating"
     assert [e["event_time_ms"] for e in exported] == sorted(e["event_time_ms"] for e in exported)
+
+
+def test_a_run_keeps_only_the_newest_checkpoints_per_shard(tmp_path):
+    ck = tmp_path / "ck"
+    assert cli.main(["--synthetic_events", "3000", "--output_dir", str(tmp_path / "out"), "--shards", "2",
+                     "--batch_size", "64", "--checkpoint_dir", str(ck), "--checkpoint_every", "1",
+                     "--checkpoint_keep", "2", "--quiet"]) == 0
+    files = sorted(p.name for p in ck.iterdir())
+    for shard in (0, 1):
+        mine = [f for f in files if f.startswith(f"shard-{shard:04d}-") and f.endswith(".pt")]
+        assert len(mine) == 2 and all(f + ".sha256" in files for f in mine)

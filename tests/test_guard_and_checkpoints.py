@@ -178,3 +178,20 @@ def test_delta_contains_exactly_the_rows_that_changed():
     assert by_table["item"].row_ids == ["a"]
     assert by_table["user_query"].row_ids == ["u1"]
     assert by_table["user"].base_version == 1 and by_table["user"].model_version == 2
+
+
+def test_checkpoints_are_pruned_to_the_newest_few_with_their_checksums(tmp_path):
+    from model.checkpoint import checkpoints, prune_checkpoints
+
+    learner = IncrementalLearner(cfg())
+    stream = topic_stream(400)
+    for i in range(0, 400, 50):
+        learner.learn(stream[i : i + 50])
+        save_checkpoint(learner, tmp_path)
+    assert len(checkpoints(tmp_path, 0)) == 8
+    removed = prune_checkpoints(tmp_path, 0, keep=5)
+    kept = checkpoints(tmp_path, 0)
+    assert len(removed) == 3 and len(kept) == 5 and kept[0] == latest_checkpoint(tmp_path, 0)
+    assert all(int(p.name[12:24]) < int(k.name[12:24]) for p in removed for k in kept)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([k.name for k in kept] + [k.name + ".sha256" for k in kept])
+    assert load_checkpoint(kept[0]).version == learner.version

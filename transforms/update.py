@@ -199,8 +199,9 @@ class UpdateShardModel(beam.DoFn):
         state["buffer_newest_ms"] = None
         if self.cfg.checkpoint_dir and self.cfg.checkpoint_every and state["flushes"] % self.cfg.checkpoint_every == 0 \
                 and not learner.accumulating:
-            from model.checkpoint import save_checkpoint
+            from model.checkpoint import prune_checkpoints, save_checkpoint
             save_checkpoint(learner, self.cfg.checkpoint_dir, {"delta_sequence": state["delta_seq"]})
+            prune_checkpoints(self.cfg.checkpoint_dir, shard, self.cfg.checkpoint_keep)
 
 
 class UpdateShardModelWithIntervalFlush(UpdateShardModel):
