@@ -19,6 +19,7 @@ MAX_EVENT_TIME_MS = 4_102_444_800_000  # 2100-01-01
 MAX_ID_LENGTH = 256
 MAX_CONTEXT_ENTRIES = 64
 MAX_CONTEXT_VALUE_LENGTH = 1024
+MAX_ABS_VALUE = 1e6
 
 
 class InvalidEvent(ValueError):
@@ -29,13 +30,21 @@ class InvalidEvent(ValueError):
 
 @dataclass(frozen=True)
 class CleanConfig:
+    """What a valid event is. ``value_range``: the domain of ``value`` (a dataset's rating scale, from its
+    preset or ``--value_range``); without one, a value beyond ±``MAX_ABS_VALUE`` is out of any rating,
+    price or count and refused."""
+
     min_event_time_ms: int = MIN_EVENT_TIME_MS
     max_event_time_ms: int = MAX_EVENT_TIME_MS
     max_id_length: int = MAX_ID_LENGTH
+    value_range: tuple[float, float] | None = None
 
     def __post_init__(self) -> None:
         if self.min_event_time_ms >= self.max_event_time_ms:
             raise ValueError("CleanConfig: min_event_time_ms must be < max_event_time_ms")
+        if self.value_range is not None and not (math.isfinite(self.value_range[0]) and math.isfinite(self.value_range[1])
+                                                 and self.value_range[0] <= self.value_range[1]):
+            raise ValueError(f"--value_range: expected LOW,HIGH with LOW <= HIGH, got {self.value_range}")
 
 
 def raw_bytes(payload: Any) -> bytes:
@@ -101,6 +110,9 @@ def validate_event(record: Any, cfg: CleanConfig = CleanConfig()) -> dict[str, A
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(float(value)):
             raise InvalidEvent(f"value must be a finite number or null, got {_short(value)!r}")
         value = float(value)
+        low, high = cfg.value_range or (-MAX_ABS_VALUE, MAX_ABS_VALUE)
+        if not low <= value <= high:
+            raise InvalidEvent(f"value_out_of_range: value {value:g} outside [{low:g}, {high:g}]")
     if etype == "rating" and value is None:
         raise InvalidEvent("rating event without a value")
     event["value"] = value

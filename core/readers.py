@@ -41,6 +41,7 @@ class ColumnMapping:
     context: tuple[str, ...] = ()
     file_glob: str = "*"
     delimiter: str | None = None  # csv/tsv: the field separator (default "," or a tab)
+    value_range: tuple[float, float] | None = None  # the domain of value (a rating scale), where known
 
     def __post_init__(self) -> None:
         if self.format not in ("csv", "tsv", "jsonl", "avro"):
@@ -82,7 +83,7 @@ PRESETS: dict[str, ColumnMapping] = {
     "movielens": ColumnMapping(
         format="tsv", columns=("user", "item", "rating", "ts"), event_id="ml-{user}-{item}-{ts}",
         user_id="col:user", item_id="col:item", event_type="rating", event_time="col:ts", time_unit="s",
-        value="col:rating", file_glob="u.data"),
+        value="col:rating", file_glob="u.data", value_range=(1.0, 5.0)),
     # Globo.com news clicks: hourly CSV parts with a header.
     "globo": ColumnMapping(
         format="csv", event_id="g-{session_id}-{click_article_id}-{click_timestamp}", user_id="col:user_id",

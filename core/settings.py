@@ -25,7 +25,7 @@ from typing import Any
 from core.cleaning import CleanConfig
 from core.featurizers import FeatureConfig
 from core.layout import Layout, resolve_layout
-from core.readers import DATA_ENV, PRESETS, TIME_UNITS
+from core.readers import DATA_ENV, PRESETS, TIME_UNITS, guess_preset
 from core.records import MAX_EVENT_BYTES
 from model.config import MODES, OPTIMIZERS, LearnerConfig, TableConfig
 
@@ -61,6 +61,7 @@ FLAGS: tuple[Flag, ...] = (
     Flag("data_format", "input", None, "force a column mapping preset instead of recognising the layout", choices=tuple(sorted(PRESETS))),
     Flag("columns", "input", None, "override the recognised columns: user_id=COL,item_id=COL,event_time=COL,value=COL,event_type=COL|TYPE"),
     Flag("time_unit", "input", None, "unit of the time column (recognised from its values when omitted)", choices=TIME_UNITS),
+    Flag("value_range", "input", None, "LOW,HIGH: the domain of value (a rating scale); events outside it are dead-lettered"),
     Flag("max_event_bytes", "input", MAX_EVENT_BYTES, "a record longer than this is dead-lettered (too_large) before it is parsed", int, bound=">=1"),
     Flag("limit", "input", None, "replay only the first N events in time order", int, bound=">=1"),
     Flag("replay_rate", "input", None, "pace the replay at this many events/s of processing time (streaming runs)", float, bound=">0"),
@@ -244,6 +245,24 @@ def input_layout(ns: Any) -> Layout | None:
     return resolve_layout(data, _get(ns, "data_format"), _get(ns, "columns"), _get(ns, "time_unit"))
 
 
+def clean_config(ns: Any) -> CleanConfig:
+    """Validation rules: ``--value_range`` if given, else the preset's rating scale, else the general bound."""
+    spec = _get(ns, "value_range")
+    if spec:
+        try:
+            low, high = (float(x) for x in str(spec).split(","))
+        except ValueError as exc:
+            raise ValueError(f"--value_range: expected LOW,HIGH, got {spec!r}") from exc
+        return CleanConfig(value_range=(low, high))
+    preset = _get(ns, "data_format")
+    if preset is None and _get(ns, "data") and not _get(ns, "columns"):
+        try:
+            preset = guess_preset(_get(ns, "data"))
+        except ValueError:
+            preset = None
+    return CleanConfig(value_range=PRESETS[preset].value_range if preset else None)
+
+
 def pipeline_config(ns: Any) -> PipelineConfig:
     """The whole run's configuration from parsed flags (argparse, or Beam's options view)."""
     feature = feature_config(ns)
@@ -252,7 +271,7 @@ def pipeline_config(ns: Any) -> PipelineConfig:
                           top_k=_get(ns, "top_k"), checkpoint_dir=_get(ns, "checkpoint_dir"),
                           checkpoint_every=_get(ns, "checkpoint_every"), checkpoint_keep=_get(ns, "checkpoint_keep"))
     return PipelineConfig(
-        feature, learner_config(ns, feature), update, CleanConfig(),
+        feature, learner_config(ns, feature), update, clean_config(ns),
         ShardingConfig(_get(ns, "shards"), _get(ns, "key_groups")),
         int(_get(ns, "allowed_lateness_s") * 1000), int(_get(ns, "dedupe_ttl_s") * 1000),
         int(_get(ns, "state_ttl_days") * DAY_MS), _get(ns, "output_dir"), _get(ns, "output_window_s"))

@@ -44,7 +44,7 @@ from pyflink.datastream.functions import KeyedProcessFunction, ProcessFunction, 
 from pyflink.datastream.state import ListStateDescriptor, ValueStateDescriptor  # noqa: E402
 
 from core import progress  # noqa: E402  (by module: the worker's own board, not a pickled copy)
-from core.cleaning import InvalidEvent, decode_event, raw_bytes  # noqa: E402
+from core.cleaning import CleanConfig, InvalidEvent, decode_event, raw_bytes  # noqa: E402
 from core.featurizers import FeatureConfig, ItemPopularity, UserFeaturizer  # noqa: E402
 from core.keyed_state import GroupStates, key_group  # noqa: E402
 from core.settings import HelpFormatter, add_flags, pipeline_config  # noqa: E402
@@ -73,8 +73,8 @@ class EventTime(TimestampAssigner):
 
 
 class DecodeAndValidate(ProcessFunction):
-    def __init__(self, throttle_ms: float = 0.0):
-        self.throttle_ms = throttle_ms
+    def __init__(self, cfg: CleanConfig, throttle_ms: float = 0.0):
+        self.cfg, self.throttle_ms = cfg, throttle_ms
 
     def process_element(self, value: str, ctx):
         if self.throttle_ms:
@@ -87,7 +87,7 @@ class DecodeAndValidate(ProcessFunction):
             yield DEAD_LETTER, _dead(value.encode(), "malformed: not JSON", "DecodeAndValidate")
             return
         try:
-            yield decode_event(record)
+            yield decode_event(record, self.cfg)
         except InvalidEvent as exc:
             progress.BOARD.note_dead()
             yield DEAD_LETTER, _dead(record, f"malformed: {exc.reason}", "DecodeAndValidate")
@@ -205,7 +205,7 @@ def build(env: StreamExecutionEnvironment, args: argparse.Namespace) -> None:
     watermarks = WatermarkStrategy.for_monotonous_timestamps().with_timestamp_assigner(EventTime())
     lines = env.from_source(source, watermarks, "ReplayEvents").uid("replay-source")
     progress_s = 0.0 if args.quiet else args.progress_s
-    events = lines.process(DecodeAndValidate(args.throttle_ms), output_type=Types.PICKLED_BYTE_ARRAY()).uid("decode")
+    events = lines.process(DecodeAndValidate(cfg.clean, args.throttle_ms), output_type=Types.PICKLED_BYTE_ARRAY()).uid("decode")
     unique = (events.key_by(lambda e: key_group(e["event_id"], groups), key_type=Types.INT())
               .process(DedupeEvents(cfg.dedupe_ttl_ms), output_type=Types.PICKLED_BYTE_ARRAY()).uid("dedupe"))
     with_items = (unique.key_by(lambda e: key_group(e["item_id"], groups), key_type=Types.INT())

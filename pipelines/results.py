@@ -24,7 +24,7 @@ from core.settings import HelpFormatter
 
 SCORES, DELTAS, ROLLBACKS, DEAD_LETTER = "scores", "deltas", "rollbacks", "dead_letter"
 TOTALLED = ("events_applied", "events_dead_lettered", "events_accounted", "flushes", "rollbacks",
-            "scores_written", "deltas_written")
+            "scores_written", "deltas_written", "events_not_learned")
 
 
 def output_paths(output_dir: str) -> dict[str, str]:

@@ -9,11 +9,12 @@ import os
 import subprocess
 import sys
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from core.cleaning import InvalidEvent, validate_event
-from core.readers import ColumnMapping, map_row
+from core.readers import PRESETS, ColumnMapping, map_row, read_replay
 from core.records import csv_records, jsonl_records
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -44,6 +45,7 @@ HOSTILE = {  # line -> the reason it must be dead-lettered with
     "[1, 2, 3]": "not_an_object",
     '"a string"': "not_an_object",
     event_line(user_id="x" * 200_000): "too_large",
+    event_line(value=1e300): "value_out_of_range",
 }
 
 
@@ -119,3 +121,23 @@ def test_arbitrary_bytes_never_crash_the_reader_and_every_line_is_counted(tmp_pa
         _, event = map_row(row, mapping, n)
         with contextlib.suppress(InvalidEvent):
             validate_event(event)
+
+
+def test_values_are_checked_against_the_declared_domain(tmp_path):
+    from core.settings import clean_config
+    from pipelines.cli import make_parser
+
+    path = tmp_path / "u.data"
+    path.write_text("1\t10\t4\t881250949\n1\t11\t7\t881250950\n2\t12\t-1\t881250951\n")
+    folder_args = make_parser().parse_args(["--data", str(tmp_path)])
+    events = {e["item_id"]: e for e in read_replay(str(tmp_path), PRESETS["movielens"])}
+    cfg = clean_config(folder_args)
+    assert cfg.value_range == (1.0, 5.0)  # MovieLens's rating scale, from its preset
+    assert validate_event(events["10"], cfg)["value"] == 4.0
+    for item in ("11", "12"):
+        with pytest.raises(InvalidEvent, match="value_out_of_range"):
+            validate_event(events[item], cfg)
+    wide = clean_config(make_parser().parse_args(["--data", str(tmp_path), "--value_range=-5,10"]))
+    assert validate_event(events["11"], wide)["value"] == 7.0
+    with pytest.raises(ValueError, match="--value_range"):
+        clean_config(make_parser().parse_args(["--value_range", "5"]))

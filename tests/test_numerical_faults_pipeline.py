@@ -36,6 +36,9 @@ def test_nan_inf_and_huge_features_never_reach_published_deltas():
     reports = Collected.get("nan/reports")
     assert sum(r["events"] for r in reports) == len(poisoned)  # every event accounted for
     assert sum(r["skipped_nonfinite"] for r in reports) >= 2
+    # the events of a skipped step are applied (accounted for) but reported as not learned
+    assert sum(r["not_learned"] for r in reports) == 10 * sum(1 for r in reports if r["skipped_nonfinite"] and not r["steps"])
+    assert sum(r["not_learned"] for r in reports) >= 20
     assert sum(r["steps"] for r in reports) >= 9
     deltas = Collected.get("nan/deltas")
     assert deltas

@@ -61,7 +61,7 @@ class SummaryFn(beam.CombineFn):
     def create_accumulator(self):
         return {"applied": 0, "dead_letter": {}, "stats": BinaryStats().to_dict(), "versions": {},
                 "steps": 0, "skipped_nonfinite": 0, "rollbacks": 0, "flushes": 0, "table_rows": {},
-                "scores": 0, "deltas": 0}
+                "scores": 0, "deltas": 0, "not_learned": {}}
 
     def add_input(self, acc, item):
         kind, rec = item
@@ -75,6 +75,9 @@ class SummaryFn(beam.CombineFn):
         acc["rollbacks"] += rec["rollbacks"]
         acc["scores"] += rec.get("scores", 0)
         acc["deltas"] += rec.get("deltas", 0)
+        if rec.get("not_learned"):
+            shard_key = str(rec["shard"])
+            acc["not_learned"][shard_key] = acc["not_learned"].get(shard_key, 0) + rec["not_learned"]
         acc["flushes"] += 1
         acc["stats"] = BinaryStats.from_dict(acc["stats"]).merge(BinaryStats.from_dict(rec["stats"])).to_dict()
         shard = str(rec["shard"])
@@ -93,6 +96,8 @@ class SummaryFn(beam.CombineFn):
             for r, n in a["dead_letter"].items():
                 out["dead_letter"][r] = out["dead_letter"].get(r, 0) + n
             out["stats"] = BinaryStats.from_dict(out["stats"]).merge(BinaryStats.from_dict(a["stats"])).to_dict()
+            for s, n in a["not_learned"].items():
+                out["not_learned"][s] = out["not_learned"].get(s, 0) + n
             for s, v in a["versions"].items():
                 if v >= out["versions"].get(s, -1):
                     out["versions"][s] = v
@@ -119,6 +124,8 @@ class SummaryFn(beam.CombineFn):
             "rollbacks": acc["rollbacks"],
             "scores_written": acc["scores"],
             "deltas_written": acc["deltas"],
+            "events_not_learned": sum(acc["not_learned"].values()),
+            "events_not_learned_by_shard": dict(sorted(acc["not_learned"].items())),
         }
 
 

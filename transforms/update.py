@@ -187,6 +187,8 @@ class UpdateShardModel(beam.DoFn):
             "shard": shard, "events": len(events), "version": learner.version, "steps": result.steps,
             "skipped_nonfinite": result.skipped_nonfinite, "rollbacks": len(result.rollbacks),
             "scores": len(done.scores), "deltas": len(done.deltas),
+            # applied (accounted for) but not learned: their step was skipped for non-finite values
+            "not_learned": len(events) if result.skipped_nonfinite and not result.steps else 0,
             "stats": stats.to_dict(), "max_event_time_ms": newest, "emit_time_ms": now_ms,
             "table_rows": {name: len(t) for name, t in learner.tables().items()},
         }, out_ts, windows))
