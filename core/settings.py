@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -103,6 +104,7 @@ FLAGS: tuple[Flag, ...] = (
     Flag("dead_letter_topic", "outputs", None, "publish dead letters to this topic"),
     Flag("checkpoint_dir", "outputs", None, "also write atomic model checkpoints here"),
     Flag("checkpoint_every", "outputs", 0, "flushes between checkpoint files (0: none)", int, bound=">=0"),
+    Flag("run_id", "outputs", None, "names this run's checkpoints, which sort after earlier runs' (default: its start time)"),
     Flag("checkpoint_keep", "outputs", 5, "checkpoint files kept per shard (older ones are deleted)", int, bound=">=1"),
     # run
     Flag("max_dead_letter_fraction", "run", 0.5, "fail the run (exit 1) when more than this fraction of its input is dead-lettered", float, bound=">=0"),
@@ -189,12 +191,15 @@ class UpdateConfig:
     checkpoint_dir: str | None = None
     checkpoint_every: int = 0
     checkpoint_keep: int = DEFAULTS["checkpoint_keep"]
+    run_id: str | None = None
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
             raise ValueError(f"UpdateConfig.batch_size must be >= 1, got {self.batch_size}")
         if self.flush_interval_s is not None and self.flush_interval_s <= 0:
             raise ValueError("UpdateConfig.flush_interval_s must be > 0 or None")
+        if self.run_id is not None and not re.fullmatch(r"[0-9A-Za-z_.-]{1,64}", self.run_id):
+            raise ValueError(f"--run_id must be 1-64 letters, digits, '.', '_' or '-', got {self.run_id!r}")
         if self.top_k < 1 or self.snapshot_every < 1 or self.checkpoint_every < 0 or self.checkpoint_keep < 1:
             raise ValueError("UpdateConfig.top_k, snapshot_every and checkpoint_keep must be >= 1, checkpoint_every >= 0")
 
@@ -269,7 +274,7 @@ def pipeline_config(ns: Any) -> PipelineConfig:
     batch = 1 if _get(ns, "mode") == "online" else _get(ns, "batch_size")
     update = UpdateConfig(batch_size=batch, flush_interval_s=_get(ns, "flush_interval_s") or None,
                           top_k=_get(ns, "top_k"), checkpoint_dir=_get(ns, "checkpoint_dir"),
-                          checkpoint_every=_get(ns, "checkpoint_every"), checkpoint_keep=_get(ns, "checkpoint_keep"))
+                          checkpoint_every=_get(ns, "checkpoint_every"), checkpoint_keep=_get(ns, "checkpoint_keep"), run_id=_get(ns, "run_id"))
     return PipelineConfig(
         feature, learner_config(ns, feature), update, clean_config(ns),
         ShardingConfig(_get(ns, "shards"), _get(ns, "key_groups")),

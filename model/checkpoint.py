@@ -11,6 +11,7 @@ import io
 import os
 import re
 import tempfile
+import time
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -21,19 +22,28 @@ from model.config import LearnerConfig
 from model.deltas import ModelDelta
 from model.learner import IncrementalLearner
 
-_NAME = re.compile(r"^shard-(\d+)-v(\d{12})\.pt$")
+# shard-0003-r20261201T204000-1a2b-v000000000012.pt: shard, the run that wrote it (optional), version
+_NAME = re.compile(r"^shard-(\d+)(?:-r([0-9A-Za-z_.-]+))?-v(\d{12})\.pt$")
 
 
-def checkpoint_path(directory: str | os.PathLike[str], shard: int, version: int) -> Path:
-    return Path(directory) / f"shard-{shard:04d}-v{version:012d}.pt"
+def new_run_id() -> str:
+    """A run's id for its checkpoints' names: its start time (so that ids sort like runs) and 4 random hex."""
+    return time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + "-" + os.urandom(2).hex()
+
+
+def checkpoint_path(directory: str | os.PathLike[str], shard: int, version: int, run_id: str | None = None) -> Path:
+    run = f"-r{run_id}" if run_id else ""
+    return Path(directory) / f"shard-{shard:04d}{run}-v{version:012d}.pt"
 
 
 def save_checkpoint(learner: IncrementalLearner, directory: str | os.PathLike[str],
-                    meta: dict[str, Any] | None = None) -> Path:
+                    meta: dict[str, Any] | None = None, run_id: str | None = None) -> Path:
     """Write ``learner`` to ``directory`` atomically (temp file in the same folder, fsync, rename).
 
-    ``meta`` (plain values) travels with it, e.g. the delta sequence number published so far."""
-    target = checkpoint_path(directory, learner.shard, learner.version)
+    ``meta`` (plain values) travels with it, e.g. the delta sequence number published so far; ``run_id``
+    (``new_run_id``) names the run, so that a later run's checkpoints sort after an earlier one's whatever
+    their versions."""
+    target = checkpoint_path(directory, learner.shard, learner.version, run_id)
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".tmp-", suffix=".pt")
     buf = io.BytesIO()
@@ -64,11 +74,12 @@ def load_checkpoint(path: str | os.PathLike[str], cfg: LearnerConfig | None = No
 
 
 def checkpoints(directory: str | os.PathLike[str], shard: int) -> list[Path]:
-    """The shard's checkpoint files, newest version first."""
+    """The shard's checkpoint files, newest first: the latest run's (by run id), then by version."""
     d = Path(directory)
     if not d.is_dir():
         return []
-    found = [(int(m.group(2)), p) for p in d.iterdir() if (m := _NAME.match(p.name)) and int(m.group(1)) == shard]
+    found = [((m.group(2) or "", int(m.group(3))), p) for p in d.iterdir()
+             if (m := _NAME.match(p.name)) and int(m.group(1)) == shard]
     return [p for _, p in sorted(found, reverse=True)]
 
 

@@ -188,6 +188,11 @@ def prepare(argv: list[str]) -> tuple[argparse.Namespace, Any]:
     argv = split_runner_config(argv)
     parser = make_parser()
     ns, rest = parser.parse_known_args(argv)
+    if ns.checkpoint_dir and not ns.run_id:  # one id for this run's checkpoints, in every worker
+        from model.checkpoint import new_run_id
+
+        ns.run_id = new_run_id()
+        argv = [*argv, f"--run_id={ns.run_id}"]
     check_unknown(rest, parser, ns.runner or "")
     try:
         check_flags(ns)
@@ -242,6 +247,9 @@ def run(ns: argparse.Namespace, opts: Any) -> int:
     try:
         with beam.Pipeline(options=opts) as p:
             build_pipeline(p, opts)
+    except BaseException:  # a failed run (a full disk, say) leaves no partial outputs behind
+        clear_outputs(paths)
+        raise
     finally:
         printer.stop()
         remove_temp_dirs(paths)

@@ -159,3 +159,17 @@ def test_a_run_keeps_only_the_newest_checkpoints_per_shard(tmp_path):
     for shard in (0, 1):
         mine = [f for f in files if f.startswith(f"shard-{shard:04d}-") and f.endswith(".pt")]
         assert len(mine) == 2 and all(f + ".sha256" in files for f in mine)
+
+
+def test_a_write_error_ends_the_run_in_one_line_and_removes_partial_outputs(tmp_path, monkeypatch, capsys):
+    from transforms import sinks
+
+    def full_disk(self, record):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(sinks.AvroFileSink, "write", full_disk)
+    out = tmp_path / "out"
+    assert cli.main(["--synthetic_events", "2000", "--output_dir", str(out), "--quiet"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "No space left on device" in err[0] and "Traceback" not in err[0]
+    assert not out.exists() or not any(out.rglob("*.avro"))

@@ -16,8 +16,10 @@ import urllib.request
 import pytest
 
 import schemas
-from model.checkpoint import checkpoints
+from model.checkpoint import checkpoints, save_checkpoint
+from model.learner import IncrementalLearner
 from pipelines.consumer import DeltaConsumer, serve
+from tests.helpers import topic_stream
 from tests.test_consumer import cfg, produce
 
 USERS = ["u1", "u7", "u33"]
@@ -126,3 +128,18 @@ class _Boom:
 
     def __reduce__(self):
         return (open, (self.path, "w"))
+
+
+def test_a_later_run_s_checkpoints_win_over_an_earlier_run_s_higher_versions(tmp_path):
+    learner, records = produce()
+    save_checkpoint(learner, tmp_path, {"delta_sequence": len(records)}, run_id="20261130T000000-aaaa")
+    _, early_records = produce()
+    fresh = IncrementalLearner(cfg(), shard=0)
+    for i in range(0, 90, 30):  # a new run, three flushes in: a lower version than the old run's last
+        fresh.learn(topic_stream(600, seed=5)[i : i + 30])
+    seq = len(fresh.take_deltas())
+    path = save_checkpoint(fresh, tmp_path, {"delta_sequence": seq}, run_id="20261201T000000-bbbb")
+    assert fresh.version < learner.version and checkpoints(tmp_path, 0)[0] == path
+    consumer = DeltaConsumer(cfg(), shards=1, checkpoint_dir=str(tmp_path))
+    consumer.handle({**early_records[seq + 1], "sequence": seq + 2})  # a gap: resync
+    assert consumer.counters["resyncs"] == 1 and consumer.version(0) == fresh.version

@@ -202,7 +202,7 @@ class UpdateShardModel(beam.DoFn):
         if self.cfg.checkpoint_dir and self.cfg.checkpoint_every and state["flushes"] % self.cfg.checkpoint_every == 0 \
                 and not learner.accumulating:
             from model.checkpoint import prune_checkpoints, save_checkpoint
-            save_checkpoint(learner, self.cfg.checkpoint_dir, {"delta_sequence": state["delta_seq"]})
+            save_checkpoint(learner, self.cfg.checkpoint_dir, {"delta_sequence": state["delta_seq"]}, self.cfg.run_id)
             prune_checkpoints(self.cfg.checkpoint_dir, shard, self.cfg.checkpoint_keep)
 
 
