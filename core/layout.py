@@ -27,7 +27,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from core.cleaning import MAX_EVENT_TIME_MS, MIN_EVENT_TIME_MS
-from core.readers import PRESETS, TIME_UNITS, ColumnMapping, guess_preset, to_epoch_ms
+from core.readers import PRESETS, TIME_UNITS, ColumnMapping, as_number, guess_preset, to_epoch_ms
 from core.records import csv_records, jsonl_records
 from schemas import EVENT_TYPES
 
@@ -108,7 +108,7 @@ def _positional(names: list[str], rows: list[dict[str, Any]]) -> dict[str, str]:
     if len(rest) >= 2:
         out["user_id"], out["item_id"] = rest[0], rest[1]
     for n in rest[2:]:
-        nums = [to_epoch_ms(v, "ms") for v in cols[n]]
+        nums = [as_number(v) for v in cols[n]]
         if nums and all(isinstance(x, (int, float)) and 0 <= x <= 10 for x in nums):
             out["value"] = n
             break
@@ -151,7 +151,7 @@ def _sniff_file(path: str, columns: str | None, time_unit: str | None) -> Layout
         except csv.Error as exc:
             raise LayoutError(f"--data {path}: cannot tell the delimiter (comma, tab, ; or |); pass --data_format") from exc
         first = next(csv.reader([text.splitlines()[0]], delimiter=delimiter))
-        header = len(_match(first)) >= 2 or not all(_is_number(v) for v in first) and csv.Sniffer().has_header(sample)
+        header = len(_match(first)) >= 2 or not all(isinstance(as_number(v), (int, float)) for v in first) and csv.Sniffer().has_header(sample)
         fmt = "tsv" if delimiter == "\t" else "csv"
     names, rows = _sample_rows(path, fmt, delimiter, header, [] if fmt == "jsonl" else first)
     chosen = _match(names) if header else _positional(names, rows)
@@ -186,14 +186,6 @@ def _sniff_file(path: str, columns: str | None, time_unit: str | None) -> Layout
     if fmt != "jsonl" and delimiter not in (",", "\t"):
         kind += f" (delimiter {delimiter!r})"
     return Layout(mapping, f"{kind}: " + ", ".join(parts))
-
-
-def _is_number(value: str) -> bool:
-    try:
-        float(value)
-    except ValueError:
-        return False
-    return True
 
 
 def resolve_layout(path: str, data_format: str | None = None, columns: str | None = None,

@@ -7,7 +7,9 @@ runner's own metrics (Beam counters, Flink metric groups) are what shows progres
 
 >>> board = ProgressBoard()
 >>> board.note_read(3); board.note_dead(1)
->>> board.note_flush(shard=0, events=2, version=1, labels=[1.0, 0.0], probs=[0.9, 0.2])
+>>> stats = BinaryStats()
+>>> stats.update([1.0, 0.0], [0.9, 0.2])
+>>> board.note_flush(shard=0, events=2, version=1, stats=stats)
 >>> board.line(elapsed_s=2.0)
 '2 s: 3 read, 2 applied, 1 dead-lettered, 1 events/s applied, 1 flushes, versions 0:1, running AUC 1.000'
 """
@@ -17,7 +19,6 @@ from __future__ import annotations
 import sys
 import threading
 import time
-from collections.abc import Sequence
 from typing import TextIO
 
 from model.metrics import BinaryStats
@@ -32,7 +33,7 @@ class ProgressBoard:
     def reset(self) -> None:
         self.read = self.dead = self.applied = self.flushes = 0
         self.versions: dict[int, int] = {}
-        self.stats = BinaryStats(bins=200)
+        self.stats = BinaryStats()
         self.started = time.monotonic()
 
     def note_read(self, n: int = 1) -> None:
@@ -41,11 +42,12 @@ class ProgressBoard:
     def note_dead(self, n: int = 1) -> None:
         self.dead += n
 
-    def note_flush(self, shard: int, events: int, version: int, labels: Sequence[float], probs: Sequence[float]) -> None:
+    def note_flush(self, shard: int, events: int, version: int, stats: BinaryStats) -> None:
+        """A flush of ``events`` that left ``shard`` at ``version``; ``stats``: its prequential statistics."""
         self.applied += events
         self.flushes += 1
         self.versions[shard] = version
-        self.stats.update(labels, probs)
+        self.stats = self.stats.merge(stats)
 
     def line(self, elapsed_s: float | None = None) -> str:
         elapsed = time.monotonic() - self.started if elapsed_s is None else elapsed_s

@@ -70,7 +70,7 @@ def to_epoch_ms(value: Any, unit: str) -> Any:
         if parsed.tzinfo is None:
             parsed = parsed.replace(tzinfo=UTC)
         return int(parsed.timestamp() * 1000)
-    value = _number(value)
+    value = as_number(value)
     if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
         return value
     if unit == "ms":
@@ -137,7 +137,7 @@ def _field(spec: str | None, row: dict[str, Any]) -> Any:
     return spec
 
 
-def _number(x: Any) -> Any:
+def as_number(x: Any) -> Any:
     """Numbers stay numbers; numeric strings become numbers; anything else is left for validation to refuse."""
     if isinstance(x, (int, float)) or x is None:
         return x
@@ -165,7 +165,7 @@ def map_row(row: dict[str, Any], mapping: ColumnMapping, line: int) -> tuple[int
         "item_id": _field(mapping.item_id, row),
         "event_type": _field(mapping.event_type, row),
         "event_time_ms": ts,
-        "value": _number(_field(mapping.value, row)),
+        "value": as_number(_field(mapping.value, row)),
         "context": row.get("context") if mapping.format in ("jsonl", "avro") and isinstance(row.get("context"), dict)
         else {c: str(row[c]) for c in mapping.context if c in row},
     }

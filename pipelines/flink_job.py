@@ -52,6 +52,7 @@ from model.config import LearnerConfig  # noqa: E402
 from model.hashing import shard_of  # noqa: E402
 from model.journal import flush_micro_batch, new_meta  # noqa: E402
 from model.learner import IncrementalLearner  # noqa: E402
+from model.metrics import BinaryStats  # noqa: E402
 
 DEAD_LETTER = OutputTag("dead-letter", Types.STRING())
 END_OF_TIME = 2**62
@@ -184,7 +185,9 @@ class UpdateShardModel(KeyedProcessFunction):
         done = flush_micro_batch(self.cfg, shard, events, meta,
                                  lambda: (self.snapshot.value(), list(self.journal.get() or [])),
                                  self.live, shard, self.top_k, self.snapshot_every, emit_time_ms=0)
-        progress.BOARD.note_flush(shard, len(events), done.learner.version, done.result.labels, done.result.probs)
+        stats = BinaryStats()
+        stats.update(done.result.labels, done.result.probs)
+        progress.BOARD.note_flush(shard, len(events), done.learner.version, stats)
         for record in done.scores:
             yield json.dumps({"kind": "score", **record})
         for record in done.deltas:

@@ -179,7 +179,7 @@ class UpdateShardModel(beam.DoFn):
 
         stats = BinaryStats()
         stats.update(result.labels, result.probs)
-        BOARD.note_flush(shard, len(events), learner.version, result.labels, result.probs)
+        BOARD.note_flush(shard, len(events), learner.version, stats)
         self.applied.inc(len(events))
         self.flushes.inc()
         self.skipped.inc(result.skipped_nonfinite)
