@@ -207,7 +207,7 @@ def stage_breakdown(n: int, batch: int) -> dict[str, float]:
     for upto in ("source", "clean", "featurize", "update"):
         t = time.perf_counter()
         with beam.Pipeline(options=opts) as p:
-            pc = p | "ReadEvents" >> ReadEvents(opts)
+            pc = p | "ReadEvents" >> ReadEvents(opts, cfg.layout)
             if upto != "source":
                 pc = (pc | "CleanEvents" >> CleanEvents(cfg.sharding.shards, cfg.allowed_lateness_ms, cfg.dedupe_ttl_ms,
                                                         cfg.clean, cfg.sharding.key_groups))["events"]

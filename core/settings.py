@@ -26,7 +26,7 @@ from typing import Any
 from core.cleaning import CleanConfig
 from core.featurizers import FeatureConfig
 from core.layout import Layout, resolve_layout
-from core.readers import DATA_ENV, PRESETS, TIME_UNITS, guess_preset
+from core.readers import DATA_ENV, PRESETS, TIME_UNITS
 from core.records import MAX_EVENT_BYTES
 from model.config import MODES, OPTIMIZERS, LearnerConfig, TableConfig
 
@@ -218,6 +218,7 @@ class PipelineConfig:
     state_ttl_ms: int
     output_dir: str
     output_window_s: int
+    layout: Layout | None = None  # how --data is read; None: the synthetic stream (or no --data flag)
 
 
 def feature_config(ns: Any) -> FeatureConfig:
@@ -243,15 +244,17 @@ def learner_config(ns: Any, feature: FeatureConfig | None = None) -> LearnerConf
 
 
 def input_layout(ns: Any) -> Layout | None:
-    """How ``--data`` is read (None: the synthetic stream); ``core.layout.LayoutError`` if it cannot be."""
-    data = _get(ns, "data")
+    """How ``--data`` is read (None: the synthetic stream, or an entry point without the flag);
+    ``core.layout.LayoutError`` if it cannot be."""
+    data = getattr(ns, "data", None)
     if not data:
         return None
     return resolve_layout(data, _get(ns, "data_format"), _get(ns, "columns"), _get(ns, "time_unit"))
 
 
-def clean_config(ns: Any) -> CleanConfig:
-    """Validation rules: ``--value_range`` if given, else the preset's rating scale, else the general bound."""
+def clean_config(ns: Any, layout: Layout | None) -> CleanConfig:
+    """Validation rules: ``--value_range`` if given, else the rating scale of the layout's preset, else the
+    general bound."""
     spec = _get(ns, "value_range")
     if spec:
         try:
@@ -259,24 +262,20 @@ def clean_config(ns: Any) -> CleanConfig:
         except ValueError as exc:
             raise ValueError(f"--value_range: expected LOW,HIGH, got {spec!r}") from exc
         return CleanConfig(value_range=(low, high))
-    preset = _get(ns, "data_format")
-    if preset is None and _get(ns, "data") and not _get(ns, "columns"):
-        try:
-            preset = guess_preset(_get(ns, "data"))
-        except ValueError:
-            preset = None
-    return CleanConfig(value_range=PRESETS[preset].value_range if preset else None)
+    return CleanConfig(value_range=layout.mapping.value_range if layout is not None else None)
 
 
 def pipeline_config(ns: Any) -> PipelineConfig:
-    """The whole run's configuration from parsed flags (argparse, or Beam's options view)."""
+    """The whole run's configuration from parsed flags (argparse, or Beam's options view); reads the head of
+    ``--data`` to tell its layout."""
     feature = feature_config(ns)
+    layout = input_layout(ns)
     batch = 1 if _get(ns, "mode") == "online" else _get(ns, "batch_size")
     update = UpdateConfig(batch_size=batch, flush_interval_s=_get(ns, "flush_interval_s") or None,
                           top_k=_get(ns, "top_k"), checkpoint_dir=_get(ns, "checkpoint_dir"),
                           checkpoint_every=_get(ns, "checkpoint_every"), checkpoint_keep=_get(ns, "checkpoint_keep"), run_id=_get(ns, "run_id"))
     return PipelineConfig(
-        feature, learner_config(ns, feature), update, clean_config(ns),
+        feature, learner_config(ns, feature), update, clean_config(ns, layout),
         ShardingConfig(_get(ns, "shards"), _get(ns, "key_groups")),
         int(_get(ns, "allowed_lateness_s") * 1000), int(_get(ns, "dedupe_ttl_s") * 1000),
-        int(_get(ns, "state_ttl_days") * DAY_MS), _get(ns, "output_dir"), _get(ns, "output_window_s"))
+        int(_get(ns, "state_ttl_days") * DAY_MS), _get(ns, "output_dir"), _get(ns, "output_window_s"), layout)

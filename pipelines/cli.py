@@ -27,7 +27,7 @@ import yaml
 
 from core.layout import LayoutError
 from core.progress import ProgressPrinter
-from core.settings import HelpFormatter, add_flags, check_flags, input_layout, pipeline_config
+from core.settings import HelpFormatter, add_flags, check_flags, pipeline_config
 from pipelines.results import (
     DEAD_LETTER,
     clear_outputs,
@@ -196,8 +196,7 @@ def prepare(argv: list[str]) -> tuple[argparse.Namespace, Any]:
     check_unknown(rest, parser, ns.runner or "")
     try:
         check_flags(ns)
-        pipeline_config(ns)
-        layout = input_layout(ns)
+        layout = pipeline_config(ns).layout
     except LayoutError as exc:
         raise UsageError(str(exc)) from exc
     except ValueError as exc:

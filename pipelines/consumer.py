@@ -40,7 +40,7 @@ MAX_K = 1000
 class _ShardReplica:
     model: ServingModel
     applied_sequence: int = 0
-    pending: dict[int, dict[str, Any]] = field(default_factory=dict)
+    pending: dict[int, ModelDelta] = field(default_factory=dict)  # checked deltas waiting for a gap to close
 
 
 class DeltaConsumer:
@@ -74,7 +74,8 @@ class DeltaConsumer:
                 return self._refuse("unknown_shard", f"message {message_id}: shard {shard} of {self.shards}")
             rep = self.replicas[shard]
             try:
-                rep.model.check_delta(ModelDelta.from_record(record))
+                delta = ModelDelta.from_record(record)
+                rep.model.check_delta(delta)
             except BadDelta as exc:
                 return self._refuse(exc.reason, f"message {message_id}: shard {shard}: {exc}")
             except (TypeError, ValueError, RuntimeError) as exc:  # rows that do not even make a tensor
@@ -83,7 +84,7 @@ class DeltaConsumer:
             if seq <= rep.applied_sequence or seq in rep.pending:
                 self.counters["duplicates"] += 1
                 return "duplicate"
-            rep.pending[seq] = record
+            rep.pending[seq] = delta
             if seq != rep.applied_sequence + 1:
                 self.counters["gaps"] += 1
                 if not self._resync(shard):
@@ -93,8 +94,7 @@ class DeltaConsumer:
 
     def _drain(self, rep: _ShardReplica) -> None:
         while rep.applied_sequence + 1 in rep.pending:
-            rec = rep.pending.pop(rep.applied_sequence + 1)
-            rep.model.apply_delta(ModelDelta.from_record(rec))
+            rep.model.apply_delta(rep.pending.pop(rep.applied_sequence + 1))
             rep.applied_sequence += 1
             self.counters["applied"] += 1
 

@@ -15,7 +15,8 @@ timer at the end of time), so batch boundaries, and therefore parameters, do not
 a run killed and restored from its last checkpoint ends with exactly the parameters and outputs of
 an uninterrupted run (tests/test_flink_job.py).
 
-    .venv-flink/bin/python -m pipelines.flink_job --input events.jsonl --output out/flink --checkpoint_dir /tmp/ck
+    ./run.sh export --data ../shared/datasets/movielens-100k --output /tmp/events.jsonl
+    .venv-flink/bin/python -m pipelines.flink_job --input /tmp/events.jsonl --output out/flink --checkpoint_dir /tmp/ck
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ from pyflink.datastream.state import ListStateDescriptor, ValueStateDescriptor  
 
 from core import progress  # noqa: E402  (by module: the worker's own board, not a pickled copy)
 from core.cleaning import CleanConfig, InvalidEvent, decode_event, raw_bytes  # noqa: E402
-from core.featurizers import FeatureConfig, ItemPopularity, UserFeaturizer  # noqa: E402
+from core.featurizers import ItemPopularity, UserFeaturizer  # noqa: E402
 from core.keyed_state import GroupStates, key_group  # noqa: E402
 from core.settings import HelpFormatter, add_flags, pipeline_config  # noqa: E402
 from model.config import LearnerConfig  # noqa: E402
@@ -124,19 +125,12 @@ class DedupeEvents(KeyGroupFunction):
         return event
 
 
-class AnnotateItemPopularity(KeyGroupFunction):
-    def __init__(self, cfg: FeatureConfig, ttl_ms: int):
+class AnnotateFeatures(KeyGroupFunction):
+    """Keyed by key group of the id the featurizer keeps state for: the event with its features before it."""
+
+    def __init__(self, featurizer: ItemPopularity | UserFeaturizer, ttl_ms: int):
         super().__init__(ttl_ms)
-        self.featurizer = ItemPopularity(cfg)
-
-    def handle(self, group, event):
-        return self.featurizer.annotate(group, event)
-
-
-class AnnotateUserFeatures(KeyGroupFunction):
-    def __init__(self, cfg: FeatureConfig, ttl_ms: int):
-        super().__init__(ttl_ms)
-        self.featurizer = UserFeaturizer(cfg)
+        self.featurizer = featurizer
 
     def handle(self, group, event):
         return self.featurizer.annotate(group, event)
@@ -212,10 +206,10 @@ def build(env: StreamExecutionEnvironment, args: argparse.Namespace) -> None:
     unique = (events.key_by(lambda e: key_group(e["event_id"], groups), key_type=Types.INT())
               .process(DedupeEvents(cfg.dedupe_ttl_ms), output_type=Types.PICKLED_BYTE_ARRAY()).uid("dedupe"))
     with_items = (unique.key_by(lambda e: key_group(e["item_id"], groups), key_type=Types.INT())
-                  .process(AnnotateItemPopularity(cfg.feature, cfg.state_ttl_ms), output_type=Types.PICKLED_BYTE_ARRAY())
+                  .process(AnnotateFeatures(ItemPopularity(cfg.feature), cfg.state_ttl_ms), output_type=Types.PICKLED_BYTE_ARRAY())
                   .uid("item-features"))
     with_users = (with_items.key_by(lambda e: key_group(e["user_id"], groups), key_type=Types.INT())
-                  .process(AnnotateUserFeatures(cfg.feature, cfg.state_ttl_ms), output_type=Types.PICKLED_BYTE_ARRAY())
+                  .process(AnnotateFeatures(UserFeaturizer(cfg.feature), cfg.state_ttl_ms), output_type=Types.PICKLED_BYTE_ARRAY())
                   .uid("user-features"))
     outputs = (with_users.key_by(lambda e: shard_of(e["user_id"], shards), key_type=Types.INT())
                .process(UpdateShardModel(cfg.learner, cfg.update.batch_size, cfg.update.top_k, args.snapshot_every,
@@ -232,7 +226,7 @@ def build(env: StreamExecutionEnvironment, args: argparse.Namespace) -> None:
 def make_parser() -> argparse.ArgumentParser:
     """This entry point's flags (tests/test_settings.py compares their defaults with core.settings)."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    ap.add_argument("--input", required=True, help="time-ordered JSONL of raw events (see pipelines.flink_job.write_jsonl)")
+    ap.add_argument("--input", required=True, help="time-ordered JSONL of raw events (freshrec export writes one from any dataset)")
     ap.add_argument("--output", required=True)
     ap.add_argument("--checkpoint_dir", required=True)
     ap.add_argument("--checkpoint_interval_ms", type=int, default=1000)
@@ -269,12 +263,6 @@ def main(argv: list[str] | None = None) -> int:
     build(env, args)
     env.execute("freshrec")
     return 0
-
-
-def write_jsonl(events: list[dict[str, Any]], path: str) -> None:
-    with open(path, "w") as fh:
-        for e in events:
-            fh.write(json.dumps(e, default=str) + "\n")
 
 
 if __name__ == "__main__":

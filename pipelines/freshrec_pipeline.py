@@ -11,8 +11,9 @@ import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
 import schemas
+from core.layout import Layout
 from core.readers import SyntheticConfig
-from core.settings import PipelineConfig, add_flags, input_layout, pipeline_config
+from core.settings import PipelineConfig, add_flags, pipeline_config
 from pipelines.results import output_paths
 from transforms.clean import DEAD_LETTER, CleanEvents
 from transforms.featurize import FeaturizeEvents
@@ -46,13 +47,14 @@ class RefreshModels(beam.PTransform):
 
 
 class ReadEvents(beam.PTransform):
-    def __init__(self, opts: FreshrecOptions):
+    """``--data`` replayed with its ``layout`` (``PipelineConfig.layout``), or the synthetic stream."""
+
+    def __init__(self, opts: FreshrecOptions, layout: Layout | None):
         super().__init__()
-        self.opts = opts.view_as(FreshrecOptions)
+        self.opts, self.layout = opts.view_as(FreshrecOptions), layout
 
     def expand(self, pbegin):
-        o = self.opts
-        layout = input_layout(o)
+        o, layout = self.opts, self.layout
         if layout is not None:
             return pbegin | "ReplayDataset" >> ReplayEvents(o.data, layout.mapping, o.limit, rate=o.replay_rate,
                                                              max_bytes=o.max_event_bytes)
@@ -69,7 +71,7 @@ def build_pipeline(p: beam.Pipeline, opts: FreshrecOptions, clock: Callable[[], 
 
         payloads, bad_messages = p | "ReadEventsFromPubSub" >> ReadEventsFromPubSub(o.events_subscription)
     else:
-        payloads, bad_messages = p | "ReadEvents" >> ReadEvents(opts), None
+        payloads, bad_messages = p | "ReadEvents" >> ReadEvents(opts, cfg.layout), None
     outputs = payloads | "RefreshModels" >> RefreshModels(cfg, clock)
     if bad_messages is not None:
         outputs[DEAD_LETTER] = (outputs[DEAD_LETTER], bad_messages) | "FlattenDeadLetters" >> beam.Flatten()

@@ -124,20 +124,20 @@ def test_arbitrary_bytes_never_crash_the_reader_and_every_line_is_counted(tmp_pa
 
 
 def test_values_are_checked_against_the_declared_domain(tmp_path):
-    from core.settings import clean_config
+    from core.settings import pipeline_config
     from pipelines.cli import make_parser
 
     path = tmp_path / "u.data"
     path.write_text("1\t10\t4\t881250949\n1\t11\t7\t881250950\n2\t12\t-1\t881250951\n")
     folder_args = make_parser().parse_args(["--data", str(tmp_path)])
     events = {e["item_id"]: e for e in read_replay(str(tmp_path), PRESETS["movielens"])}
-    cfg = clean_config(folder_args)
+    cfg = pipeline_config(folder_args).clean
     assert cfg.value_range == (1.0, 5.0)  # MovieLens's rating scale, from its preset
     assert validate_event(events["10"], cfg)["value"] == 4.0
     for item in ("11", "12"):
         with pytest.raises(InvalidEvent, match="value_out_of_range"):
             validate_event(events[item], cfg)
-    wide = clean_config(make_parser().parse_args(["--data", str(tmp_path), "--value_range=-5,10"]))
+    wide = pipeline_config(make_parser().parse_args(["--data", str(tmp_path), "--value_range=-5,10"])).clean
     assert validate_event(events["11"], wide)["value"] == 7.0
     with pytest.raises(ValueError, match="--value_range"):
-        clean_config(make_parser().parse_args(["--value_range", "5"]))
+        pipeline_config(make_parser().parse_args(["--value_range", "5"]))

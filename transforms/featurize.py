@@ -15,28 +15,15 @@ from core.keyed_state import key_group
 from transforms.batching import KeyGroupStep, rebatch_by
 
 
-class AnnotateItemPopularity(KeyGroupStep):
-    """Keyed by key group of the item id, on micro-batches: item popularity features before each event."""
+class AnnotateFeatures(KeyGroupStep):
+    """Keyed by key group of the id a featurizer keeps state for (the item for ``ItemPopularity``, the user
+    for ``UserFeaturizer``), on micro-batches: each event with its features before it."""
 
-    STEP = "AnnotateItemPopularity"
+    STEP = "AnnotateFeatures"
 
-    def __init__(self, cfg: FeatureConfig, state_ttl_ms: int):
+    def __init__(self, featurizer: ItemPopularity | UserFeaturizer, state_ttl_ms: int):
         super().__init__(state_ttl_ms)
-        self.featurizer = ItemPopularity(cfg)
-
-    def handle_batch(self, group, events, dead):
-        annotate = self.featurizer.annotate
-        return [annotate(group, event) for event in events]
-
-
-class AnnotateUserFeatures(KeyGroupStep):
-    """Keyed by key group of the user id, on micro-batches: windowed user features and history before each event."""
-
-    STEP = "AnnotateUserFeatures"
-
-    def __init__(self, cfg: FeatureConfig, state_ttl_ms: int):
-        super().__init__(state_ttl_ms)
-        self.featurizer = UserFeaturizer(cfg)
+        self.featurizer = featurizer
 
     def handle_batch(self, group, events, dead):
         annotate = self.featurizer.annotate
@@ -55,9 +42,9 @@ class FeaturizeEvents(beam.PTransform):
         return (
             events
             | "BatchByItemGroup" >> rebatch_by(lambda e: key_group(e["item_id"], groups), "BatchByItemGroup")
-            | "AnnotateItemPopularity" >> beam.ParDo(AnnotateItemPopularity(self.cfg, self.state_ttl_ms))
+            | "AnnotateItemPopularity" >> beam.ParDo(AnnotateFeatures(ItemPopularity(self.cfg), self.state_ttl_ms))
             | "BatchByUserGroup" >> rebatch_by(lambda e: key_group(e["user_id"], groups), "BatchByUserGroup")
-            | "AnnotateUserFeatures" >> beam.ParDo(AnnotateUserFeatures(self.cfg, self.state_ttl_ms))
+            | "AnnotateUserFeatures" >> beam.ParDo(AnnotateFeatures(UserFeaturizer(self.cfg), self.state_ttl_ms))
         )
 
 
