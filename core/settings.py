@@ -29,6 +29,7 @@ from core.layout import Layout, resolve_layout
 from core.readers import DATA_ENV, PRESETS, TIME_UNITS
 from core.records import MAX_EVENT_BYTES
 from model.config import MODES, OPTIMIZERS, LearnerConfig, TableConfig
+from model.sync import SHARABLE, SyncConfig
 
 DAY_MS = 86_400_000
 
@@ -94,6 +95,16 @@ FLAGS: tuple[Flag, ...] = (
     Flag("state_ttl_days", "state", 30.0, "drop per-user and per-item feature state idle this long", float, bound=">0"),
     # sharding
     Flag("shards", "sharding", 4, "model shards (users are hashed to shards)", int, bound=">=1"),
+    Flag("sync_dir", "sharding", None, "where shards share item rows and the global bias: a folder every worker "
+         "reaches (gs://... on Dataflow); a run writes under RUN_ID/ in it (none: OUTPUT_DIR/sync, with --shards > 1; "
+         "streaming runs only on the DirectRunner)"),
+    Flag("no_sync", "sharding", False, "shards learn item rows and the global bias alone"),
+    Flag("sync_interval_s", "sharding", 60.0, "event time of a sync epoch: a shard publishes its changes once its "
+         "events pass into a later one", float, bound=">0"),
+    Flag("sync_merge", "sharding", "sum", "how the shards' changes merge: their sum, or FedAvg's example-weighted mean",
+         choices=("sum", "mean")),
+    Flag("sync_share", "sharding", "items,bias", "what the shards learn together: items (row values and side features, "
+         "always), state (the item rows' optimizer state), bias (the global bias), mlps (the feature MLPs)"),
     Flag("key_groups", "sharding", 1024, "key groups of the per-id keyed steps (dedupe, item and user features)", int, bound=">=1"),
     # outputs
     Flag("output_dir", "outputs", "out", "where scores, deltas, rollbacks, dead letters and the summary go"),
@@ -168,12 +179,17 @@ def _get(ns: Any, name: str) -> Any:
 
 @dataclass(frozen=True)
 class ShardingConfig:
-    """Pipeline-wide: how many model shards, and how many key groups the per-id keyed steps use."""
+    """Pipeline-wide: how many model shards, how many key groups the per-id keyed steps use, and how the
+    shards share their global parameters (``sync``, at ``sync_location``; None: they do not)."""
 
     shards: int = DEFAULTS["shards"]
     key_groups: int = DEFAULTS["key_groups"]
+    sync: SyncConfig | None = None
+    sync_location: str | None = None
 
     def __post_init__(self) -> None:
+        if (self.sync is None) != (self.sync_location is None):
+            raise ValueError("ShardingConfig: sync and sync_location go together")
         if self.shards < 1:
             raise ValueError(f"ShardingConfig.shards must be >= 1, got {self.shards}")
         if self.key_groups < 1:
@@ -265,6 +281,25 @@ def clean_config(ns: Any, layout: Layout | None) -> CleanConfig:
     return CleanConfig(value_range=layout.mapping.value_range if layout is not None else None)
 
 
+def sync_location(ns: Any) -> str | None:
+    """Where this run's shards meet (``--sync_dir``/RUN_ID), or None when there is nothing to sync."""
+    if _get(ns, "shards") < 2 or _get(ns, "no_sync"):
+        return None
+    root = _get(ns, "sync_dir") or os.path.join(_get(ns, "output_dir"), "sync")
+    return f"{root.rstrip('/')}/{_get(ns, 'run_id') or 'run'}"
+
+
+def sharding_config(ns: Any) -> ShardingConfig:
+    location = sync_location(ns)
+    share = tuple(x.strip() for x in str(_get(ns, "sync_share")).split(",") if x.strip())
+    if set(share) - set(SHARABLE) or "items" not in share:
+        raise ValueError(f"--sync_share: expected items and any of {', '.join(SHARABLE[1:])}, comma-separated, "
+                         f"got {_get(ns, 'sync_share')!r}")
+    sync = None if location is None else SyncConfig(
+        _get(ns, "shards"), int(_get(ns, "sync_interval_s") * 1000), _get(ns, "sync_merge"), share)
+    return ShardingConfig(_get(ns, "shards"), _get(ns, "key_groups"), sync, location)
+
+
 def pipeline_config(ns: Any) -> PipelineConfig:
     """The whole run's configuration from parsed flags (argparse, or Beam's options view); reads the head of
     ``--data`` to tell its layout."""
@@ -276,6 +311,6 @@ def pipeline_config(ns: Any) -> PipelineConfig:
                           checkpoint_every=_get(ns, "checkpoint_every"), checkpoint_keep=_get(ns, "checkpoint_keep"), run_id=_get(ns, "run_id"))
     return PipelineConfig(
         feature, learner_config(ns, feature), update, clean_config(ns, layout),
-        ShardingConfig(_get(ns, "shards"), _get(ns, "key_groups")),
+        sharding_config(ns),
         int(_get(ns, "allowed_lateness_s") * 1000), int(_get(ns, "dedupe_ttl_s") * 1000),
         int(_get(ns, "state_ttl_days") * DAY_MS), _get(ns, "output_dir"), _get(ns, "output_window_s"), layout)

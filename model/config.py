@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
+import torch
+
 MODES = ("online", "incremental")
 OPTIMIZERS = ("adagrad", "ftrl", "sgd")
 
@@ -117,3 +119,12 @@ class LearnerConfig:
             if isinstance(kwargs.get(key), dict):
                 kwargs[key] = TableConfig(**kwargs[key])
         return cls(**kwargs)
+
+
+def resolve_device(name: str) -> torch.device:
+    """'auto' picks CUDA when this worker has a GPU, else CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"device {name!r} requested but torch.cuda.is_available() is False")
+    return torch.device(name)

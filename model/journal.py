@@ -12,35 +12,64 @@ from typing import Any
 from model.config import LearnerConfig
 from model.deltas import LearnResult
 from model.learner import IncrementalLearner
+from model.shard_sync import ShardSync
 
 # A journal entry is one micro-batch of featurized events (dicts of str/int/float/None/lists) in
 # marshal's format behind this tag: about a ninth of the cost of Avro-encoding each event, and loading
 # it builds plain data, never code.
+# A flush with a sync step journals what the sync did too ((applied epochs, published epoch), events),
+# behind a second tag: replay re-applies exactly those merged epochs, read back from the medium.
 _MARSHALLED = b"\0\0\0\0"
+_SYNCED = b"\0\0\0\1"
 
 
-def journal_entry(events: list[dict]) -> bytes:
-    return _MARSHALLED + marshal.dumps(events, 4)
+def journal_entry(events: list[dict], sync: tuple[list[int], int | None] | None = None) -> bytes:
+    if sync is None:
+        return _MARSHALLED + marshal.dumps(events, 4)
+    return _SYNCED + marshal.dumps((list(sync[0]), sync[1], events), 4)
+
+
+def journal_record(entry: bytes) -> tuple[list[dict[str, Any]], tuple[list[int], int | None] | None]:
+    """(micro-batch, sync actions or None) of a journal entry; ValueError on bytes that are not one."""
+    tag, body = entry[:4], entry[4:]
+    if tag not in (_MARSHALLED, _SYNCED):
+        raise ValueError("journal entry does not start with the marshalled-batch tag")
+    try:
+        value = marshal.loads(body)
+    except (EOFError, ValueError, TypeError) as exc:
+        raise ValueError(f"journal entry is not a marshalled micro-batch: {exc}") from exc
+    sync = None
+    if tag == _SYNCED:
+        if not (isinstance(value, tuple) and len(value) == 3 and isinstance(value[0], list)):
+            raise ValueError("journal entry: a synced entry must hold (applied epochs, published epoch, events)")
+        sync, value = (value[0], value[1]), value[2]
+    if not isinstance(value, list) or not all(isinstance(e, dict) for e in value):
+        raise ValueError("journal entry is not a list of event records")
+    return value, sync
 
 
 def journal_events(entry: bytes) -> list[dict[str, Any]]:
     """The micro-batch a journal entry holds; ValueError on bytes that are not one."""
-    if not entry.startswith(_MARSHALLED):
-        raise ValueError("journal entry does not start with the marshalled-batch tag")
-    try:
-        events = marshal.loads(entry[len(_MARSHALLED):])
-    except (EOFError, ValueError, TypeError) as exc:
-        raise ValueError(f"journal entry is not a marshalled micro-batch: {exc}") from exc
-    if not isinstance(events, list) or not all(isinstance(e, dict) for e in events):
-        raise ValueError("journal entry is not a list of event records")
-    return events
+    return journal_record(entry)[0]
 
 
-def restore_learner(cfg: LearnerConfig, shard: int, snapshot: bytes | None, journal: list[bytes]) -> IncrementalLearner:
-    """Rebuild a shard's learner from its state: the snapshot, then every journaled micro-batch in order."""
+def restore_learner(cfg: LearnerConfig, shard: int, snapshot: bytes | None, journal: list[bytes],
+                    sync: ShardSync | None = None) -> IncrementalLearner:
+    """Rebuild a shard's learner from its state: the snapshot, then every journaled micro-batch in order
+    (with the merged epochs it applied and its publication, neither applied nor published twice)."""
     learner = IncrementalLearner.from_bytes(snapshot, cfg) if snapshot else IncrementalLearner(cfg, shard)
+    if sync is not None:
+        learner.share_serving()
     for entry in journal:
-        learner.learn(journal_events(entry))
+        events, actions = journal_record(entry)
+        if actions is not None:
+            if sync is None:
+                raise ValueError("journal: a synced entry needs the run's sync medium to replay")
+            if actions[0]:
+                sync.apply(learner, actions[0])
+        learner.learn(events)
+        if actions is not None and sync is not None:
+            sync.after_batch(learner, events)  # its publication is on the medium already
         learner.take_deltas()
     return learner
 
@@ -62,6 +91,10 @@ class Flush:
     journal_entry: bytes
     snapshot: bytes | None
     restored: bool
+    merged_epochs: list[int]  # merged sync epochs applied before learning
+    published_epoch: int | None  # the sync epoch this flush published
+    sync_bytes: int  # bytes this flush's publication put on the sync medium
+    probed: tuple[float, int]  # an evaluation probe's (hits, probes) on this batch, before learning it
 
 
 def flush_micro_batch(
@@ -75,6 +108,8 @@ def flush_micro_batch(
     top_k: int,
     snapshot_every: int,
     emit_time_ms: int,
+    sync: ShardSync | None = None,
+    probe: Callable[[IncrementalLearner, list[dict[str, Any]]], tuple[float, int]] | None = None,
 ) -> Flush:
     """Score first, learn, and number the refreshed scores and deltas of one shard's micro-batch.
 
@@ -82,8 +117,14 @@ def flush_micro_batch(
     otherwise (first flush here, a restart, a retried bundle) it is rebuilt from ``load_state()``."""
     cached = live.get(live_key)
     restored = cached is None or cached[1] != meta["flushes"]
-    learner = restore_learner(cfg, shard, *load_state()) if restored else cached[0]  # type: ignore[index]
+    learner = restore_learner(cfg, shard, *load_state(), sync) if restored else cached[0]  # type: ignore[index]
+    applied: list[int] = []
+    bytes_before = learner.counters["sync_bytes_out"]
+    if sync is not None:  # merged epochs first, none newer than this batch's oldest event
+        applied = sync.catch_up(learner, min(int(e["event_time_ms"]) for e in events))
+    probed = probe(learner, events) if probe is not None else (0.0, 0)  # (hits, probes), before learning them
     result = learner.learn(events)
+    published = sync.after_batch(learner, events) if sync is not None else None
     latest_by_user: dict[str, int] = {}
     for e in events:
         latest_by_user[e["user_id"]] = max(latest_by_user.get(e["user_id"], 0), e["event_time_ms"])
@@ -104,4 +145,6 @@ def flush_micro_batch(
         snapshot = learner.to_bytes()
         meta["journal_len"] = 0
     live[live_key] = (learner, meta["flushes"])
-    return Flush(learner, result, scores, deltas, journal_entry(events), snapshot, restored and meta["flushes"] > 1)
+    entry = journal_entry(events, None if sync is None else (applied, published))
+    return Flush(learner, result, scores, deltas, entry, snapshot, restored and meta["flushes"] > 1, applied, published,
+                 learner.counters["sync_bytes_out"] - bytes_before, probed)

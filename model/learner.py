@@ -39,26 +39,18 @@ import torch
 from torch import nn
 
 from model.batch import Batch, BatchBuilder, event_label, feature_matrix, history_positions
-from model.config import LearnerConfig
+from model.config import LearnerConfig, resolve_device
 from model.deltas import DENSE, ITEM, QUERY, USER, LearnResult, ModelDelta, RollbackRecord
 from model.dense import DenseTower, dense_rows
 from model.embedding import DynamicEmbeddingTable
 from model.guard import StabilityGuard
 from model.optim import SGD, make_row_optimizer
-from model.serving import score_candidates, topk_from_tables, write_delta
+from model.serving import SharedServing, score_candidates, topk_from_tables, write_delta
 from model.step import GradientAccumulator
+from model.sync import SyncState, dense_values
 from model.towers import latest_per_user, logits, user_query_rows
 
 FORMAT_VERSION = 3  # the checkpoint layout; a checkpoint of another layout is refused
-
-
-def resolve_device(name: str) -> torch.device:
-    """'auto' picks CUDA when this worker has a GPU, else CPU."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError(f"device {name!r} requested but torch.cuda.is_available() is False")
-    return torch.device(name)
 
 
 class IncrementalLearner:
@@ -88,6 +80,9 @@ class IncrementalLearner:
         self.batches = BatchBuilder(cfg, self.users, self.items, self.rng, self.device)
         self.guard = StabilityGuard(cfg, self.tables(), self.dense, self.dense_opt)
         self.grads = GradientAccumulator(cfg, (self.users, self.items), self.dense, self.dense_opt, self.guard)
+        self.sync = SyncState()  # the shared rows' sync position and reference (``model.sync``)
+        self.served: SharedServing | None = None  # with the sync: the merged rows it serves (``share_serving``)
+        self.sync.ref_dense = dense_values(self)
 
     def tables(self) -> dict[str, DynamicEmbeddingTable]:
         return {USER: self.users, ITEM: self.items, QUERY: self.queries}
@@ -137,13 +132,22 @@ class IncrementalLearner:
         return batch.labels.tolist(), self.score_batch(batch).tolist()
 
     @torch.no_grad()
+    def serving_view(self) -> tuple[DynamicEmbeddingTable, DenseTower]:
+        """The item rows and dense tower this shard publishes: its own, or with the sync the merged ones."""
+        return (self.served.items, self.served.dense) if self.served is not None else (self.items, self.dense)
+
+    def share_serving(self) -> None:
+        """Serve the shards' merged item rows and dense tower from now on (before the first batch learned)."""
+        if self.served is None:
+            self.served = SharedServing(self.cfg, self.dense, self.device)
+
     def topk(self, user_ids: Iterable[str], k: int) -> dict[str, list[tuple[str, float]]]:
         """Top-k items (by probability) for each user from the published rows of this version."""
-        return topk_from_tables(self.queries, self.items, self.dense, list(user_ids), k)
+        return topk_from_tables(self.queries, *self.serving_view(), list(user_ids), k)
 
     def score_candidates(self, user_id: str, item_ids: list[str]) -> list[float]:
         """Logits of the published user tower against the given items (unknown items score from zeros)."""
-        return score_candidates(self.queries, self.items, self.dense, user_id, item_ids)
+        return score_candidates(self.queries, *self.serving_view(), user_id, item_ids)
 
     # ------------------------------------------------------------------ learning
     def learn(self, events: Sequence[dict[str, Any]]) -> LearnResult:
@@ -261,6 +265,14 @@ class IncrementalLearner:
         self.items.evict_expired(now_ms)
         self.queries.evict_expired(now_ms)
 
+    def merged_update(self) -> None:
+        """The shards' merged update was written into the shared rows: a new version, declared good (a
+        rollback never undoes a merge: the other shards hold it too)."""
+        self._dense_dirty = True
+        self.version += 1
+        self.counters["sync_merges"] += 1
+        self.guard.promote(self.version)
+
     # ------------------------------------------------------------------ stability guard
     def _gate(self, batch: Batch, probs: torch.Tensor) -> RollbackRecord | None:
         if not self.cfg.gate or self.version == self.guard.good_version:
@@ -298,14 +310,21 @@ class IncrementalLearner:
         if self.version == self.published_version and not is_rollback:
             return []
         out = []
-        for name, table in self.tables().items():
+        tables = self.tables()
+        if self.served is not None:  # live item rows go out through the sync; serving gets the merged ones
+            self.items.take_changes()
+            tables[ITEM] = self.served.items
+        for name, table in tables.items():
             ids, values, tombs = table.take_changes()
             if ids or tombs:
                 out.append(ModelDelta(self.shard, self.version, self.published_version, name, ids, values, tombs, is_rollback))
-        if self._dense_dirty:
-            names, values = dense_rows(self.dense)
+        dirty = self._dense_dirty if self.served is None else self.served.dense_dirty
+        if dirty:
+            names, values = dense_rows(self.serving_view()[1])
             out.append(ModelDelta(self.shard, self.version, self.published_version, DENSE, names, values, [], is_rollback))
             self._dense_dirty = False
+            if self.served is not None:
+                self.served.dense_dirty = False
         self.published_version = self.version
         return out
 
@@ -332,7 +351,8 @@ class IncrementalLearner:
             "dense": {k: v.cpu() for k, v in self.dense.state_dict().items()},
             "dense_opt": self.dense_opt.state_dict(), "guard": self.guard.state_dict(),
             "rng": [version, torch.tensor(internal, dtype=torch.int64), gauss],
-            "counters": dict(self.counters), "dense_dirty": self._dense_dirty,
+            "counters": dict(self.counters), "dense_dirty": self._dense_dirty, "sync": self.sync.state_dict(),
+            "served": self.served.state_dict() if self.served is not None else {},
         }
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
@@ -350,6 +370,12 @@ class IncrementalLearner:
         self.rng.setstate((int(version), tuple(int(x) for x in internal.tolist()), gauss))
         self.counters = Counter(sd["counters"])
         self._dense_dirty = bool(sd["dense_dirty"])
+        self.sync.load_state_dict(sd["sync"])
+        self.served = None
+        if sd.get("served"):
+            self.share_serving()
+            assert self.served is not None
+            self.served.load_state_dict(sd["served"])
         self.grads.reset()
 
     def to_bytes(self) -> bytes:
@@ -375,7 +401,10 @@ class IncrementalLearner:
         item side of the dense tower with the bias (the user side is folded into user_query)."""
         snap = self.parameters_snapshot()
         del snap[USER]
-        snap[DENSE] = {k: v for k, v in snap[DENSE].items() if k.startswith("item.") or k == "bias"}
+        items, dense = self.serving_view()
+        snap[ITEM] = {k: items.published_values(k).tolist() for k in sorted(items.index)}
+        snap[DENSE] = {k: v.reshape(-1).tolist() for k, v in dense.state_dict().items()
+                       if k.startswith("item.") or k == "bias"}
         return snap
 
     def memory_bytes(self) -> int:

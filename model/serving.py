@@ -14,6 +14,7 @@ where ``user_query`` holds (q_u, c_u) and ``item`` holds (e_i, b_i, item feature
 
 from __future__ import annotations
 
+import copy
 from dataclasses import replace
 from typing import Any
 
@@ -141,11 +142,13 @@ class ServingModel:
         return topk_from_tables(self.queries, self.items, self.dense, user_ids, k)
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
-        """The published tables out of a learner's checkpoint (``IncrementalLearner.state_dict``)."""
+        """The published tables out of a learner's checkpoint (``IncrementalLearner.state_dict``; a synced
+        shard's item rows and dense tower are its ``SharedServing`` ones)."""
         self.shard = int(sd["shard"])
+        served = sd.get("served")
         for name, table in self.tables().items():
-            table.load_state_dict(sd["tables"][name])
-        self.dense.load_state_dict(sd["dense"])
+            table.load_state_dict(served["items"] if served and name == ITEM else sd["tables"][name])
+        self.dense.load_state_dict(served["dense"] if served else sd["dense"])
         self.version = int(sd["version"])
 
     @classmethod
@@ -161,3 +164,44 @@ class ServingModel:
         out[DENSE] = {k: v.reshape(-1).tolist() for k, v in self.dense.state_dict().items()
                       if k.startswith("item.") or k == "bias"}
         return out
+
+
+class SharedServing:
+    """What a synced shard serves: the item rows and the item side of the dense tower as merged across the
+    shards (``model.shard_sync``), not its live copy. Every shard applies the same merged epochs in the same
+    order, so every shard publishes the same item rows, and a consumer serves an item alike whichever shard
+    a user lives on. A shard's own changes reach serving with the merge that holds them."""
+
+    def __init__(self, cfg: LearnerConfig, dense: DenseTower, device: torch.device):
+        self.items = DynamicEmbeddingTable(ITEM, replace(cfg.item_table, admit_after=1), SGD(lr=0.0), cfg.item_features,
+                                           device, cfg.seed + 1)  # the live item table's seed: the same initial rows
+        self.dense = copy.deepcopy(dense)  # the dense tower as it started, then every merge
+        self.dense_dirty = False
+
+    @torch.no_grad()
+    def add(self, ids: list[str], weights: torch.Tensor, facts: dict[str, torch.Tensor],
+            dense: dict[str, torch.Tensor], now_ms: int) -> None:
+        """Add a merged update: item values (rows of ``ids``), the newest side features, dense parameters."""
+        table = self.items
+        if ids:
+            new = [k for k in ids if k not in table.index]
+            if new:
+                table._allocate_many(new, now_ms)
+            kept = [i for i, k in enumerate(ids) if k in table.index]
+            rows = table.rows([ids[i] for i in kept])
+            table.weights[rows] += weights[torch.tensor(kept, dtype=torch.long)].to(table.device)
+            table.dirty.update(ids[i] for i in kept)
+        fresh = [(table.index[k], v) for k, v in facts.items() if k in table.index]
+        if fresh and table.extra_width:
+            table.extra[torch.tensor([r for r, _ in fresh], device=table.device)] = torch.stack([v for _, v in fresh]).to(table.device)
+        for name, param in self.dense.named_parameters():
+            if name in dense:
+                param.add_(dense[name].to(param.device))
+                self.dense_dirty = True
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"items": self.items.state_dict(), "dense": {k: v.cpu() for k, v in self.dense.state_dict().items()}}
+
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
+        self.items.load_state_dict(sd["items"])
+        self.dense.load_state_dict(sd["dense"])

@@ -27,7 +27,7 @@ import yaml
 
 from core.layout import LayoutError
 from core.progress import ProgressPrinter
-from core.settings import HelpFormatter, add_flags, check_flags, pipeline_config
+from core.settings import HelpFormatter, add_flags, check_flags, pipeline_config, sync_location
 from pipelines.results import (
     DEAD_LETTER,
     clear_outputs,
@@ -161,6 +161,26 @@ def _check_writable(flag: str, path: str | None) -> None:
         raise UsageError(f"--{flag} {path}: {probe} is not writable")
 
 
+def check_sync_medium(ns: argparse.Namespace) -> None:
+    """The shards' sync medium must take a file and give it back, before any work."""
+    location = sync_location(ns)
+    if location is None:
+        return
+    if "://" not in location:
+        _check_writable("sync_dir" if ns.sync_dir else "output_dir", ns.sync_dir or ns.output_dir)
+    from core.medium import MediumError, check_medium
+    from transforms.medium import FileSystemsMedium
+
+    medium = FileSystemsMedium(location)
+    try:
+        check_medium(medium)
+    except MediumError as exc:
+        raise UsageError(f"--sync_dir: {exc}") from exc
+    if medium.names():  # another run's publications would be merged into this one
+        raise UsageError(f"--sync_dir: {location} already holds publications of a run with --run_id {ns.run_id}; "
+                         "give this run another --run_id (or leave it out)")
+
+
 def flink_job_server_jar_url(flink_version: str) -> str:
     name = f"beam-runners-flink-{flink_version}-job-server"
     return f"https://repo.maven.apache.org/maven2/org/apache/beam/{name}/{BEAM_VERSION}/{name}-{BEAM_VERSION}.jar"
@@ -188,7 +208,13 @@ def prepare(argv: list[str]) -> tuple[argparse.Namespace, Any]:
     argv = split_runner_config(argv)
     parser = make_parser()
     ns, rest = parser.parse_known_args(argv)
-    if ns.checkpoint_dir and not ns.run_id:  # one id for this run's checkpoints, in every worker
+    syncing = ns.shards > 1 and not ns.no_sync
+    bounded_direct = not (ns.streaming or ns.events_subscription) and str(ns.runner or "DirectRunner").endswith("DirectRunner")
+    alone = syncing and bounded_direct  # the batch engine runs one shard's whole input before the next one's
+    if alone:
+        ns.no_sync, syncing = True, False
+        argv = [*argv, "--no_sync"]
+    if (ns.checkpoint_dir or syncing) and not ns.run_id:  # one id for this run's checkpoints and sync, in every worker
         from model.checkpoint import new_run_id
 
         ns.run_id = new_run_id()
@@ -203,12 +229,16 @@ def prepare(argv: list[str]) -> tuple[argparse.Namespace, Any]:
         raise UsageError(str(exc).splitlines()[0]) from exc
     _check_writable("output_dir", ns.output_dir)
     _check_writable("checkpoint_dir", ns.checkpoint_dir)
+    check_sync_medium(ns)
     from pipelines.freshrec_pipeline import make_options
 
     opts = make_options(argv)
     check_runner(opts)
     if layout is not None:
         print(f"freshrec: reading {ns.data} as {layout.described}")
+    if alone and any(a == "--shards" or a.startswith("--shards=") for a in argv):
+        print("freshrec: note: a bounded DirectRunner run feeds its shards one after another, so they cannot share "
+              "parameters in event time and learn alone; for a multi-shard run use --streaming (see README)", file=sys.stderr)
     return ns, opts
 
 
@@ -233,7 +263,7 @@ def counter_accounting(counters: dict[str, int]) -> tuple[int, int] | None:
     return received, accounted
 
 
-def run(ns: argparse.Namespace, opts: Any) -> int:
+def run(ns: argparse.Namespace, opts: Any, probe: Any = None) -> int:
     import apache_beam as beam
 
     from pipelines.freshrec_pipeline import build_pipeline
@@ -245,7 +275,7 @@ def run(ns: argparse.Namespace, opts: Any) -> int:
     printer = ProgressPrinter(0 if ns.quiet else ns.progress_s).start()
     try:
         with beam.Pipeline(options=opts) as p:
-            build_pipeline(p, opts)
+            build_pipeline(p, opts, probe=probe)
     except BaseException:  # a failed run (a full disk, say) leaves no partial outputs behind
         clear_outputs(paths)
         raise

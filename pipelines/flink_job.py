@@ -48,12 +48,15 @@ from core import progress  # noqa: E402  (by module: the worker's own board, not
 from core.cleaning import CleanConfig, InvalidEvent, decode_event, raw_bytes  # noqa: E402
 from core.featurizers import ItemPopularity, UserFeaturizer  # noqa: E402
 from core.keyed_state import GroupStates, key_group  # noqa: E402
-from core.settings import HelpFormatter, add_flags, pipeline_config  # noqa: E402
+from core.medium import FolderMedium, MediumError, check_medium  # noqa: E402
+from core.settings import HelpFormatter, add_flags, pipeline_config, sync_location  # noqa: E402
 from model.config import LearnerConfig  # noqa: E402
 from model.hashing import shard_of  # noqa: E402
 from model.journal import flush_micro_batch, new_meta  # noqa: E402
 from model.learner import IncrementalLearner  # noqa: E402
 from model.metrics import BinaryStats  # noqa: E402
+from model.shard_sync import ShardSync  # noqa: E402
+from model.sync import SyncConfig, parse_name  # noqa: E402
 
 DEAD_LETTER = OutputTag("dead-letter", Types.STRING())
 END_OF_TIME = 2**62
@@ -139,9 +142,10 @@ class AnnotateFeatures(KeyGroupFunction):
 class UpdateShardModel(KeyedProcessFunction):
     """Keyed by shard; the partition is a snapshot plus a journal of micro-batches in Flink state."""
 
-    def __init__(self, cfg: LearnerConfig, batch_size: int, top_k: int, snapshot_every: int, progress_s: float = 0.0):
+    def __init__(self, cfg: LearnerConfig, batch_size: int, top_k: int, snapshot_every: int, progress_s: float = 0.0,
+                 sync: SyncConfig | None = None, sync_location: str | None = None):
         self.cfg, self.batch_size, self.top_k, self.snapshot_every = cfg, batch_size, top_k, snapshot_every
-        self.progress_s = progress_s
+        self.progress_s, self.sync_cfg, self.sync_location = progress_s, sync, sync_location
 
     def close(self):
         self.printer.stop()
@@ -154,6 +158,9 @@ class UpdateShardModel(KeyedProcessFunction):
         self.journal = ctx.get_list_state(ListStateDescriptor("journal", Types.PICKLED_BYTE_ARRAY()))
         self.meta = ctx.get_state(ValueStateDescriptor("meta", Types.PICKLED_BYTE_ARRAY()))
         self.live: dict[int, tuple[IncrementalLearner, int]] = {}
+        medium = FolderMedium(self.sync_location) if self.sync_location else None
+        self.syncs = {} if medium is None or self.sync_cfg is None else \
+            {s: ShardSync(self.sync_cfg, medium, s) for s in range(self.sync_cfg.shards)}
 
     def process_element(self, event, ctx):
         record = {k: event.get(k) for k in ("event_id", "user_id", "item_id", "event_type", "event_time_ms", "value",
@@ -178,7 +185,8 @@ class UpdateShardModel(KeyedProcessFunction):
         meta = self.meta.value()
         done = flush_micro_batch(self.cfg, shard, events, meta,
                                  lambda: (self.snapshot.value(), list(self.journal.get() or [])),
-                                 self.live, shard, self.top_k, self.snapshot_every, emit_time_ms=0)
+                                 self.live, shard, self.top_k, self.snapshot_every, emit_time_ms=0,
+                                 sync=self.syncs.get(shard))
         stats = BinaryStats()
         stats.update(done.result.labels, done.result.probs)
         progress.BOARD.note_flush(shard, len(events), done.learner.version, stats)
@@ -213,7 +221,8 @@ def build(env: StreamExecutionEnvironment, args: argparse.Namespace) -> None:
                   .uid("user-features"))
     outputs = (with_users.key_by(lambda e: shard_of(e["user_id"], shards), key_type=Types.INT())
                .process(UpdateShardModel(cfg.learner, cfg.update.batch_size, cfg.update.top_k, args.snapshot_every,
-                                         progress_s), output_type=Types.STRING())
+                                         progress_s, cfg.sharding.sync, cfg.sharding.sync_location),
+                        output_type=Types.STRING())
                .uid("update-shard-model"))
     dead = (events.get_side_output(DEAD_LETTER)
             .union(unique.get_side_output(DEAD_LETTER)))
@@ -239,9 +248,32 @@ def make_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def sync_medium(args: argparse.Namespace) -> str | None:
+    """The shards' sync folder (``--sync_dir``, default CHECKPOINT_DIR/sync), checked before the job starts:
+    it must take a file, and a fresh run (no ``--restore_from``) must not find another run's publications."""
+    args.sync_dir = args.sync_dir or os.path.join(args.checkpoint_dir, "sync")
+    location = sync_location(args)
+    if location is None:
+        return None
+    medium = FolderMedium(location)
+    try:
+        check_medium(medium)
+    except MediumError as exc:
+        raise SystemExit(f"flink_job: --sync_dir: {exc}") from exc
+    if not args.restore_from and any(parse_name(n) for n in medium.names()):
+        raise SystemExit(f"flink_job: --sync_dir {location} holds an earlier run's publications: pass --restore_from "
+                         "to resume that run, or an empty --sync_dir")
+    return location
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = make_parser()
     args = ap.parse_args(argv)
+    try:
+        sync_medium(args)
+    except SystemExit as exc:
+        print(exc, file=sys.stderr)
+        return 2
     conf = Configuration()
     conf.set_string("execution.checkpointing.dir", "file://" + os.path.abspath(args.checkpoint_dir))
     conf.set_string("execution.checkpointing.externalized-checkpoint-retention", "RETAIN_ON_CANCELLATION")

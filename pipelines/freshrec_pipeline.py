@@ -33,16 +33,17 @@ class FreshrecOptions(PipelineOptions):
 class RefreshModels(beam.PTransform):
     """Raw payloads -> {scores, deltas, rollbacks, reports, dead_letter}: the whole learning path."""
 
-    def __init__(self, cfg: PipelineConfig, clock: Callable[[], float] = time.time):
+    def __init__(self, cfg: PipelineConfig, clock: Callable[[], float] = time.time, probe: Any = None):
         super().__init__()
-        self.cfg, self.clock = cfg, clock
+        self.cfg, self.clock, self.probe = cfg, clock, probe
 
     def expand(self, payloads):
         cfg = self.cfg
         shards, groups = cfg.sharding.shards, cfg.sharding.key_groups
         clean = payloads | "CleanEvents" >> CleanEvents(shards, cfg.allowed_lateness_ms, cfg.dedupe_ttl_ms, cfg.clean, groups)
         featurized = clean["events"] | "FeaturizeEvents" >> FeaturizeEvents(cfg.feature, cfg.state_ttl_ms, groups)
-        updated = featurized | "UpdateShardModels" >> UpdateShardModels(cfg.learner, cfg.update, shards, self.clock)
+        updated = featurized | "UpdateShardModels" >> UpdateShardModels(
+            cfg.learner, cfg.update, shards, self.clock, cfg.sharding.sync, cfg.sharding.sync_location, self.probe)
         return {**updated, DEAD_LETTER: clean[DEAD_LETTER]}
 
 
@@ -62,7 +63,8 @@ class ReadEvents(beam.PTransform):
         return pbegin | "SyntheticDriftingStream" >> SyntheticEvents(synth)
 
 
-def build_pipeline(p: beam.Pipeline, opts: FreshrecOptions, clock: Callable[[], float] = time.time) -> dict[str, Any]:
+def build_pipeline(p: beam.Pipeline, opts: FreshrecOptions, clock: Callable[[], float] = time.time,
+                   probe: Any = None) -> dict[str, Any]:
     o = opts.view_as(FreshrecOptions)
     cfg = pipeline_config(o)
     paths = output_paths(cfg.output_dir)
@@ -72,7 +74,7 @@ def build_pipeline(p: beam.Pipeline, opts: FreshrecOptions, clock: Callable[[], 
         payloads, bad_messages = p | "ReadEventsFromPubSub" >> ReadEventsFromPubSub(o.events_subscription)
     else:
         payloads, bad_messages = p | "ReadEvents" >> ReadEvents(opts, cfg.layout), None
-    outputs = payloads | "RefreshModels" >> RefreshModels(cfg, clock)
+    outputs = payloads | "RefreshModels" >> RefreshModels(cfg, clock, probe)
     if bad_messages is not None:
         outputs[DEAD_LETTER] = (outputs[DEAD_LETTER], bad_messages) | "FlattenDeadLetters" >> beam.Flatten()
     w = cfg.output_window_s

@@ -94,7 +94,7 @@ def latest_checkpoint(ck_dir):
 
 def test_killed_job_restored_from_checkpoint_equals_uninterrupted_run(flink_python, events_file, tmp_path):
     out_a, ck_a = str(tmp_path / "out_a"), str(tmp_path / "ck_a")
-    printed = finish(job(flink_python, events_file, out_a, ck_a, "--progress_s", "1"))
+    printed = finish(job(flink_python, events_file, out_a, ck_a, "--progress_s", "1", "--no_sync"))
     progress_lines = [line for line in printed.splitlines() if line.startswith("freshrec-flink: ")]
     assert progress_lines and "applied" in progress_lines[-1] and "running AUC" in progress_lines[-1]
     a = committed(out_a)
@@ -103,7 +103,7 @@ def test_killed_job_restored_from_checkpoint_equals_uninterrupted_run(flink_pyth
 
     # run B: slowed down, killed (SIGKILL, whole process group) once a checkpoint is retained mid-stream
     out_b, ck_b = str(tmp_path / "out_b"), str(tmp_path / "ck_b")
-    proc = job(flink_python, events_file, out_b, ck_b, "--throttle_ms", "20")
+    proc = job(flink_python, events_file, out_b, ck_b, "--throttle_ms", "20", "--no_sync")
     deadline = time.time() + 180
     chk = None
     while time.time() < deadline and proc.poll() is None:
@@ -118,9 +118,33 @@ def test_killed_job_restored_from_checkpoint_equals_uninterrupted_run(flink_pyth
     before_restore = Counter(r["kind"] for r in committed(out_b))
     assert sum(before_restore.values()) < sum(kinds_a.values()), "the kill must happen mid-stream"
 
-    finish(job(flink_python, events_file, out_b, ck_b, "--restore_from", latest_checkpoint(ck_b)))
+    finish(job(flink_python, events_file, out_b, ck_b, "--restore_from", latest_checkpoint(ck_b), "--no_sync"))
     b = committed(out_b)
     assert Counter(r["kind"] for r in b) == kinds_a
     key = lambda r: json.dumps({k: v for k, v in r.items() if k != "emit_time_ms"}, sort_keys=True)  # noqa: E731
     assert sorted(map(key, b)) == sorted(map(key, a)), "outputs differ from the uninterrupted run"
     assert parameters(b) == parameters(a)
+
+
+def served_item_gaps(flink_python, events_file, out: str, ck: str, *extra: str) -> list[float]:
+    """For each item both shards published: how far apart their last published copies are."""
+    finish(job(flink_python, events_file, out, ck, "--sync_interval_s", "5", *extra))
+    latest: dict[int, dict[str, list[float]]] = {}
+    for r in sorted((r for r in committed(out) if r["kind"] == "delta" and r["table"] == "item"), key=lambda r: r["sequence"]):
+        latest.setdefault(r["shard"], {}).update(zip(r["row_ids"], r["row_values"], strict=True))
+    common = set.intersection(*(set(rows) for rows in latest.values()))
+    assert len(latest) == SHARDS and common
+    return sorted(max(abs(x - y) for x, y in zip(latest[0][k][: DIM + 1], latest[1][k][: DIM + 1], strict=True))
+                  for k in common)
+
+
+def test_the_shards_of_the_flink_job_sync_their_shared_rows(flink_python, events_file, tmp_path):
+    """The same sync as the Beam steps (model.shard_sync over a folder): every shard publishes, and the
+    shards serve much closer copies of the items than shards that learn alone (they may end a merge apart)."""
+    ck = str(tmp_path / "ck")
+    synced = served_item_gaps(flink_python, events_file, str(tmp_path / "out"), ck)
+    published = [n for n in os.listdir(os.path.join(ck, "sync", "run")) if n.endswith(".sync")]
+    assert {n.split("-")[1] for n in published} == {f"s{s:04d}" for s in range(SHARDS)}
+    alone = served_item_gaps(flink_python, events_file, str(tmp_path / "out2"), str(tmp_path / "ck2"), "--no_sync")
+    assert sum(g < 1e-5 for g in synced) >= 0.2 * len(synced), "hardly any item served alike by both shards"
+    assert synced[len(synced) // 2] < 0.5 * alone[len(alone) // 2], (synced[len(synced) // 2], alone[len(alone) // 2])

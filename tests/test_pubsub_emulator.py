@@ -58,7 +58,7 @@ def _pull_all(subscriber, sub, want, timeout_s):
     return got
 
 
-def test_pubsub_end_to_end_with_consumer(emulator):
+def test_pubsub_end_to_end_with_consumer(emulator, tmp_path):
     from google.cloud import pubsub_v1
 
     publisher = pubsub_v1.PublisherClient()
@@ -83,7 +83,8 @@ def test_pubsub_end_to_end_with_consumer(emulator):
     argv = ["--events_subscription", _sub("events"), "--scores_topic", _topic("scores"),
             "--deltas_topic", _topic("deltas"), "--dead_letter_topic", _topic("dead"),
             "--rollbacks_topic", _topic("rollbacks"), "--shards", "2", "--batch_size", "8",
-            "--flush_interval_s", "1", "--allowed_lateness_s", "3600", "--dim", "8", "--no_gate"]
+            "--flush_interval_s", "1", "--allowed_lateness_s", "3600", "--dim", "8", "--no_gate",
+            "--sync_dir", str(tmp_path / "sync")]
     opts = make_options(argv)
     cfg = pipeline_config(opts)
     p = beam.Pipeline(options=opts)

@@ -61,7 +61,8 @@ class SummaryFn(beam.CombineFn):
     def create_accumulator(self):
         return {"applied": 0, "dead_letter": {}, "stats": BinaryStats().to_dict(), "versions": {},
                 "steps": 0, "skipped_nonfinite": 0, "rollbacks": 0, "flushes": 0, "table_rows": {},
-                "scores": 0, "deltas": 0, "not_learned": {}}
+                "scores": 0, "deltas": 0, "not_learned": {}, "sync": {"merged": 0, "published": 0, "bytes_out": 0},
+                "probe": {"hits": 0.0, "probes": 0}}
 
     def add_input(self, acc, item):
         kind, rec = item
@@ -78,6 +79,9 @@ class SummaryFn(beam.CombineFn):
         if rec.get("not_learned"):
             shard_key = str(rec["shard"])
             acc["not_learned"][shard_key] = acc["not_learned"].get(shard_key, 0) + rec["not_learned"]
+        for part in ("sync", "probe"):
+            for k, n in (rec.get(part) or {}).items():
+                acc[part][k] += n
         acc["flushes"] += 1
         acc["stats"] = BinaryStats.from_dict(acc["stats"]).merge(BinaryStats.from_dict(rec["stats"])).to_dict()
         shard = str(rec["shard"])
@@ -93,6 +97,9 @@ class SummaryFn(beam.CombineFn):
             out["applied"] += a["applied"]
             for k in ("steps", "skipped_nonfinite", "rollbacks", "flushes", "scores", "deltas"):
                 out[k] += a[k]
+            for part in ("sync", "probe"):
+                for k, n in a[part].items():
+                    out[part][k] += n
             for r, n in a["dead_letter"].items():
                 out["dead_letter"][r] = out["dead_letter"].get(r, 0) + n
             out["stats"] = BinaryStats.from_dict(out["stats"]).merge(BinaryStats.from_dict(a["stats"])).to_dict()
@@ -115,7 +122,10 @@ class SummaryFn(beam.CombineFn):
             "dead_letter_by_reason": dict(sorted(acc["dead_letter"].items())),
             "prequential": {"examples": stats.count, "nonfinite_predictions": stats.nonfinite,
                             "auc": None if math.isnan(auc) else round(auc, 5),
-                            "logloss": None if math.isnan(ll) else round(ll, 5)},
+                            "logloss": None if math.isnan(ll) else round(ll, 5),
+                            **({"recall_probes": acc["probe"]["probes"],
+                                "recall": round(acc["probe"]["hits"] / acc["probe"]["probes"], 5)}
+                               if acc["probe"]["probes"] else {})},
             "model_versions": dict(sorted(acc["versions"].items(), key=lambda kv: int(kv[0]))),
             "table_rows": acc["table_rows"],
             "flushes": acc["flushes"],
@@ -126,6 +136,8 @@ class SummaryFn(beam.CombineFn):
             "deltas_written": acc["deltas"],
             "events_not_learned": sum(acc["not_learned"].values()),
             "events_not_learned_by_shard": dict(sorted(acc["not_learned"].items())),
+            "sync": {"epochs_applied": acc["sync"]["merged"], "publications": acc["sync"]["published"],
+                     "bytes_published": acc["sync"]["bytes_out"]},
         }
 
 

@@ -46,9 +46,12 @@ from model.hashing import shard_of
 from model.journal import flush_micro_batch, new_meta
 from model.learner import IncrementalLearner
 from model.metrics import BinaryStats
+from model.shard_sync import ShardSync
+from model.sync import SyncConfig
 from transforms.batching import rebatch_by
 from transforms.coders import AvroRecordCoder
 from transforms.featurize import featurized_record
+from transforms.medium import FileSystemsMedium
 from transforms.runtime import tune_worker
 
 SCORES, DELTAS, ROLLBACKS, REPORTS = "scores", "deltas", "rollbacks", "reports"
@@ -66,17 +69,30 @@ class UpdateShardModel(beam.DoFn):
     META = ReadModifyWriteStateSpec("meta", FastPrimitivesCoder())
     WATERMARK_TIMER = TimerSpec("flush_at_watermark", TimeDomain.WATERMARK)
 
-    def __init__(self, learner_cfg: LearnerConfig, cfg: UpdateConfig, clock: Callable[[], float] = time.time):
-        self.learner_cfg, self.cfg, self.clock = learner_cfg, cfg, clock
+    def __init__(self, learner_cfg: LearnerConfig, cfg: UpdateConfig, clock: Callable[[], float] = time.time,
+                 sync: SyncConfig | None = None, sync_location: str | None = None, probe: Any = None):
+        self.learner_cfg, self.cfg, self.clock, self.probe = learner_cfg, cfg, clock, probe
+        self.sync_cfg, self.sync_location = sync, sync_location
         self.instance_id = uuid.uuid4().hex
         self.applied = Metrics.counter(NAMESPACE, "events_applied")
         self.flushes = Metrics.counter(NAMESPACE, "flushes")
         self.rollbacks = Metrics.counter(NAMESPACE, "rollbacks")
         self.restores = Metrics.counter(NAMESPACE, "learner_restores")
         self.skipped = Metrics.counter(NAMESPACE, "steps_skipped_nonfinite")
+        self.merges = Metrics.counter(NAMESPACE, "sync_epochs_applied")
+        self.publications = Metrics.counter(NAMESPACE, "sync_publications")
 
     def setup(self):
         tune_worker()
+        self._syncs: dict[int, ShardSync] = {}
+        self._medium = FileSystemsMedium(self.sync_location) if self.sync_location else None
+
+    def _sync(self, shard: int) -> ShardSync | None:
+        if self.sync_cfg is None or self._medium is None:
+            return None
+        if shard not in self._syncs:
+            self._syncs[shard] = ShardSync(self.sync_cfg, self._medium, shard)
+        return self._syncs[shard]
 
     # -------------------------------------------------------------- triggers
     def process(
@@ -161,7 +177,8 @@ class UpdateShardModel(beam.DoFn):
         """One micro-batch through the learner; updates ``state`` (the shard's meta) in place."""
         now_ms = int(self.clock() * 1000)
         done = flush_micro_batch(self.learner_cfg, shard, events, state, lambda: (snapshot.read(), list(journal.read())),
-                                 _LIVE, (self.instance_id, shard), self.cfg.top_k, self.cfg.snapshot_every, now_ms)
+                                 _LIVE, (self.instance_id, shard), self.cfg.top_k, self.cfg.snapshot_every, now_ms,
+                                 self._sync(shard), self.probe)
         learner, result = done.learner, done.result
         if done.restored:
             self.restores.inc()
@@ -183,6 +200,8 @@ class UpdateShardModel(beam.DoFn):
         self.applied.inc(len(events))
         self.flushes.inc()
         self.skipped.inc(result.skipped_nonfinite)
+        self.merges.inc(len(done.merged_epochs))
+        self.publications.inc(done.published_epoch is not None)
         yield TaggedOutput(REPORTS, WindowedValue({
             "shard": shard, "events": len(events), "version": learner.version, "steps": result.steps,
             "skipped_nonfinite": result.skipped_nonfinite, "rollbacks": len(result.rollbacks),
@@ -191,6 +210,9 @@ class UpdateShardModel(beam.DoFn):
             "not_learned": len(events) if result.skipped_nonfinite and not result.steps else 0,
             "stats": stats.to_dict(), "max_event_time_ms": newest, "emit_time_ms": now_ms,
             "table_rows": {name: len(t) for name, t in learner.tables().items()},
+            "probe": {"hits": done.probed[0], "probes": done.probed[1]},
+            "sync": {"merged": len(done.merged_epochs), "published": int(done.published_epoch is not None),
+                     "bytes_out": done.sync_bytes},
         }, out_ts, windows))
 
         if done.snapshot is not None:
@@ -251,16 +273,20 @@ class UpdateShardModels(beam.PTransform):
     """Micro-batches of featurized events (lists, as ``FeaturizeEvents`` emits them) -> {scores, deltas,
     rollbacks, reports}."""
 
-    def __init__(self, learner_cfg: LearnerConfig, cfg: UpdateConfig, shards: int, clock: Callable[[], float] = time.time):
+    def __init__(self, learner_cfg: LearnerConfig, cfg: UpdateConfig, shards: int, clock: Callable[[], float] = time.time,
+                 sync: SyncConfig | None = None, sync_location: str | None = None, probe: Any = None):
+        """``probe(learner, events) -> (hits, probes)``: an evaluation run's Recall@K probe, called before
+        each batch is learned (``bench/sharding.py``)."""
         super().__init__()
         if shards < 1:
             raise ValueError(f"UpdateShardModels: shards must be >= 1, got {shards}")
         self.learner_cfg, self.cfg, self.shards, self.clock = learner_cfg, cfg, shards, clock
+        self.sync, self.sync_location, self.probe = sync, sync_location, probe
 
     def expand(self, events):
         shards = self.shards
         cls = UpdateShardModelWithIntervalFlush if self.cfg.flush_interval_s else UpdateShardModel
-        dofn = cls(self.learner_cfg, self.cfg, self.clock)
+        dofn = cls(self.learner_cfg, self.cfg, self.clock, self.sync, self.sync_location, self.probe)
         outputs = (
             events
             | "BatchByShard" >> rebatch_by(lambda e: shard_of(e["user_id"], shards), "BatchByShard")
