@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from bench.prequential import expected_hit
 from core.layout import resolve_layout
 from core.readers import read_replay
 from core.settings import DEFAULTS
@@ -47,13 +48,6 @@ def synthetic_file(n: int) -> str:
         for ev in synthetic_events(SyntheticConfig(events=n)):
             fh.write(json.dumps(ev) + "\n")
     return path
-
-
-def expected_hit(scores: np.ndarray, target: int, k: int) -> float:
-    """P(target ranks in the top k), ties broken uniformly at random (as bench/prequential.py)."""
-    greater = int((scores > scores[target]).sum())
-    equal = int((scores == scores[target]).sum()) - 1
-    return float(min(1.0, max(0.0, (k - greater) / (equal + 1))))
 
 
 class RecallProbe:

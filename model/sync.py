@@ -14,15 +14,16 @@ time is not after the batch's oldest one: it never learns from another shard's f
 ``merged - own`` to its copy (its own change is in it already), so every copy equals the initial rows
 plus every merged epoch it applied plus its own changes not yet merged.
 
-What stays with its shard, by measurement on MovieLens with 16 shards (``bench/sharding.py``; a
-runner-free replay of the same shards compared the variants): the row-wise optimizer state (syncing
-Adagrad's sums lowered AUC), and the MLPs over user and item features (syncing them into the shards'
-learning lowered AUC and calibration once merges came often); serving gets the FedAvg mean of the
-shards' MLPs (``model.serving.SharedServing``). The merge rule is a **sum** of the shards' changes by
-default: the shards saw disjoint users, so the sum is what one model would have learned from all of
-them at these parameters (data-parallel SGD); FedAvg's example-weighted **mean** (``--sync_merge
-mean``) divides a row's step by the number of shards that touched it. ``outgoing`` is the one place a
-change leaves its shard: clipping and noise (differential privacy) go there.
+What stays with its shard, by measurement (``bench/sync_variants.py``, docs/benchmarks.md): the items'
+row-wise optimizer state and the MLPs over user and item features (sharing them into the shards' learning
+lowered Recall@10, and with the state AUC); serving gets the FedAvg mean of the shards' MLPs
+(``model.serving.SharedServing``); ``SyncConfig.share`` (``--sync_share``) can add them back.
+
+The merge rule is a **sum** of the shards' changes by default: the shards saw disjoint users, so the
+sum is what one model would have learned from all of them at these parameters (data-parallel SGD);
+FedAvg's example-weighted **mean** (``--sync_merge mean``) divides a row's step by the number of shards
+that touched it, and measured alike. ``outgoing`` is the one place a change leaves its shard: clipping
+and noise (differential privacy) go there.
 
 >>> from model.config import LearnerConfig, TableConfig
 >>> from model.learner import IncrementalLearner
