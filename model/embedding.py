@@ -321,6 +321,11 @@ class DynamicEmbeddingTable:
         row = self.index[key]
         return torch.cat([self.weights[row], self.extra[row]])
 
+    def clear_changes(self) -> None:
+        """Forget which rows changed or were evicted (their values were written from elsewhere, or go out another way)."""
+        self.dirty.clear()
+        self.tombstones.clear()
+
     def take_changes(self) -> tuple[list[str], torch.Tensor, list[str]]:
         """(ids, published values, tombstones) changed since the last call."""
         ids = sorted(k for k in self.dirty if k in self.index)
@@ -330,8 +335,7 @@ class DynamicEmbeddingTable:
         else:
             values = torch.zeros(0, self.width + self.extra_width)
         tombs = sorted(self.tombstones)
-        self.dirty.clear()
-        self.tombstones.clear()
+        self.clear_changes()
         return ids, values, tombs
 
     # ---------------------------------------------------------------- persistence

@@ -68,8 +68,8 @@ def restore_learner(cfg: LearnerConfig, shard: int, snapshot: bytes | None, jour
             if actions[0]:
                 sync.apply(learner, actions[0])
         learner.learn(events)
-        if actions is not None and sync is not None:
-            sync.after_batch(learner, events)  # its publication is on the medium already
+        if actions is not None:
+            sync.after_batch(learner, events)  # type: ignore[union-attr]  # its publication is on the medium already
         learner.take_deltas()
     return learner
 

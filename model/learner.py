@@ -131,7 +131,6 @@ class IncrementalLearner:
         batch = self.batches.build(events)
         return batch.labels.tolist(), self.score_batch(batch).tolist()
 
-    @torch.no_grad()
     def serving_view(self) -> tuple[DynamicEmbeddingTable, DenseTower]:
         """The item rows and dense tower this shard publishes: its own, or with the sync the merged ones."""
         return (self.served.items, self.served.dense) if self.served is not None else (self.items, self.dense)
@@ -141,6 +140,7 @@ class IncrementalLearner:
         if self.served is None:
             self.served = SharedServing(self.cfg, self.dense, self.device)
 
+    @torch.no_grad()
     def topk(self, user_ids: Iterable[str], k: int) -> dict[str, list[tuple[str, float]]]:
         """Top-k items (by probability) for each user from the published rows of this version."""
         return topk_from_tables(self.queries, *self.serving_view(), list(user_ids), k)
@@ -268,7 +268,6 @@ class IncrementalLearner:
     def merged_update(self) -> None:
         """The shards' merged update was written into the shared rows: a new version, declared good (a
         rollback never undoes a merge: the other shards hold it too)."""
-        self._dense_dirty = True
         self.version += 1
         self.counters["sync_merges"] += 1
         self.guard.promote(self.version)
@@ -312,7 +311,7 @@ class IncrementalLearner:
         out = []
         tables = self.tables()
         if self.served is not None:  # live item rows go out through the sync; serving gets the merged ones
-            self.items.take_changes()
+            self.items.clear_changes()
             tables[ITEM] = self.served.items
         for name, table in tables.items():
             ids, values, tombs = table.take_changes()

@@ -84,8 +84,7 @@ def write_delta(tables: dict[str, DynamicEmbeddingTable], dense: DenseTower, del
         table.set_values(key, values.to(table.device), now_ms)
     for key in delta.tombstones:
         table.remove(key)
-    table.dirty.clear()
-    table.tombstones.clear()
+    table.clear_changes()
     return True
 
 

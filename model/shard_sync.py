@@ -81,14 +81,7 @@ class ShardSync:
         st.item_counts.update(e["item_id"] for e in real)
         st.touched.update(learner.items.dirty)  # every row this flush changed (and merged), before deltas clear it
         st.max_event_time_ms = max(st.max_event_time_ms, newest)
-        return self.publish_if_due(learner, newest)
-
-    def publish_if_due(self, learner: IncrementalLearner, now_ms: int) -> int | None:
-        st = learner.sync
-        if st.open_epoch is None:
-            st.open_epoch = max(self.cfg.epoch_of(now_ms), st.published + 1)
-            st.max_event_time_ms = max(st.max_event_time_ms, now_ms)
-        if self.cfg.epoch_of(now_ms) <= st.open_epoch:
+        if self.cfg.epoch_of(newest) <= st.open_epoch:
             return None
         change = self._own_change(learner)
         earlier = self._published_before(change.epoch)

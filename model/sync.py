@@ -209,7 +209,9 @@ def merge_changes(changes: Sequence[ShardChange], rule: str = "sum") -> ShardCha
     ids = sorted({k for c in changes for k in c.item_ids})
     pos = {k: i for i, k in enumerate(ids)}
     width = next((c.item_block.shape[1] for c in changes if c.item_block.numel()), 0)
-    block, weight = torch.zeros(len(ids), width), torch.zeros(len(ids))
+    block, weight, counts = torch.zeros(len(ids), width), torch.zeros(len(ids)), torch.zeros(len(ids))
+    extra_width = next((c.item_extra.shape[1] for c in changes if c.item_seen_ms), 0)
+    extra, seen = torch.zeros(len(ids), extra_width), [-(2**62)] * len(ids)
     dense: dict[str, torch.Tensor] = {}
     examples = sum(c.examples for c in changes)
     for c in changes:
@@ -218,21 +220,17 @@ def merge_changes(changes: Sequence[ShardChange], rule: str = "sum") -> ShardCha
             w = c.item_examples.float() if rule == "mean" else torch.ones(len(c.item_ids))
             block.index_add_(0, idx, c.item_block * w.unsqueeze(1))
             weight.index_add_(0, idx, w)
+            counts.index_add_(0, idx, c.item_examples.float())
+            # side features are facts, not steps: the newest per row wins
+            for j, (k, at_ms) in enumerate(zip(c.item_ids, c.item_seen_ms, strict=False)):
+                if at_ms > seen[pos[k]]:
+                    seen[pos[k]] = at_ms
+                    extra[pos[k]] = c.item_extra[j]
         scale = (c.examples / max(1, examples)) if rule == "mean" else 1.0
         for name, t in c.dense.items():
             dense[name] = dense.get(name, torch.zeros_like(t)) + t * scale
     if rule == "mean" and ids:
         block = block / weight.clamp(min=1e-12).unsqueeze(1)
-    counts = torch.zeros(len(ids))
-    extra_width = next((c.item_extra.shape[1] for c in changes if c.item_seen_ms), 0)
-    extra, seen = torch.zeros(len(ids), extra_width), [-(2**62)] * len(ids)
-    for c in changes:  # side features are facts, not steps: the newest per row wins
-        if c.item_ids:
-            counts.index_add_(0, torch.tensor([pos[k] for k in c.item_ids], dtype=torch.long), c.item_examples.float())
-            for j, (k, at_ms) in enumerate(zip(c.item_ids, c.item_seen_ms, strict=False)):
-                if at_ms > seen[pos[k]]:
-                    seen[pos[k]] = at_ms
-                    extra[pos[k]] = c.item_extra[j]
     return ShardChange(-1, max((c.epoch for c in changes), default=-1),
                        max((c.max_event_time_ms for c in changes), default=0), examples, ids, counts, block, dense,
                        extra, seen)
