@@ -31,10 +31,18 @@ class ProgressBoard:
         self.reset()
 
     def reset(self) -> None:
-        self.read = self.dead = self.applied = self.flushes = 0
+        self.read = self.dead = self.applied = self.flushes = self.emitted = 0
         self.versions: dict[int, int] = {}
         self.stats = BinaryStats()
         self.started = time.monotonic()
+
+    def note_emitted(self, n: int = 1) -> None:
+        """A source emitted ``n`` events (for flow control: ``in_flight``)."""
+        self.emitted += n
+
+    def in_flight(self) -> int:
+        """Events a source emitted that are neither applied nor dead-lettered yet."""
+        return self.emitted - self.applied - self.dead
 
     def note_read(self, n: int = 1) -> None:
         self.read += n

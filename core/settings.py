@@ -88,6 +88,8 @@ FLAGS: tuple[Flag, ...] = (
     Flag("seed", "model", 0, "seed of the model and the synthetic stream", int),
     # stability
     Flag("no_gate", "stability", False, "turn the quality gate (and rollback) off"),
+    Flag("alert_skipped_flushes", "stability", 3, "consecutive flushes of a shard with every step skipped for "
+         "non-finite values before an alert (then at 2x, 4x, ...)", int, bound=">=1"),
     Flag("gate_tolerance", "stability", 0.15, "roll back when the candidate's logloss exceeds the last good version's by this fraction", float, bound=">=0"),
     # cleaning and state
     Flag("allowed_lateness_s", "state", 3600.0, "events older than the watermark by more than this are dead-lettered", float, bound=">=0"),
@@ -107,17 +109,24 @@ FLAGS: tuple[Flag, ...] = (
          "always), state (the item rows' optimizer state), bias (the global bias), mlps (the feature MLPs)"),
     Flag("key_groups", "sharding", 1024, "key groups of the per-id keyed steps (dedupe, item and user features)", int, bound=">=1"),
     # outputs
-    Flag("output_dir", "outputs", "out", "where scores, deltas, rollbacks, dead letters and the summary go"),
+    Flag("output_dir", "outputs", "out", "where scores, deltas, rollbacks, alerts, dead letters and the summary go"),
     Flag("output_window_s", "outputs", 0, "fixed event-time window of the output files (0: one window, for bounded runs)", int, bound=">=0"),
     Flag("scores_topic", "outputs", None, "publish scores to this Pub/Sub topic (projects/P/topics/T) instead of files"),
     Flag("deltas_topic", "outputs", None, "publish model deltas to this topic"),
     Flag("rollbacks_topic", "outputs", None, "publish rollback records to this topic"),
+    Flag("alerts_topic", "outputs", None, "publish alert records (schemas/alert.avsc) to this topic"),
     Flag("dead_letter_topic", "outputs", None, "publish dead letters to this topic"),
     Flag("checkpoint_dir", "outputs", None, "also write atomic model checkpoints here"),
     Flag("checkpoint_every", "outputs", 0, "flushes between checkpoint files (0: none)", int, bound=">=0"),
     Flag("run_id", "outputs", None, "names this run's checkpoints, which sort after earlier runs' (default: its start time)"),
-    Flag("checkpoint_keep", "outputs", 5, "checkpoint files kept per shard (older ones are deleted)", int, bound=">=1"),
+    Flag("checkpoint_keep", "outputs", 5, "checkpoint files of this run kept per shard (older ones are deleted; "
+         "other runs' stay)", int, bound=">=1"),
+    Flag("resume_from", "outputs", None, "start each shard from the newest readable checkpoint in --checkpoint_dir of "
+         "this run id ('latest': the newest other run's); versions and sequences continue from it"),
     # run
+    Flag("batch_max_events", "run", 200_000, "a bounded DirectRunner run of more input events than this runs as a "
+         "flow-controlled stream, in bounded memory (the batch engine holds each step's whole output; 0: always)",
+         int, bound=">=0"),
     Flag("max_dead_letter_fraction", "run", 0.5, "fail the run (exit 1) when more than this fraction of its input is dead-lettered", float, bound=">=0"),
     Flag("progress_s", "run", 10.0, "print a progress line this often, seconds (0: never)", float, bound=">=0"),
     Flag("quiet", "run", False, "print no progress lines"),
@@ -208,14 +217,20 @@ class UpdateConfig:
     checkpoint_every: int = 0
     checkpoint_keep: int = DEFAULTS["checkpoint_keep"]
     run_id: str | None = None
+    resume_from: str | None = None  # a run id whose checkpoints the shards start from
+    alert_skipped_flushes: int = DEFAULTS["alert_skipped_flushes"]
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
             raise ValueError(f"UpdateConfig.batch_size must be >= 1, got {self.batch_size}")
         if self.flush_interval_s is not None and self.flush_interval_s <= 0:
             raise ValueError("UpdateConfig.flush_interval_s must be > 0 or None")
-        if self.run_id is not None and not re.fullmatch(r"[0-9A-Za-z_.-]{1,64}", self.run_id):
-            raise ValueError(f"--run_id must be 1-64 letters, digits, '.', '_' or '-', got {self.run_id!r}")
+        for name in ("run_id", "resume_from"):
+            value = getattr(self, name)
+            if value is not None and not re.fullmatch(r"[0-9A-Za-z_.-]{1,64}", value):
+                raise ValueError(f"--{name} must be 1-64 letters, digits, '.', '_' or '-', got {value!r}")
+        if self.resume_from is not None and not self.checkpoint_dir:
+            raise ValueError("--resume_from needs --checkpoint_dir (where that run's checkpoints are)")
         if self.top_k < 1 or self.snapshot_every < 1 or self.checkpoint_every < 0 or self.checkpoint_keep < 1:
             raise ValueError("UpdateConfig.top_k, snapshot_every and checkpoint_keep must be >= 1, checkpoint_every >= 0")
 
@@ -308,7 +323,8 @@ def pipeline_config(ns: Any) -> PipelineConfig:
     batch = 1 if _get(ns, "mode") == "online" else _get(ns, "batch_size")
     update = UpdateConfig(batch_size=batch, flush_interval_s=_get(ns, "flush_interval_s") or None,
                           top_k=_get(ns, "top_k"), checkpoint_dir=_get(ns, "checkpoint_dir"),
-                          checkpoint_every=_get(ns, "checkpoint_every"), checkpoint_keep=_get(ns, "checkpoint_keep"), run_id=_get(ns, "run_id"))
+                          checkpoint_every=_get(ns, "checkpoint_every"), checkpoint_keep=_get(ns, "checkpoint_keep"), run_id=_get(ns, "run_id"),
+                          resume_from=_get(ns, "resume_from"), alert_skipped_flushes=_get(ns, "alert_skipped_flushes"))
     return PipelineConfig(
         feature, learner_config(ns, feature), update, clean_config(ns, layout),
         sharding_config(ns),

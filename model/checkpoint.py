@@ -73,19 +73,32 @@ def load_checkpoint(path: str | os.PathLike[str], cfg: LearnerConfig | None = No
     return learner
 
 
-def checkpoints(directory: str | os.PathLike[str], shard: int) -> list[Path]:
-    """The shard's checkpoint files, newest first: the latest run's (by run id), then by version."""
+def _found(directory: str | os.PathLike[str], shard: int) -> list[tuple[tuple[str, int], Path]]:
     d = Path(directory)
     if not d.is_dir():
         return []
-    found = [((m.group(2) or "", int(m.group(3))), p) for p in d.iterdir()
-             if (m := _NAME.match(p.name)) and int(m.group(1)) == shard]
+    return [((m.group(2) or "", int(m.group(3))), p) for p in d.iterdir()
+            if (m := _NAME.match(p.name)) and int(m.group(1)) == shard]
+
+
+def checkpoints(directory: str | os.PathLike[str], shard: int, run_id: str | None = None) -> list[Path]:
+    """The shard's checkpoint files, newest first: the latest run's (by run id), then by version; with
+    ``run_id``, only that run's."""
+    found = [f for f in _found(directory, shard) if run_id is None or f[0][0] == run_id]
     return [p for _, p in sorted(found, reverse=True)]
 
 
-def prune_checkpoints(directory: str | os.PathLike[str], shard: int, keep: int) -> list[Path]:
-    """Delete all but the ``keep`` newest checkpoints of ``shard`` (and their sidecars); the deleted paths."""
-    old = checkpoints(directory, shard)[keep:]
+def checkpoint_runs(directory: str | os.PathLike[str]) -> list[str]:
+    """The run ids with checkpoints in ``directory``, newest first ("" for files named without one)."""
+    d = Path(directory)
+    names = [m.group(2) or "" for p in d.iterdir() if (m := _NAME.match(p.name))] if d.is_dir() else []
+    return sorted(set(names), reverse=True)
+
+
+def prune_checkpoints(directory: str | os.PathLike[str], shard: int, keep: int, run_id: str | None = None) -> list[Path]:
+    """Delete all but the ``keep`` newest checkpoints of ``shard`` (of run ``run_id`` only, if given; other
+    runs' stay for ``--resume_from``) and their sidecars; the deleted paths."""
+    old = checkpoints(directory, shard, run_id)[keep:]
     for path in old:
         path.with_name(path.name + ".sha256").unlink(missing_ok=True)
         path.unlink(missing_ok=True)
@@ -95,6 +108,38 @@ def prune_checkpoints(directory: str | os.PathLike[str], shard: int, keep: int) 
 def latest_checkpoint(directory: str | os.PathLike[str], shard: int) -> Path | None:
     found = checkpoints(directory, shard)
     return found[0] if found else None
+
+
+def resume_state(directory: str | os.PathLike[str], shard: int, run_id: str,
+                 cfg: LearnerConfig | None = None) -> tuple[bytes, dict[str, Any], Path] | None:
+    """The newest checkpoint of run ``run_id`` for ``shard`` that reads back (checksum, format and, with
+    ``cfg``, this model's shapes), as (snapshot bytes for ``IncrementalLearner.from_bytes``, its meta, its
+    path); older ones are tried when the newest is unreadable. None: the run left no readable one."""
+    for path in checkpoints(directory, shard, run_id):
+        try:
+            sd = verified_state(path)
+            meta = dict(sd.pop("meta", {}) or {})
+            learner = IncrementalLearner(cfg or LearnerConfig.from_dict(sd["config"]), shard)
+            learner.load_state_dict(sd)
+        except Exception:  # torn, refused or of another model: the previous one
+            continue
+        learner.sync.restart()
+        return learner.to_bytes(), meta, path
+    return None
+
+
+def resume_shard(directory: str | os.PathLike[str], shard: int, run_id: str, cfg: LearnerConfig,
+                 meta: dict[str, Any]) -> bytes | None:
+    """A shard's first state in a run started with ``--resume_from run_id``: the snapshot of that run's
+    newest readable checkpoint (None: it left none for this shard, which starts afresh), with ``meta``'s
+    delta and score sequences continued from it (updated in place)."""
+    found = resume_state(directory, shard, run_id, cfg)
+    if found is None:
+        return None
+    snapshot, saved, _ = found
+    meta["delta_seq"] = int(saved.get("delta_sequence", 0))
+    meta["score_seq"] = int(saved.get("score_sequence", 0))
+    return snapshot
 
 
 def verified_state(path: str | os.PathLike[str]) -> dict[str, Any]:

@@ -13,6 +13,7 @@ from model.config import LearnerConfig
 from model.deltas import LearnResult
 from model.learner import IncrementalLearner
 from model.shard_sync import ShardSync
+from monitoring.alerts import SkippedStepsAlarm
 
 # A journal entry is one micro-batch of featurized events (dicts of str/int/float/None/lists) in
 # marshal's format behind this tag: about a ninth of the cost of Avro-encoding each event, and loading
@@ -76,7 +77,7 @@ def restore_learner(cfg: LearnerConfig, shard: int, snapshot: bytes | None, jour
 
 def new_meta() -> dict[str, Any]:
     """Per-shard bookkeeping kept in keyed state beside the snapshot and journal."""
-    return {"flushes": 0, "journal_len": 0, "score_seq": 0, "delta_seq": 0}
+    return {"flushes": 0, "journal_len": 0, "score_seq": 0, "delta_seq": 0, "skip_streak": [0, 0, 0]}
 
 
 @dataclass
@@ -95,6 +96,8 @@ class Flush:
     published_epoch: int | None  # the sync epoch this flush published
     sync_bytes: int  # bytes this flush's publication put on the sync medium
     probed: tuple[float, int]  # an evaluation probe's (hits, probes) on this batch, before learning it
+    not_learned: int  # events applied (accounted for) but not learned: every step of the flush was skipped
+    alerts: list[dict[str, Any]]  # schemas/alert.avsc records this flush raised
 
 
 def flush_micro_batch(
@@ -110,11 +113,13 @@ def flush_micro_batch(
     emit_time_ms: int,
     sync: ShardSync | None = None,
     probe: Callable[[IncrementalLearner, list[dict[str, Any]]], tuple[float, int]] | None = None,
+    alarm: SkippedStepsAlarm | None = None,
 ) -> Flush:
     """Score first, learn, and number the refreshed scores and deltas of one shard's micro-batch.
 
     The worker's live learner is reused while its flush count matches ``meta`` (updated in place);
-    otherwise (first flush here, a restart, a retried bundle) it is rebuilt from ``load_state()``."""
+    otherwise (first flush here, a restart, a retried bundle) it is rebuilt from ``load_state()``. ``alarm``
+    (default ``SkippedStepsAlarm()``) watches for a shard whose steps keep being skipped."""
     cached = live.get(live_key)
     restored = cached is None or cached[1] != meta["flushes"]
     learner = restore_learner(cfg, shard, *load_state(), sync) if restored else cached[0]  # type: ignore[index]
@@ -138,6 +143,9 @@ def flush_micro_batch(
     for delta in learner.take_deltas():
         meta["delta_seq"] += 1
         deltas.append(delta.to_record(meta["delta_seq"], emit_time_ms))
+    not_learned = len(events) if result.skipped_nonfinite and not result.steps else 0
+    times = [int(e["event_time_ms"]) for e in events]
+    alert = (alarm or SkippedStepsAlarm()).update(meta, shard, len(events), not_learned, min(times), max(times))
     meta["flushes"] += 1
     meta["journal_len"] += 1
     snapshot = None
@@ -147,4 +155,5 @@ def flush_micro_batch(
     live[live_key] = (learner, meta["flushes"])
     entry = journal_entry(events, None if sync is None else (applied, published))
     return Flush(learner, result, scores, deltas, entry, snapshot, restored and meta["flushes"] > 1, applied, published,
-                 learner.counters["sync_bytes_out"] - bytes_before, probed)
+                 learner.counters["sync_bytes_out"] - bytes_before, probed, not_learned,
+                 [] if alert is None else [alert.to_record(emit_time_ms)])

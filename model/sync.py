@@ -268,6 +268,11 @@ class SyncState:
         self.ref_block = torch.zeros(0, 0)
         self.ref_dense: dict[str, torch.Tensor] | None = None
 
+    def restart(self) -> None:
+        """A resumed shard in a new run (a new medium): its positions start over; its reference and the
+        changes it has not yet published are kept, so they go out with its first publication."""
+        self.open_epoch, self.published, self.applied = None, -1, -1
+
     def state_dict(self) -> dict[str, Any]:
         return {"open_epoch": -1 if self.open_epoch is None else self.open_epoch, "published": self.published,
                 "applied": self.applied, "max_event_time_ms": self.max_event_time_ms, "examples": self.examples,

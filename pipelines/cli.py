@@ -181,6 +181,48 @@ def check_sync_medium(ns: argparse.Namespace) -> None:
                          "give this run another --run_id (or leave it out)")
 
 
+def input_events(ns: argparse.Namespace, layout: Any) -> int:
+    """About how many events the run reads: the synthetic stream's, or the records of --data (up to --limit)."""
+    if layout is None:
+        return int(ns.synthetic_events)
+    from core.readers import count_records
+
+    n = count_records(ns.data, layout.mapping)
+    return min(n, ns.limit) if ns.limit else n
+
+
+def resolve_resume(ns: argparse.Namespace) -> str:
+    """The run id ``--resume_from`` names ('latest': the newest run in --checkpoint_dir but this one), checked:
+    it left checkpoints there, for as many shards as this run has, that load into this run's model."""
+    from model.checkpoint import checkpoint_runs, checkpoints, resume_state
+
+    runs = [r for r in checkpoint_runs(ns.checkpoint_dir) if r and r != ns.run_id]
+    run = ns.resume_from
+    if run == "latest":
+        if not runs:
+            raise UsageError(f"--resume_from latest: {ns.checkpoint_dir} holds no other run's checkpoints")
+        run = runs[0]
+    if run not in runs:
+        raise UsageError(f"--resume_from {run}: no checkpoints of that run in {ns.checkpoint_dir} "
+                         f"(runs there: {', '.join(runs[:5]) or 'none'})")
+    cfg = pipeline_config(ns).learner
+    for shard in range(ns.shards):
+        paths = checkpoints(ns.checkpoint_dir, shard, run)
+        if not paths:
+            continue
+        found = resume_state(ns.checkpoint_dir, shard, run, cfg)
+        if found is None:
+            raise UsageError(f"--resume_from {run}: no checkpoint of shard {shard} reads back into this model "
+                             f"(newest: {paths[0].name}; check --dim and the other model flags)")
+        shards = found[1].get("shards")
+        if shards is not None and int(shards) != ns.shards:
+            raise UsageError(f"--resume_from {run}: that run had --shards {shards}, this one {ns.shards} "
+                             "(users would land on other shards' models)")
+    if any(checkpoints(ns.checkpoint_dir, s, run) for s in range(ns.shards, ns.shards + 64)):
+        raise UsageError(f"--resume_from {run}: that run has checkpoints of shards beyond --shards {ns.shards}")
+    return run
+
+
 def flink_job_server_jar_url(flink_version: str) -> str:
     name = f"beam-runners-flink-{flink_version}-job-server"
     return f"https://repo.maven.apache.org/maven2/org/apache/beam/{name}/{BEAM_VERSION}/{name}-{BEAM_VERSION}.jar"
@@ -208,8 +250,20 @@ def prepare(argv: list[str]) -> tuple[argparse.Namespace, Any]:
     argv = split_runner_config(argv)
     parser = make_parser()
     ns, rest = parser.parse_known_args(argv)
-    syncing = ns.shards > 1 and not ns.no_sync
+    check_unknown(rest, parser, ns.runner or "")
+    try:
+        check_flags(ns)
+        layout = pipeline_config(ns).layout
+    except LayoutError as exc:
+        raise UsageError(str(exc)) from exc
+    except ValueError as exc:
+        raise UsageError(str(exc).splitlines()[0]) from exc
     bounded_direct = not (ns.streaming or ns.events_subscription) and str(ns.runner or "DirectRunner").endswith("DirectRunner")
+    streamed = bounded_direct and input_events(ns, layout) > ns.batch_max_events
+    if streamed:  # the batch engine would hold every step's whole output in memory
+        ns.streaming, bounded_direct = True, False
+        argv = [*argv, "--streaming"]
+    syncing = ns.shards > 1 and not ns.no_sync
     alone = syncing and bounded_direct  # the batch engine runs one shard's whole input before the next one's
     if alone:
         ns.no_sync, syncing = True, False
@@ -219,23 +273,21 @@ def prepare(argv: list[str]) -> tuple[argparse.Namespace, Any]:
 
         ns.run_id = new_run_id()
         argv = [*argv, f"--run_id={ns.run_id}"]
-    check_unknown(rest, parser, ns.runner or "")
-    try:
-        check_flags(ns)
-        layout = pipeline_config(ns).layout
-    except LayoutError as exc:
-        raise UsageError(str(exc)) from exc
-    except ValueError as exc:
-        raise UsageError(str(exc).splitlines()[0]) from exc
     _check_writable("output_dir", ns.output_dir)
     _check_writable("checkpoint_dir", ns.checkpoint_dir)
     check_sync_medium(ns)
+    if ns.resume_from:
+        ns.resume_from = resolve_resume(ns)
+        argv = [*argv, f"--resume_from={ns.resume_from}"]
     from pipelines.freshrec_pipeline import make_options
 
     opts = make_options(argv)
     check_runner(opts)
     if layout is not None:
         print(f"freshrec: reading {ns.data} as {layout.described}")
+    if streamed:
+        print(f"freshrec: over --batch_max_events {ns.batch_max_events:,} events: running as a flow-controlled stream, "
+              "in bounded memory", file=sys.stderr)
     if alone and any(a == "--shards" or a.startswith("--shards=") for a in argv):
         print("freshrec: note: a bounded DirectRunner run feeds its shards one after another, so they cannot share "
               "parameters in event time and learn alone; for a multi-shard run use --streaming (see README)", file=sys.stderr)

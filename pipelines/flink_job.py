@@ -57,6 +57,7 @@ from model.learner import IncrementalLearner  # noqa: E402
 from model.metrics import BinaryStats  # noqa: E402
 from model.shard_sync import ShardSync  # noqa: E402
 from model.sync import SyncConfig, parse_name  # noqa: E402
+from monitoring.alerts import SkippedStepsAlarm  # noqa: E402
 
 DEAD_LETTER = OutputTag("dead-letter", Types.STRING())
 END_OF_TIME = 2**62
@@ -143,9 +144,10 @@ class UpdateShardModel(KeyedProcessFunction):
     """Keyed by shard; the partition is a snapshot plus a journal of micro-batches in Flink state."""
 
     def __init__(self, cfg: LearnerConfig, batch_size: int, top_k: int, snapshot_every: int, progress_s: float = 0.0,
-                 sync: SyncConfig | None = None, sync_location: str | None = None):
+                 sync: SyncConfig | None = None, sync_location: str | None = None, alert_after: int = 3):
         self.cfg, self.batch_size, self.top_k, self.snapshot_every = cfg, batch_size, top_k, snapshot_every
         self.progress_s, self.sync_cfg, self.sync_location = progress_s, sync, sync_location
+        self.alarm = SkippedStepsAlarm(alert_after)
 
     def close(self):
         self.printer.stop()
@@ -186,7 +188,7 @@ class UpdateShardModel(KeyedProcessFunction):
         done = flush_micro_batch(self.cfg, shard, events, meta,
                                  lambda: (self.snapshot.value(), list(self.journal.get() or [])),
                                  self.live, shard, self.top_k, self.snapshot_every, emit_time_ms=0,
-                                 sync=self.syncs.get(shard))
+                                 sync=self.syncs.get(shard), alarm=self.alarm)
         stats = BinaryStats()
         stats.update(done.result.labels, done.result.probs)
         progress.BOARD.note_flush(shard, len(events), done.learner.version, stats)
@@ -194,6 +196,8 @@ class UpdateShardModel(KeyedProcessFunction):
             yield json.dumps({"kind": "score", **record})
         for record in done.deltas:
             yield json.dumps({"kind": "delta", **record})
+        for record in done.alerts:
+            yield json.dumps({"kind": "alert", **record})
         if done.snapshot is not None:
             self.snapshot.update(done.snapshot)
             self.journal.clear()
@@ -221,7 +225,8 @@ def build(env: StreamExecutionEnvironment, args: argparse.Namespace) -> None:
                   .uid("user-features"))
     outputs = (with_users.key_by(lambda e: shard_of(e["user_id"], shards), key_type=Types.INT())
                .process(UpdateShardModel(cfg.learner, cfg.update.batch_size, cfg.update.top_k, args.snapshot_every,
-                                         progress_s, cfg.sharding.sync, cfg.sharding.sync_location),
+                                         progress_s, cfg.sharding.sync, cfg.sharding.sync_location,
+                                         cfg.update.alert_skipped_flushes),
                         output_type=Types.STRING())
                .uid("update-shard-model"))
     dead = (events.get_side_output(DEAD_LETTER)

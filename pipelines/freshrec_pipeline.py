@@ -17,9 +17,10 @@ from core.settings import PipelineConfig, add_flags, pipeline_config
 from pipelines.results import output_paths
 from transforms.clean import DEAD_LETTER, CleanEvents
 from transforms.featurize import FeaturizeEvents
+from transforms.runtime import keep_runner_metrics_bounded
 from transforms.sinks import SummarizeRun, WriteAvroRecords
-from transforms.sources import ReplayEvents, SyntheticEvents
-from transforms.update import DELTAS, REPORTS, ROLLBACKS, SCORES, UpdateShardModels
+from transforms.sources import FlowControl, ReplayEvents, SyntheticEvents
+from transforms.update import ALERTS, DELTAS, REPORTS, ROLLBACKS, SCORES, UpdateShardModels
 
 
 class FreshrecOptions(PipelineOptions):
@@ -31,7 +32,7 @@ class FreshrecOptions(PipelineOptions):
 
 
 class RefreshModels(beam.PTransform):
-    """Raw payloads -> {scores, deltas, rollbacks, reports, dead_letter}: the whole learning path."""
+    """Raw payloads -> {scores, deltas, rollbacks, alerts, reports, dead_letter}: the whole learning path."""
 
     def __init__(self, cfg: PipelineConfig, clock: Callable[[], float] = time.time, probe: Any = None):
         super().__init__()
@@ -56,11 +57,18 @@ class ReadEvents(beam.PTransform):
 
     def expand(self, pbegin):
         o, layout = self.opts, self.layout
+        flow = FlowControl() if one_process_streaming(self.opts) else None
         if layout is not None:
             return pbegin | "ReplayDataset" >> ReplayEvents(o.data, layout.mapping, o.limit, rate=o.replay_rate,
-                                                             max_bytes=o.max_event_bytes)
+                                                             max_bytes=o.max_event_bytes, flow=flow)
         synth = replace(SyntheticConfig(), events=o.synthetic_events, seed=7 + o.seed)
-        return pbegin | "SyntheticDriftingStream" >> SyntheticEvents(synth)
+        return pbegin | "SyntheticDriftingStream" >> SyntheticEvents(synth, flow)
+
+
+def one_process_streaming(opts: PipelineOptions) -> bool:
+    """A streaming run on the DirectRunner: its steps share one process, so the source can wait for them."""
+    std = opts.view_as(StandardOptions)
+    return bool(std.streaming) and str(std.runner or "DirectRunner").split(".")[-1] in ("DirectRunner", "BundleBasedDirectRunner")
 
 
 def build_pipeline(p: beam.Pipeline, opts: FreshrecOptions, clock: Callable[[], float] = time.time,
@@ -68,6 +76,8 @@ def build_pipeline(p: beam.Pipeline, opts: FreshrecOptions, clock: Callable[[], 
     o = opts.view_as(FreshrecOptions)
     cfg = pipeline_config(o)
     paths = output_paths(cfg.output_dir)
+    if one_process_streaming(opts):
+        keep_runner_metrics_bounded()
     if o.events_subscription:
         from pipelines.pubsub import ReadEventsFromPubSub
 
@@ -78,10 +88,12 @@ def build_pipeline(p: beam.Pipeline, opts: FreshrecOptions, clock: Callable[[], 
     if bad_messages is not None:
         outputs[DEAD_LETTER] = (outputs[DEAD_LETTER], bad_messages) | "FlattenDeadLetters" >> beam.Flatten()
     w = cfg.output_window_s
-    topics = {SCORES: o.scores_topic, DELTAS: o.deltas_topic, ROLLBACKS: o.rollbacks_topic, DEAD_LETTER: o.dead_letter_topic}
+    topics = {SCORES: o.scores_topic, DELTAS: o.deltas_topic, ROLLBACKS: o.rollbacks_topic, ALERTS: o.alerts_topic,
+              DEAD_LETTER: o.dead_letter_topic}
     schema_of = {SCORES: schemas.SCORED_OUTPUT, DELTAS: schemas.MODEL_DELTA, ROLLBACKS: schemas.ROLLBACK,
-                 DEAD_LETTER: schemas.DEAD_LETTER}
-    for tag, label in ((SCORES, "Scores"), (DELTAS, "Deltas"), (ROLLBACKS, "Rollbacks"), (DEAD_LETTER, "DeadLetters")):
+                 ALERTS: schemas.ALERT, DEAD_LETTER: schemas.DEAD_LETTER}
+    for tag, label in ((SCORES, "Scores"), (DELTAS, "Deltas"), (ROLLBACKS, "Rollbacks"), (ALERTS, "Alerts"),
+                       (DEAD_LETTER, "DeadLetters")):
         if topics[tag]:
             from pipelines.pubsub import PublishRecords
 
@@ -89,7 +101,7 @@ def build_pipeline(p: beam.Pipeline, opts: FreshrecOptions, clock: Callable[[], 
         else:
             outputs[tag] | f"Write{label}" >> WriteAvroRecords(paths[tag], schema_of[tag], w)
     (outputs[REPORTS], outputs[DEAD_LETTER]) | "SummarizeRun" >> SummarizeRun(
-        None if w else paths["summary"], w, paths["summaries"])
+        None if w else paths["summary"], w, paths["summaries"], ledger=bool(opts.view_as(StandardOptions).streaming))
     return {"outputs": outputs, "paths": paths, "config": cfg}
 
 

@@ -1,9 +1,9 @@
 """A run's outputs, read back: paths, totals of windowed summaries, dead-letter examples, and
-``freshrec show OUT`` (the summary as a table, a user's latest scores, dead letters, rollbacks).
+``freshrec show OUT`` (the summary as a table, a user's latest scores, dead letters, rollbacks, alerts).
 
 Beam-free: it reads the Avro files and JSON summaries a run wrote, with fastavro.
 
-    freshrec show out                       # the summary, dead letters by reason, rollbacks
+    freshrec show out                       # the summary, dead letters by reason, rollbacks, alerts
     freshrec show out --user u42            # that user's latest top-K, model version and event time
 """
 
@@ -22,9 +22,9 @@ import fastavro
 
 from core.settings import HelpFormatter
 
-SCORES, DELTAS, ROLLBACKS, DEAD_LETTER = "scores", "deltas", "rollbacks", "dead_letter"
+SCORES, DELTAS, ROLLBACKS, ALERTS, DEAD_LETTER = "scores", "deltas", "rollbacks", "alerts", "dead_letter"
 TOTALLED = ("events_applied", "events_dead_lettered", "events_accounted", "flushes", "rollbacks",
-            "scores_written", "deltas_written", "events_not_learned")
+            "scores_written", "deltas_written", "events_not_learned", "alerts")
 
 
 def output_paths(output_dir: str) -> dict[str, str]:
@@ -32,6 +32,7 @@ def output_paths(output_dir: str) -> dict[str, str]:
         SCORES: os.path.join(output_dir, "scores"),
         DELTAS: os.path.join(output_dir, "deltas"),
         ROLLBACKS: os.path.join(output_dir, "rollbacks"),
+        ALERTS: os.path.join(output_dir, "alerts"),
         DEAD_LETTER: os.path.join(output_dir, "dead_letter"),
         "summary": os.path.join(output_dir, "summary.json"),
         "summaries": os.path.join(output_dir, "summaries"),  # one per window when --output_window_s is set
@@ -127,6 +128,11 @@ def show(output_dir: str, user: str | None = None, shard: int | None = None) -> 
             print(f"rollback: shard {rb['shard']} rejected version {rb['rejected_version']} (logloss "
                   f"{rb['candidate_logloss']:.4f} vs {rb['good_logloss']:.4f}), restored {rb['restored_version']} "
                   f"as {rb['new_version']}: {rb['reason']}")
+    alerts = list(records(paths[ALERTS])) if os.path.isdir(paths[ALERTS]) else []
+    for al in alerts:
+        if shard is None or al["shard"] in (shard, -1):
+            print(f"alert ({al['severity']}): {al['signal']} = {al['value']:g} (baseline {al['baseline']:g}, "
+                  f"{al['detector']}), event time {al['window_start_ms']}-{al['window_end_ms']} ms: {al['message']}")
     if user is not None:
         latest = None
         for rec in records(paths[SCORES]):

@@ -173,3 +173,44 @@ def test_a_write_error_ends_the_run_in_one_line_and_removes_partial_outputs(tmp_
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "No space left on device" in err[0] and "Traceback" not in err[0]
     assert not out.exists() or not any(out.rglob("*.avro"))
+
+
+def _summary(out) -> dict:
+    with open(os.path.join(out, "summary.json")) as fh:
+        return json.load(fh)
+
+
+def test_a_run_resumes_from_another_runs_checkpoints_only_when_asked(tmp_path, capsys):
+    from model.checkpoint import checkpoints, verified_state
+    from pipelines.results import records
+
+    ck = str(tmp_path / "ck")
+    common = ["--synthetic_events", "3000", "--shards", "2", "--batch_size", "64", "--checkpoint_dir", ck,
+              "--checkpoint_every", "1", "--checkpoint_keep", "2", "--quiet"]
+    assert cli.main([*common, "--output_dir", str(tmp_path / "a"), "--run_id", "runA"]) == 0
+    first = _summary(tmp_path / "a")["model_versions"]
+    saved = {s: verified_state(checkpoints(ck, s, "runA")[0]) for s in (0, 1)}
+    assert all(saved[s]["version"] == first[str(s)] for s in (0, 1))
+
+    fresh = tmp_path / "fresh"  # without --resume_from a run starts afresh, whatever the folder holds
+    assert cli.main([*common, "--output_dir", str(fresh), "--run_id", "runF"]) == 0
+    assert _summary(fresh)["model_versions"] == first
+
+    assert cli.main([*common, "--output_dir", str(tmp_path / "b"), "--run_id", "runB", "--resume_from", "runA"]) == 0
+    resumed = _summary(tmp_path / "b")["model_versions"]
+    assert all(resumed[str(s)] > first[str(s)] for s in (0, 1)), (first, resumed)  # the same events again, continued
+    for s in (0, 1):  # versions and delta sequences continue from the checkpoint; runA's files stay
+        seqs = [r["sequence"] for r in records(str(tmp_path / "b" / "deltas")) if r["shard"] == s]
+        assert min(seqs) == saved[s]["meta"]["delta_sequence"] + 1
+        assert len(checkpoints(ck, s, "runA")) == 2 and len(checkpoints(ck, s, "runB")) == 2
+    capsys.readouterr()
+    for args, expected in ((["--resume_from", "nope"], "no checkpoints of that run"),
+                           (["--resume_from", "runA", "--dim", "8"], "reads back into this model"),
+                           (["--resume_from", "runA", "--shards", "3"], "had --shards 2"),
+                           (["--resume_from", "latest", "--run_id", "runZ", "--checkpoint_dir", str(tmp_path / "none")],
+                            "holds no other run's checkpoints")):
+        assert cli.main([*common, "--output_dir", str(tmp_path / "x"), *args]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and expected in err[0], err
+    assert cli.main(["--synthetic_events", "100", "--resume_from", "runA", "--output_dir", str(tmp_path / "y")]) == 2
+    assert "needs --checkpoint_dir" in capsys.readouterr().err

@@ -47,3 +47,44 @@ def test_nan_inf_and_huge_features_never_reach_published_deltas():
             assert all(math.isfinite(v) for v in row), (d["table"], d["row_ids"])
     for s in Collected.get("nan/scores"):
         assert all(math.isfinite(i["score"]) for i in s["items"])
+
+
+def test_a_shard_that_keeps_skipping_its_steps_raises_an_alert_and_the_summary_counts_it():
+    import schemas
+    from transforms.sinks import SummaryFn
+    from transforms.update import ALERTS
+
+    table = TableConfig(dim=8)
+    cfg = LearnerConfig(user_features=FEATURES.user_width, item_features=FEATURES.item_width, user_table=table,
+                        item_table=table, negatives=2, gate=False)
+    events = topic_stream(150)
+    poisoned = [dict(e, user_features=[float("nan")] * FEATURES.user_width) if 30 <= i < 100 and i % 10 == 3 else e
+                for i, e in enumerate(events)]  # batches 3 to 9 (of 10 events) each carry a NaN: 7 skipped in a row
+    Collected.clear()
+    with beam.Pipeline() as p:
+        out = p | beam.Create([poisoned]) | UpdateShardModels(
+            cfg, UpdateConfig(batch_size=10, flush_interval_s=None, alert_skipped_flushes=3), shards=1)
+        out[ALERTS] | "CollectAlerts" >> CollectTo("skip/alerts")
+        out[REPORTS] | "CollectReports" >> CollectTo("skip/reports")
+    alerts = Collected.get("skip/alerts")
+    assert [a["value"] for a in alerts] == [3.0, 6.0]  # after 3 skipped flushes, again at 6; the 7th does not repeat it
+    assert all(a["signal"] == "steps_skipped_nonfinite" and a["shard"] == 0 and a["severity"] == "critical" for a in alerts)
+    assert alerts[0]["window_start_ms"] == events[30]["event_time_ms"]
+    for a in alerts:
+        schemas.encode(schemas.ALERT, a)
+    reports = Collected.get("skip/reports")
+    fn = SummaryFn()
+    acc = fn.create_accumulator()
+    for r in reports:
+        acc = fn.add_input(acc, ("report", r))
+    summary = fn.extract_output(acc)
+    assert summary["alerts"] == 2 and summary["events_not_learned"] == 70
+    assert summary["events_not_learned_by_shard"] == {"0": 70}
+
+
+def test_the_skip_alarm_is_quiet_while_steps_are_learned():
+    from monitoring.alerts import SkippedStepsAlarm
+
+    alarm, meta = SkippedStepsAlarm(after=2), {}
+    fired = [alarm.update(meta, 0, 10, 10 if n % 2 else 0, n, n) for n in range(40)]  # every other flush skipped
+    assert not any(fired)

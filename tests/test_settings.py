@@ -22,7 +22,7 @@ import pytest
 from core.settings import DEFAULTS, FLAGS, GROUPS, add_flags, pipeline_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-RUNNER_FREE = ("core", "model", "schemas")
+RUNNER_FREE = ("core", "model", "monitoring", "schemas")
 FLINK_PY = os.path.join(ROOT, ".venv-flink", "bin", "python")
 
 

@@ -206,3 +206,68 @@ def test_cli_replays_a_movielens_format_file(tmp_path, movielens_dir):
     assert rc == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["events_applied"] == 4 and summary["dead_letter_by_reason"] == {"malformed": 1}
+
+
+def test_a_flow_controlled_stream_reads_the_synthetic_stream_in_chunks_each_resumed_where_the_last_ended():
+    from dataclasses import replace
+
+    from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
+
+    from transforms import sources
+
+    cfg = replace(SyntheticConfig(), events=1_500, seed=3)
+    calls = []
+    original = sources._task_events
+    sources._task_events = lambda task, start: calls.append(start) or original(task, start)
+    Collected.clear()
+    opts = PipelineOptions()
+    opts.view_as(StandardOptions).streaming = True
+    try:
+        with beam.Pipeline(options=opts) as p:
+            (p | sources.SyntheticEvents(cfg, sources.FlowControl(chunk=100)) | beam.Map(lambda e: e["event_id"])
+               | CollectTo("flow/ids"))
+    finally:
+        sources._task_events = original
+    assert sorted(calls) == list(range(0, 1_500, 100))  # one chunk per read
+    assert Collected.get("flow/ids") == [e["event_id"] for e in synthetic_events(cfg)]
+
+
+def test_flow_control_waits_while_too_many_events_are_in_flight():
+    import threading
+    import time
+
+    from core.progress import BOARD
+    from transforms.sources import FlowControl
+
+    flow = FlowControl(chunk=10, max_in_flight=100, max_wait_s=1.0)
+    BOARD.reset()
+    BOARD.note_emitted(500)
+    started = time.monotonic()
+    flow.wait()  # nothing drains: it gives up after max_wait_s
+    assert time.monotonic() - started >= 1.0
+    threading.Timer(0.2, lambda: setattr(BOARD, "applied", 450)).start()
+    started = time.monotonic()
+    flow.wait()  # returns once the run caught up to within max_in_flight
+    assert 0.15 <= time.monotonic() - started < 0.9
+    BOARD.reset()
+
+
+def test_a_run_over_batch_max_events_streams_in_bounded_memory_and_its_shards_sync(tmp_path, capsys):
+    out = tmp_path / "out"
+    assert cli.main(["--synthetic_events", "3000", "--batch_max_events", "1000", "--shards", "2", "--output_dir",
+                     str(out), "--quiet"]) == 0
+    err = capsys.readouterr().err
+    assert "flow-controlled stream" in err and "learn alone" not in err
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["events_in"] == 3000 == summary["events_accounted"]
+    assert summary["sync"]["publications"] > 0  # a streaming run: the shards share their global parameters
+
+
+def test_the_runner_keeps_its_metrics_as_a_list_not_a_chain_of_generators():
+    from apache_beam.runners.portability.fn_api_runner import fn_runner
+
+    from transforms.runtime import keep_runner_metrics_bounded
+
+    keep_runner_metrics_bounded()
+    merged = fn_runner.consolidate_monitoring_infos(iter([]))
+    assert isinstance(merged, list)

@@ -59,3 +59,30 @@ def tune_state_cache_sizing() -> None:
         return
     objsize.default_settings.update(exclude_modules_globals=False)
     _TUNED = True
+
+
+_METRICS_PATCHED = False
+
+
+def keep_runner_metrics_bounded() -> None:
+    """Stop the DirectRunner's engine (Beam's ``FnApiRunner``) from holding every bundle's metrics.
+
+    ``FnApiRunner.run_stages`` folds each bundle's monitoring infos into the running totals with
+    ``apache_beam.metrics.monitoring_infos.consolidate``, which is a generator: the totals it keeps are a
+    chain of unconsumed generators, one per bundle, each holding its bundle's response protobuf until the
+    run ends. A batch run has few bundles; a stream read in chunks has one per chunk per step, so its
+    memory grew with its input (about 150 bytes per event, measured in ``bench/memory.py``). Consolidating
+    into a list at each bundle keeps the same totals in memory that stays flat. Idempotent; per process."""
+    global _METRICS_PATCHED
+    if _METRICS_PATCHED:
+        return
+    try:
+        from apache_beam.metrics.monitoring_infos import consolidate
+        from apache_beam.runners.portability.fn_api_runner import fn_runner
+    except ImportError:  # another SDK layout: nothing to patch
+        _METRICS_PATCHED = True
+        return
+    if getattr(fn_runner, "consolidate_monitoring_infos", None) is consolidate:
+        fn_runner.consolidate_monitoring_infos = lambda metrics, key=None: list(  # type: ignore[attr-defined]
+            consolidate(metrics) if key is None else consolidate(metrics, key))
+    _METRICS_PATCHED = True

@@ -9,8 +9,13 @@ from typing import Any
 
 import apache_beam as beam
 import fastavro
+from apache_beam.coders.coders import FastPrimitivesCoder
 from apache_beam.io import fileio
 from apache_beam.transforms import window
+from apache_beam.transforms.timeutil import TimeDomain
+from apache_beam.transforms.userstate import ReadModifyWriteStateSpec, TimerSpec, on_timer
+from apache_beam.utils.timestamp import Timestamp
+from apache_beam.utils.windowed_value import WindowedValue
 
 import schemas
 from model.metrics import BinaryStats
@@ -61,7 +66,7 @@ class SummaryFn(beam.CombineFn):
     def create_accumulator(self):
         return {"applied": 0, "dead_letter": {}, "stats": BinaryStats().to_dict(), "versions": {},
                 "steps": 0, "skipped_nonfinite": 0, "rollbacks": 0, "flushes": 0, "table_rows": {},
-                "scores": 0, "deltas": 0, "not_learned": {}, "sync": {"merged": 0, "published": 0, "bytes_out": 0},
+                "scores": 0, "deltas": 0, "alerts": 0, "not_learned": {}, "sync": {"merged": 0, "published": 0, "bytes_out": 0},
                 "probe": {"hits": 0.0, "probes": 0}}
 
     def add_input(self, acc, item):
@@ -76,6 +81,7 @@ class SummaryFn(beam.CombineFn):
         acc["rollbacks"] += rec["rollbacks"]
         acc["scores"] += rec.get("scores", 0)
         acc["deltas"] += rec.get("deltas", 0)
+        acc["alerts"] += rec.get("alerts", 0)
         if rec.get("not_learned"):
             shard_key = str(rec["shard"])
             acc["not_learned"][shard_key] = acc["not_learned"].get(shard_key, 0) + rec["not_learned"]
@@ -95,7 +101,7 @@ class SummaryFn(beam.CombineFn):
         out = self.create_accumulator()
         for a in accs:
             out["applied"] += a["applied"]
-            for k in ("steps", "skipped_nonfinite", "rollbacks", "flushes", "scores", "deltas"):
+            for k in ("steps", "skipped_nonfinite", "rollbacks", "flushes", "scores", "deltas", "alerts"):
                 out[k] += a[k]
             for part in ("sync", "probe"):
                 for k, n in a[part].items():
@@ -134,6 +140,7 @@ class SummaryFn(beam.CombineFn):
             "rollbacks": acc["rollbacks"],
             "scores_written": acc["scores"],
             "deltas_written": acc["deltas"],
+            "alerts": acc["alerts"],
             "events_not_learned": sum(acc["not_learned"].values()),
             "events_not_learned_by_shard": dict(sorted(acc["not_learned"].items())),
             "sync": {"epochs_applied": acc["sync"]["merged"], "publications": acc["sync"]["published"],
@@ -162,13 +169,55 @@ class WriteWindowSummary(beam.DoFn):
         yield write_summary(record, os.path.join(self.directory, f"window-{start_ms}.json"))
 
 
+class _SummarizeBundle(beam.DoFn):
+    """Ledger items -> one partial ``SummaryFn`` accumulator per bundle and window, keyed for ``_Ledger``."""
+
+    def start_bundle(self) -> None:
+        self._partial: dict[Any, tuple[Any, Timestamp]] = {}
+
+    def process(self, item, windowed=beam.DoFn.WindowedValueParam):
+        fn = SummaryFn()
+        w = windowed.windows[0]
+        acc, ts = self._partial.get(w, (None, windowed.timestamp))
+        self._partial[w] = (fn.add_input(acc or fn.create_accumulator(), item), min(ts, windowed.timestamp))
+
+    def finish_bundle(self):
+        partial, self._partial = self._partial, {}
+        for w, (acc, ts) in partial.items():
+            yield WindowedValue((0, acc), ts, [w])
+
+
+class _Ledger(beam.DoFn):
+    """The run's one summary accumulator in keyed state (one key), emitted when the watermark passes the end
+    of the global window: a streaming run's summary holds one accumulator, however long it runs (a global
+    combine would keep every bundle's partial until the end)."""
+
+    ACC = ReadModifyWriteStateSpec("summary", FastPrimitivesCoder())
+    END = TimerSpec("end_of_input", TimeDomain.WATERMARK)
+
+    def process(self, element, acc=beam.DoFn.StateParam(ACC), end=beam.DoFn.TimerParam(END),
+                window=beam.DoFn.WindowParam):
+        fn = SummaryFn()
+        current = acc.read()
+        acc.write(element[1] if current is None else fn.merge_accumulators([current, element[1]]))
+        end.set(window.max_timestamp())
+
+    @on_timer(END)
+    def emit(self, acc=beam.DoFn.StateParam(ACC)):
+        current = acc.read()
+        if current is not None:
+            yield SummaryFn().extract_output(current)
+        acc.clear()
+
+
 class SummarizeRun(beam.PTransform):
     """Reports + dead letters -> the run summary: one file at ``path`` for a bounded run, or with
-    ``window_s`` one per fixed event-time window under ``window_dir``."""
+    ``window_s`` one per fixed event-time window under ``window_dir``. With ``ledger`` (streaming runs
+    without windows) the summary is kept in one keyed accumulator (``_Ledger``) instead of a global combine."""
 
-    def __init__(self, path: str | None, window_s: int = 0, window_dir: str | None = None):
+    def __init__(self, path: str | None, window_s: int = 0, window_dir: str | None = None, ledger: bool = False):
         super().__init__()
-        self.path, self.window_s, self.window_dir = path, window_s, window_dir
+        self.path, self.window_s, self.window_dir, self.ledger = path, window_s, window_dir, ledger
 
     def expand(self, pcolls):
         reports, dead = pcolls
@@ -180,6 +229,9 @@ class SummarizeRun(beam.PTransform):
         if self.window_s:
             tagged = tagged | "WindowSummary" >> beam.WindowInto(window.FixedWindows(self.window_s))
             summary = tagged | "CombineSummary" >> beam.CombineGlobally(SummaryFn()).without_defaults()
+        elif self.ledger:
+            summary = (tagged | "SummarizeBundles" >> beam.ParDo(_SummarizeBundle()).with_output_types(tuple[int, Any])
+                       | "KeepLedger" >> beam.ParDo(_Ledger()))
         else:
             summary = tagged | "CombineSummary" >> beam.CombineGlobally(SummaryFn())
         if self.path:

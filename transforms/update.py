@@ -48,13 +48,14 @@ from model.learner import IncrementalLearner
 from model.metrics import BinaryStats
 from model.shard_sync import ShardSync
 from model.sync import SyncConfig
+from monitoring.alerts import SkippedStepsAlarm
 from transforms.batching import rebatch_by
 from transforms.coders import AvroRecordCoder
 from transforms.featurize import featurized_record
 from transforms.medium import FileSystemsMedium
 from transforms.runtime import tune_worker
 
-SCORES, DELTAS, ROLLBACKS, REPORTS = "scores", "deltas", "rollbacks", "reports"
+SCORES, DELTAS, ROLLBACKS, REPORTS, ALERTS = "scores", "deltas", "rollbacks", "reports", "alerts"
 NAMESPACE = "freshrec"
 
 # Live learners of this worker, by (DoFn instance id, shard): (learner, flushes it has applied).
@@ -70,8 +71,8 @@ class UpdateShardModel(beam.DoFn):
     WATERMARK_TIMER = TimerSpec("flush_at_watermark", TimeDomain.WATERMARK)
 
     def __init__(self, learner_cfg: LearnerConfig, cfg: UpdateConfig, clock: Callable[[], float] = time.time,
-                 sync: SyncConfig | None = None, sync_location: str | None = None, probe: Any = None):
-        self.learner_cfg, self.cfg, self.clock, self.probe = learner_cfg, cfg, clock, probe
+                 sync: SyncConfig | None = None, sync_location: str | None = None, probe: Any = None, shards: int = 1):
+        self.learner_cfg, self.cfg, self.clock, self.probe, self.shards = learner_cfg, cfg, clock, probe, shards
         self.sync_cfg, self.sync_location = sync, sync_location
         self.instance_id = uuid.uuid4().hex
         self.applied = Metrics.counter(NAMESPACE, "events_applied")
@@ -81,6 +82,9 @@ class UpdateShardModel(beam.DoFn):
         self.skipped = Metrics.counter(NAMESPACE, "steps_skipped_nonfinite")
         self.merges = Metrics.counter(NAMESPACE, "sync_epochs_applied")
         self.publications = Metrics.counter(NAMESPACE, "sync_publications")
+        self.resumed = Metrics.counter(NAMESPACE, "shards_resumed")
+        self.alerts = Metrics.counter(NAMESPACE, "alerts")
+        self.alarm = SkippedStepsAlarm(cfg.alert_skipped_flushes)
 
     def setup(self):
         tune_worker()
@@ -176,9 +180,16 @@ class UpdateShardModel(beam.DoFn):
     def _flush(self, shard, events, window, snapshot, journal, state):
         """One micro-batch through the learner; updates ``state`` (the shard's meta) in place."""
         now_ms = int(self.clock() * 1000)
+        if self.cfg.resume_from and state["flushes"] == 0 and snapshot.read() is None:  # --resume_from: its checkpoint first
+            from model.checkpoint import resume_shard
+
+            resumed = resume_shard(self.cfg.checkpoint_dir, shard, self.cfg.resume_from, self.learner_cfg, state)
+            if resumed is not None:
+                snapshot.write(resumed)
+                self.resumed.inc()
         done = flush_micro_batch(self.learner_cfg, shard, events, state, lambda: (snapshot.read(), list(journal.read())),
                                  _LIVE, (self.instance_id, shard), self.cfg.top_k, self.cfg.snapshot_every, now_ms,
-                                 self._sync(shard), self.probe)
+                                 self._sync(shard), self.probe, self.alarm)
         learner, result = done.learner, done.result
         if done.restored:
             self.restores.inc()
@@ -194,6 +205,10 @@ class UpdateShardModel(beam.DoFn):
             self.rollbacks.inc()
             yield TaggedOutput(ROLLBACKS, WindowedValue(rb.to_record(), out_ts, windows))
 
+        for alert in done.alerts:
+            self.alerts.inc()
+            yield TaggedOutput(ALERTS, WindowedValue(alert, out_ts, windows))
+
         stats = BinaryStats()
         stats.update(result.labels, result.probs)
         BOARD.note_flush(shard, len(events), learner.version, stats)
@@ -207,7 +222,7 @@ class UpdateShardModel(beam.DoFn):
             "skipped_nonfinite": result.skipped_nonfinite, "rollbacks": len(result.rollbacks),
             "scores": len(done.scores), "deltas": len(done.deltas),
             # applied (accounted for) but not learned: their step was skipped for non-finite values
-            "not_learned": len(events) if result.skipped_nonfinite and not result.steps else 0,
+            "not_learned": done.not_learned, "alerts": len(done.alerts),
             "stats": stats.to_dict(), "max_event_time_ms": newest, "emit_time_ms": now_ms,
             "table_rows": {name: len(t) for name, t in learner.tables().items()},
             "probe": {"hits": done.probed[0], "probes": done.probed[1]},
@@ -224,8 +239,10 @@ class UpdateShardModel(beam.DoFn):
         if self.cfg.checkpoint_dir and self.cfg.checkpoint_every and state["flushes"] % self.cfg.checkpoint_every == 0 \
                 and not learner.accumulating:
             from model.checkpoint import prune_checkpoints, save_checkpoint
-            save_checkpoint(learner, self.cfg.checkpoint_dir, {"delta_sequence": state["delta_seq"]}, self.cfg.run_id)
-            prune_checkpoints(self.cfg.checkpoint_dir, shard, self.cfg.checkpoint_keep)
+            save_checkpoint(learner, self.cfg.checkpoint_dir, {"delta_sequence": state["delta_seq"],
+                                                               "score_sequence": state["score_seq"],
+                                                               "shards": self.shards}, self.cfg.run_id)
+            prune_checkpoints(self.cfg.checkpoint_dir, shard, self.cfg.checkpoint_keep, self.cfg.run_id)
 
 
 class UpdateShardModelWithIntervalFlush(UpdateShardModel):
@@ -271,7 +288,7 @@ def _new_meta() -> dict[str, Any]:
 
 class UpdateShardModels(beam.PTransform):
     """Micro-batches of featurized events (lists, as ``FeaturizeEvents`` emits them) -> {scores, deltas,
-    rollbacks, reports}."""
+    rollbacks, alerts, reports}."""
 
     def __init__(self, learner_cfg: LearnerConfig, cfg: UpdateConfig, shards: int, clock: Callable[[], float] = time.time,
                  sync: SyncConfig | None = None, sync_location: str | None = None, probe: Any = None):
@@ -286,11 +303,11 @@ class UpdateShardModels(beam.PTransform):
     def expand(self, events):
         shards = self.shards
         cls = UpdateShardModelWithIntervalFlush if self.cfg.flush_interval_s else UpdateShardModel
-        dofn = cls(self.learner_cfg, self.cfg, self.clock, self.sync, self.sync_location, self.probe)
+        dofn = cls(self.learner_cfg, self.cfg, self.clock, self.sync, self.sync_location, self.probe, shards)
         outputs = (
             events
             | "BatchByShard" >> rebatch_by(lambda e: shard_of(e["user_id"], shards), "BatchByShard")
             | "UpdateShardModel" >> beam.ParDo(dofn).with_outputs(
-                DELTAS, ROLLBACKS, REPORTS, main=SCORES)
+                DELTAS, ROLLBACKS, ALERTS, REPORTS, main=SCORES)
         )
-        return {SCORES: outputs[SCORES], DELTAS: outputs[DELTAS], ROLLBACKS: outputs[ROLLBACKS], REPORTS: outputs[REPORTS]}
+        return {tag: outputs[tag] for tag in (SCORES, DELTAS, ROLLBACKS, ALERTS, REPORTS)}
