@@ -8,7 +8,9 @@ pipeline uses (``model.serving``), so for the same version they are the same. Ea
 ``ServingModel``: the published tables alone, no optimizer state or undo log.
 
     python -m pipelines.consumer --subscription projects/P/subscriptions/deltas-sub --shards 4 --port 8080
-    curl 'localhost:8080/scores?user=42&k=10'
+    curl 'localhost:8080/scores?user=42&k=10'    # "known": false for a user the serving copy has no row of
+    curl localhost:8080/health                   # {"status": "ok", ...}
+    curl localhost:8080/metrics                  # Prometheus text: per shard sequence, deltas, buffered, resyncs, lag
 """
 
 from __future__ import annotations
@@ -18,11 +20,15 @@ import json
 import logging
 import sys
 import threading
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, urlparse
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 import schemas
 from core.settings import HelpFormatter, add_flags, pipeline_config
@@ -41,6 +47,10 @@ class _ShardReplica:
     model: ServingModel
     applied_sequence: int = 0
     pending: dict[int, ModelDelta] = field(default_factory=dict)  # checked deltas waiting for a gap to close
+    deltas_applied: int = 0
+    resyncs: int = 0
+    newest_emit_ms: dict[int, int] = field(default_factory=dict)  # emit time of each pending sequence
+    applied_emit_ms: int = 0  # emit time of the newest delta applied (or of the checkpoint's last one)
 
 
 class DeltaConsumer:
@@ -85,6 +95,7 @@ class DeltaConsumer:
                 self.counters["duplicates"] += 1
                 return "duplicate"
             rep.pending[seq] = delta
+            rep.newest_emit_ms[seq] = int(record.get("emit_time_ms") or 0)
             if seq != rep.applied_sequence + 1:
                 self.counters["gaps"] += 1
                 if not self._resync(shard):
@@ -96,6 +107,8 @@ class DeltaConsumer:
         while rep.applied_sequence + 1 in rep.pending:
             rep.model.apply_delta(rep.pending.pop(rep.applied_sequence + 1))
             rep.applied_sequence += 1
+            rep.applied_emit_ms = max(rep.applied_emit_ms, rep.newest_emit_ms.pop(rep.applied_sequence, 0))
+            rep.deltas_applied += 1
             self.counters["applied"] += 1
 
     def _resync(self, shard: int) -> bool:
@@ -122,6 +135,8 @@ class DeltaConsumer:
         rep.model = model
         rep.applied_sequence = seq
         rep.pending = {s: r for s, r in rep.pending.items() if s > seq}
+        rep.newest_emit_ms = {s: t for s, t in rep.newest_emit_ms.items() if s > seq}
+        rep.resyncs += 1
         self.counters["resyncs"] += 1
         LOG.warning("shard %d resynced from %s (delta sequence %d)", shard, path, seq)
         return True
@@ -134,12 +149,55 @@ class DeltaConsumer:
             model = self.replicas[shard_of(user_id, self.shards)].model
             return model.topk([user_id], k)[user_id]
 
+    def knows(self, user_id: str) -> bool:
+        """Whether the serving copy holds a row of ``user_id`` (otherwise its scores are the item side's alone)."""
+        with self._lock:
+            return user_id in self.replicas[shard_of(user_id, self.shards)].model.queries.index
+
+    def collect(self):
+        """Prometheus metrics (``prometheus_client`` collector protocol): per shard and refusals by reason."""
+        now_ms = time.time() * 1000
+        gauges = {
+            "applied_sequence": GaugeMetricFamily("freshrec_consumer_applied_sequence",
+                                                  "Newest delta sequence applied, per shard", labels=["shard"]),
+            "pending": GaugeMetricFamily("freshrec_consumer_buffered_deltas",
+                                         "Deltas received out of order, waiting for a gap to close", labels=["shard"]),
+            "lag": GaugeMetricFamily("freshrec_consumer_seconds_behind",
+                                     "Seconds since the newest applied delta was emitted by the pipeline", labels=["shard"]),
+            "version": GaugeMetricFamily("freshrec_consumer_model_version", "Model version served", labels=["shard"]),
+        }
+        applied = CounterMetricFamily("freshrec_consumer_deltas_applied", "Deltas applied", labels=["shard"])
+        resyncs = CounterMetricFamily("freshrec_consumer_resyncs", "Resyncs from a checkpoint after a gap", labels=["shard"])
+        refused = CounterMetricFamily("freshrec_consumer_refused", "Messages refused, by reason", labels=["reason"])
+        with self._lock:
+            for shard, rep in sorted(self.replicas.items()):
+                label = [str(shard)]
+                gauges["applied_sequence"].add_metric(label, rep.applied_sequence)
+                gauges["pending"].add_metric(label, len(rep.pending))
+                gauges["lag"].add_metric(label, max(0.0, (now_ms - rep.applied_emit_ms) / 1000) if rep.applied_emit_ms
+                                         else float("nan"))
+                gauges["version"].add_metric(label, rep.model.version)
+                applied.add_metric(label, rep.deltas_applied)
+                resyncs.add_metric(label, rep.resyncs)
+            for key, n in sorted(self.counters.items()):
+                if key.startswith("refused_"):
+                    refused.add_metric([key[len("refused_"):]], n)
+        yield from (*gauges.values(), applied, resyncs, refused)
+
+    def health(self) -> dict[str, Any]:
+        with self._lock:
+            return {"status": "ok", "shards": self.shards, "deltas_applied": self.counters["applied"],
+                    "refused": self.counters["refused"],
+                    "model_versions": {str(s): r.model.version for s, r in sorted(self.replicas.items())}}
+
 
 def query(consumer: DeltaConsumer, path: str) -> tuple[int, dict[str, Any]]:
     """(HTTP status, JSON body) for a GET: every bad parameter is a 400 with a one-line error."""
     url = urlparse(path)
+    if url.path == "/health":
+        return 200, consumer.health()
     if url.path != "/scores":
-        return 404, {"error": f"no such endpoint {url.path!r}: GET /scores?user=ID&k=N"}
+        return 404, {"error": f"no such endpoint {url.path!r}: GET /scores?user=ID&k=N, /health or /metrics"}
     q = parse_qs(url.query)
     users = q.get("user", [])
     if len(users) != 1 or not users[0]:
@@ -153,23 +211,30 @@ def query(consumer: DeltaConsumer, path: str) -> tuple[int, dict[str, Any]]:
         return 400, {"error": f"k: expected one integer from 1 to {MAX_K}, got {','.join(raw_k)!r}"}
     user = users[0]
     shard = shard_of(user, consumer.shards)
-    return 200, {"user_id": user, "shard": shard, "model_version": consumer.version(shard),
+    return 200, {"user_id": user, "shard": shard, "model_version": consumer.version(shard), "known": consumer.knows(user),
                  "items": [{"item_id": i, "score": s} for i, s in consumer.scores(user, k)]}
 
 
 def serve(consumer: DeltaConsumer, port: int) -> ThreadingHTTPServer:
-    """GET /scores?user=ID&k=N on 127.0.0.1:``port`` (0: any free port) in a daemon thread."""
+    """GET /scores?user=ID&k=N, /health and /metrics (Prometheus text) on 127.0.0.1:``port`` (0: any free
+    port) in a daemon thread."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(consumer)
 
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self):  # noqa: N802 (http.server API)
+            content_type = "application/json"
             try:
-                status, body = query(consumer, self.path)
+                if urlparse(self.path).path == "/metrics":
+                    status, data, content_type = 200, generate_latest(registry), CONTENT_TYPE_LATEST
+                else:
+                    status, body = query(consumer, self.path)
+                    data = json.dumps(body).encode()
             except Exception as exc:  # never drop a connection without an answer
                 LOG.exception("GET %s failed", self.path)
-                status, body = 500, {"error": f"{type(exc).__name__}: {exc}"}
-            data = json.dumps(body).encode()
+                status, data = 500, json.dumps({"error": f"{type(exc).__name__}: {exc}"}).encode()
             self.send_response(status)
-            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Type", content_type)
             self.send_header("Content-Length", str(len(data)))
             self.end_headers()
             self.wfile.write(data)

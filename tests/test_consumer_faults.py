@@ -143,3 +143,32 @@ def test_a_later_run_s_checkpoints_win_over_an_earlier_run_s_higher_versions(tmp
     consumer = DeltaConsumer(cfg(), shards=1, checkpoint_dir=str(tmp_path))
     consumer.handle({**early_records[seq + 1], "sequence": seq + 2})  # a gap: resync
     assert consumer.counters["resyncs"] == 1 and consumer.version(0) == fresh.version
+
+
+def test_the_consumer_says_health_metrics_and_whether_it_knows_a_user(served):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    consumer, records, port, good = served
+    assert all(body["known"] for _, body in good.values())
+    status, body = get(port, "/scores?user=never-seen&k=5")
+    assert status == 200 and body["known"] is False
+    status, health = get(port, "/health")
+    assert status == 200 and health["status"] == "ok" and health["deltas_applied"] == len(records) - 3
+    import time
+
+    emitted = {**records[-3], "emit_time_ms": int(time.time() * 1000) - 5_000}  # the next delta, emitted 5 s ago
+    assert consumer.handle_message(schemas.encode(schemas.MODEL_DELTA, emitted)) == "applied"
+    out_of_order = records[-1]  # two sequences ahead: buffered until the gap closes
+    assert consumer.handle_message(schemas.encode(schemas.MODEL_DELTA, out_of_order)) == "buffered"
+    consumer.handle_message(b"not avro")
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
+        assert resp.headers["Content-Type"].startswith("text/plain")
+        families = {f.name: f for f in text_string_to_metric_families(resp.read().decode())}
+    value = {name: {tuple(sorted(s.labels.items())): s.value for s in f.samples} for name, f in families.items()}
+    shard0 = (("shard", "0"),)
+    assert value["freshrec_consumer_applied_sequence"][shard0] == records[-3]["sequence"]
+    assert value["freshrec_consumer_buffered_deltas"][shard0] == 1
+    assert value["freshrec_consumer_deltas_applied"][shard0] == len(records) - 2
+    assert value["freshrec_consumer_resyncs"][shard0] == 0
+    assert value["freshrec_consumer_refused"][(("reason", "undecodable"),)] == 1
+    assert 5 <= value["freshrec_consumer_seconds_behind"][shard0] < 60
