@@ -6,6 +6,6 @@ set -euo pipefail
 cd "$(dirname "$0")"
 bash scripts/setup.sh
 case "${1:-}" in
-  show|export) exec .venv/bin/python -m pipelines.cli "$@" ;;
+  show|export|stack) exec .venv/bin/python -m pipelines.cli "$@" ;;
 esac
 exec .venv/bin/python -m pipelines.cli --output_dir "${FRESHREC_OUT:-out}" "$@"

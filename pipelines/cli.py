@@ -3,6 +3,7 @@
     freshrec [run] [FLAGS]                       run the pipeline (default: the synthetic stream, DirectRunner)
     freshrec show OUT [--user U] [--shard S]     look at a run's results
     freshrec export --data PATH --output FILE    write a dataset as raw events (JSON lines or Avro)
+    freshrec stack up|status|down [--data PATH]  the local Pub/Sub stack: emulator, pipeline, consumer, publisher
 
     freshrec --data ../shared/datasets/movielens-100k --output_dir out/ml
     freshrec --data ratings.csv --columns user_id=userId,item_id=movieId,event_time=timestamp
@@ -380,8 +381,12 @@ def check_dead_letter_fraction(summary: dict[str, Any], limit: float, dead_dir: 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     command = argv[0] if argv and not argv[0].startswith("-") else "run"
-    if command in ("show", "export") or (argv and argv[0] == "run"):
+    if command in ("show", "export", "stack") or (argv and argv[0] == "run"):
         argv = argv[1:]
+    if command == "stack":
+        from pipelines.stack import stack_main
+
+        return stack_main(argv)
     if command == "show":
         from pipelines.results import show_main
 
@@ -391,7 +396,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return export_main(argv)
     if command != "run":
-        print(f"freshrec: error: unknown command {command!r} (run, show, export; see --help)", file=sys.stderr)
+        print(f"freshrec: error: unknown command {command!r} (run, show, export, stack; see --help)", file=sys.stderr)
         return 2
     debug = "--debug" in argv
     try:

@@ -43,16 +43,18 @@ class Emulator:
             self.proc.wait(timeout=10)
 
 
-def start_emulator(project: str, timeout_s: float = 90.0) -> Emulator:
-    """Start the emulator on a free port and point PUBSUB_EMULATOR_HOST at it; raises EmulatorUnavailable."""
+def start_emulator(project: str, timeout_s: float = 90.0, log_path: str | None = None) -> Emulator:
+    """Start the emulator on a free port and point PUBSUB_EMULATOR_HOST at it; raises EmulatorUnavailable.
+    With ``log_path`` its output goes to that file (so it outlives this process), else to a pipe."""
     if shutil.which("gcloud") is None:
         raise EmulatorUnavailable("`gcloud` is not on PATH (install the Google Cloud SDK and "
                                   "`gcloud components install pubsub-emulator beta`)")
     port = free_port()
     env = {**os.environ, "CLOUDSDK_CORE_DISABLE_PROMPTS": "1"}
+    out = open(log_path, "ab") if log_path else subprocess.PIPE  # noqa: SIM115 (the child keeps it)
     proc = subprocess.Popen(
         ["gcloud", "beta", "emulators", "pubsub", "start", f"--host-port=localhost:{port}", f"--project={project}"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     emulator = Emulator(proc, f"localhost:{port}", project)
     deadline = time.time() + timeout_s
     while time.time() < deadline:
