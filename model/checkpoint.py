@@ -88,11 +88,15 @@ def checkpoints(directory: str | os.PathLike[str], shard: int, run_id: str | Non
     return [p for _, p in sorted(found, reverse=True)]
 
 
-def checkpoint_runs(directory: str | os.PathLike[str]) -> list[str]:
-    """The run ids with checkpoints in ``directory``, newest first ("" for files named without one)."""
+def checkpoint_index(directory: str | os.PathLike[str]) -> dict[str, set[int]]:
+    """The runs with checkpoints in ``directory`` ("" for files named without a run id) and the shards each
+    has checkpoints of, from one listing."""
     d = Path(directory)
-    names = [m.group(2) or "" for p in d.iterdir() if (m := _NAME.match(p.name))] if d.is_dir() else []
-    return sorted(set(names), reverse=True)
+    index: dict[str, set[int]] = {}
+    for p in d.iterdir() if d.is_dir() else ():
+        if m := _NAME.match(p.name):
+            index.setdefault(m.group(2) or "", set()).add(int(m.group(1)))
+    return index
 
 
 def prune_checkpoints(directory: str | os.PathLike[str], shard: int, keep: int, run_id: str | None = None) -> list[Path]:
@@ -111,10 +115,10 @@ def latest_checkpoint(directory: str | os.PathLike[str], shard: int) -> Path | N
 
 
 def resume_state(directory: str | os.PathLike[str], shard: int, run_id: str,
-                 cfg: LearnerConfig | None = None) -> tuple[bytes, dict[str, Any], Path] | None:
+                 cfg: LearnerConfig | None = None) -> tuple[IncrementalLearner, dict[str, Any], Path] | None:
     """The newest checkpoint of run ``run_id`` for ``shard`` that reads back (checksum, format and, with
-    ``cfg``, this model's shapes), as (snapshot bytes for ``IncrementalLearner.from_bytes``, its meta, its
-    path); older ones are tried when the newest is unreadable. None: the run left no readable one."""
+    ``cfg``, this model's shapes), as (its learner, its meta, its path); older ones are tried when the
+    newest is unreadable. None: the run left no readable one."""
     for path in checkpoints(directory, shard, run_id):
         try:
             sd = verified_state(path)
@@ -123,23 +127,24 @@ def resume_state(directory: str | os.PathLike[str], shard: int, run_id: str,
             learner.load_state_dict(sd)
         except Exception:  # torn, refused or of another model: the previous one
             continue
-        learner.sync.restart()
-        return learner.to_bytes(), meta, path
+        return learner, meta, path
     return None
 
 
 def resume_shard(directory: str | os.PathLike[str], shard: int, run_id: str, cfg: LearnerConfig,
                  meta: dict[str, Any]) -> bytes | None:
     """A shard's first state in a run started with ``--resume_from run_id``: the snapshot of that run's
-    newest readable checkpoint (None: it left none for this shard, which starts afresh), with ``meta``'s
-    delta and score sequences continued from it (updated in place)."""
+    newest readable checkpoint (None: it left none for this shard, which starts afresh), its sync position
+    restarted for this run's medium, with ``meta``'s delta and score sequences continued from it (updated
+    in place)."""
     found = resume_state(directory, shard, run_id, cfg)
     if found is None:
         return None
-    snapshot, saved, _ = found
+    learner, saved, _ = found
+    learner.sync.restart()
     meta["delta_seq"] = int(saved.get("delta_sequence", 0))
     meta["score_seq"] = int(saved.get("score_sequence", 0))
-    return snapshot
+    return learner.to_bytes()
 
 
 def verified_state(path: str | os.PathLike[str]) -> dict[str, Any]:

@@ -195,9 +195,10 @@ def input_events(ns: argparse.Namespace, layout: Any) -> int:
 def resolve_resume(ns: argparse.Namespace) -> str:
     """The run id ``--resume_from`` names ('latest': the newest run in --checkpoint_dir but this one), checked:
     it left checkpoints there, for as many shards as this run has, that load into this run's model."""
-    from model.checkpoint import checkpoint_runs, checkpoints, resume_state
+    from model.checkpoint import checkpoint_index, checkpoints, resume_state
 
-    runs = [r for r in checkpoint_runs(ns.checkpoint_dir) if r and r != ns.run_id]
+    index = checkpoint_index(ns.checkpoint_dir)
+    runs = sorted((r for r in index if r and r != ns.run_id), reverse=True)
     run = ns.resume_from
     if run == "latest":
         if not runs:
@@ -207,19 +208,17 @@ def resolve_resume(ns: argparse.Namespace) -> str:
         raise UsageError(f"--resume_from {run}: no checkpoints of that run in {ns.checkpoint_dir} "
                          f"(runs there: {', '.join(runs[:5]) or 'none'})")
     cfg = pipeline_config(ns).learner
-    for shard in range(ns.shards):
-        paths = checkpoints(ns.checkpoint_dir, shard, run)
-        if not paths:
-            continue
+    for shard in sorted(s for s in index[run] if s < ns.shards):
         found = resume_state(ns.checkpoint_dir, shard, run, cfg)
         if found is None:
             raise UsageError(f"--resume_from {run}: no checkpoint of shard {shard} reads back into this model "
-                             f"(newest: {paths[0].name}; check --dim and the other model flags)")
+                             f"(newest: {checkpoints(ns.checkpoint_dir, shard, run)[0].name}; check --dim and the "
+                             "other model flags)")
         shards = found[1].get("shards")
         if shards is not None and int(shards) != ns.shards:
             raise UsageError(f"--resume_from {run}: that run had --shards {shards}, this one {ns.shards} "
                              "(users would land on other shards' models)")
-    if any(checkpoints(ns.checkpoint_dir, s, run) for s in range(ns.shards, ns.shards + 64)):
+    if max(index[run]) >= ns.shards:
         raise UsageError(f"--resume_from {run}: that run has checkpoints of shards beyond --shards {ns.shards}")
     return run
 
