@@ -154,22 +154,24 @@ class _ReadInTimeOrder(beam.DoFn):
         if self.flow is not None:
             self.flow.wait()
             budget = min(budget or self.flow.chunk, self.flow.chunk)
-        events = _task_events(task, pos)
-        while tracker.try_claim(pos):
-            event = next(events)
-            ts = event_timestamp(event)
-            yield TimestampedValue(event, ts)
-            BOARD.note_emitted()
-            held = ts - self.max_out_of_orderness_ms / 1000.0
-            current = watermark.current_watermark()
-            if current is None or held > current:
-                watermark.set_watermark(held)
-            pos += 1
-            if budget is not None:
-                budget -= 1
-                if budget == 0:
-                    tracker.defer_remainder()
-                    return
+        events, start = _task_events(task, pos), pos
+        try:
+            while tracker.try_claim(pos):
+                event = next(events)
+                ts = event_timestamp(event)
+                yield TimestampedValue(event, ts)
+                held = ts - self.max_out_of_orderness_ms / 1000.0
+                current = watermark.current_watermark()
+                if current is None or held > current:
+                    watermark.set_watermark(held)
+                pos += 1
+                if budget is not None:
+                    budget -= 1
+                    if budget == 0:
+                        tracker.defer_remainder()
+                        return
+        finally:  # once per call, not per event: flow control reads it before the next call
+            BOARD.note_emitted(pos - start)
 
 
 class ReplayEvents(beam.PTransform):
