@@ -269,9 +269,11 @@ def run_dataset(name: str, path: str, limit: int | None, args: argparse.Namespac
     for m in models:
         forgetting[m.name]["auc_head_after"] = exact_auc(head_labels, m.predict(head_sample))
 
+    ends = [int(stream[min(len(stream) - 1, ((w + 1) * len(stream) - 1) // n_windows)]["event_time_ms"])
+            for w in range(n_windows)] if stream else []
     result: dict[str, Any] = {"dataset": name, "events": n_events, "examples": len(stream), "invalid": invalid,
                               "negatives_per_event": args.negatives, "batch": batch, "recall_probes": recall_n,
-                              "candidate_pool": args.candidate_pool, "models": {}}
+                              "candidate_pool": args.candidate_pool, "window_end_ms": ends, "models": {}}
     for m in models:
         s = stats[m.name]
         result["models"][m.name] = {
@@ -312,6 +314,23 @@ def report(result: dict[str, Any]) -> None:
     if "incremental" in models and base:
         verdict = "beats" if models["incremental"]["auc"] > base["auc"] else "does NOT beat"
         print(f"incremental {verdict} static: AUC {fmt(models['incremental']['auc'])} vs {fmt(base['auc'])}")
+
+
+def comparison_page(result: dict[str, Any]) -> str:
+    """The model comparison as a page of charts (``pipelines.report``): one line per model over event time."""
+    from pipelines.report import model_lines, page
+
+    ends = result["window_end_ms"]
+    sections = []
+    for metric, label in (("auc", "prequential AUC"), ("logloss", "prequential logloss"), ("recall@10", "Recall@10")):
+        lines = {name: [(t, v) for t, v in zip(ends, m[f"{metric}_by_window"], strict=False)
+                        if v is not None and not (isinstance(v, float) and math.isnan(v))]
+                 for name, m in result["models"].items()}
+        sections.append((f"{label} over time", f"Each model's {label} per window of equal example counts, plotted at "
+                         "the window's last event time.", model_lines(f"{result['dataset']}: {label}", metric, lines)))
+    facts = {"dataset": result["dataset"], "events": result["events"], "batch": result["batch"],
+             **{f"{name} AUC / R@10": f"{fmt(m['auc'])} / {fmt(m['recall@10'])}" for name, m in result["models"].items()}}
+    return page(f"prequential comparison: {result['dataset']}", sections, facts)
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -362,6 +381,10 @@ def main(argv: list[str] | None = None) -> int:
         report(result)
         with open(os.path.join(args.out, f"prequential-{name}.json"), "w") as fh:
             json.dump(result, fh, indent=1, default=lambda x: None)
+        page = os.path.join(args.out, f"prequential-{name}.html")
+        with open(page, "w", encoding="utf-8") as fh:
+            fh.write(comparison_page(result))
+        print(f"{name}: the models over time: {page}")
     return 0
 
 

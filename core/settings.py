@@ -111,6 +111,8 @@ FLAGS: tuple[Flag, ...] = (
     # outputs
     Flag("output_dir", "outputs", "out", "where scores, deltas, rollbacks, alerts, dead letters and the summary go"),
     Flag("output_window_s", "outputs", 0, "fixed event-time window of the output files (0: one window, for bounded runs)", int, bound=">=0"),
+    Flag("stats_window_s", "outputs", 3600, "event-time window of the stream statistics (stats/) and of the drift "
+         "detectors that watch them (alerts/); freshrec report plots them (0: off)", int, bound=">=0"),
     Flag("scores_topic", "outputs", None, "publish scores to this Pub/Sub topic (projects/P/topics/T) instead of files"),
     Flag("deltas_topic", "outputs", None, "publish model deltas to this topic"),
     Flag("rollbacks_topic", "outputs", None, "publish rollback records to this topic"),
@@ -250,6 +252,7 @@ class PipelineConfig:
     output_dir: str
     output_window_s: int
     layout: Layout | None = None  # how --data is read; None: the synthetic stream (or no --data flag)
+    stats_window_s: int = 3600  # 0: no stream statistics or drift detection
 
 
 def feature_config(ns: Any) -> FeatureConfig:
@@ -329,4 +332,5 @@ def pipeline_config(ns: Any) -> PipelineConfig:
         feature, learner_config(ns, feature), update, clean_config(ns, layout),
         sharding_config(ns),
         int(_get(ns, "allowed_lateness_s") * 1000), int(_get(ns, "dedupe_ttl_s") * 1000),
-        int(_get(ns, "state_ttl_days") * DAY_MS), _get(ns, "output_dir"), _get(ns, "output_window_s"), layout)
+        int(_get(ns, "state_ttl_days") * DAY_MS), _get(ns, "output_dir"), _get(ns, "output_window_s"), layout,
+        _get(ns, "stats_window_s"))

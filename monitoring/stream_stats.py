@@ -42,12 +42,17 @@ class StreamStats:
         self.gaps = sketches.QuantilesSketch(_EPS, _MAX_N, 1)
         self.lateness = sketches.QuantilesSketch(_EPS, _MAX_N, 1)
         self.types: Counter[str] = Counter()
-        self.events = self.n_values = self.n_gaps = 0
+        self.events = self.n_values = self.n_gaps = self.n_late = 0
         self.first_ms: int | None = None
         self.last_ms: int | None = None  # the newest event time seen
+        self.newest_ms: int | None = None  # the newest event time of the arrivals (add_timing)
 
-    def update(self, events: Iterable[dict[str, Any]]) -> StreamStats:
-        """Add a batch of validated events, in arrival order (lateness is measured against that order)."""
+    def update(self, events: Iterable[dict[str, Any]], timing: bool = True) -> StreamStats:
+        """Add a batch of validated events, in arrival order (lateness is measured against that order).
+
+        With ``timing=False`` only what does not depend on the order is kept (counts, sketches, values); a
+        runner that reorders events by key feeds the event-time gaps and lateness from the stream as it
+        arrived, with ``add_timing``."""
         batch = list(events)
         if not batch:
             return self
@@ -61,23 +66,40 @@ class StreamStats:
         if values:
             self.values.AddValues(pa.array(values, type=pa.float64()))
             self.n_values += len(values)
-        late, newest = [], self.last_ms
-        for e in batch:
+        self.types.update(str(e["event_type"]) for e in batch)
+        self.events += len(batch)
+        times = [int(e["event_time_ms"]) for e in batch]
+        self.first_ms = min(times) if self.first_ms is None else min(self.first_ms, min(times))
+        if timing:
+            self.add_timing(batch)
+        else:
+            self.last_ms = max(times) if self.last_ms is None else max(self.last_ms, max(times))
+        return self
+
+    def add_timing(self, events: Iterable[dict[str, Any]]) -> StreamStats:
+        """The event-time gaps and lateness of a run of events in arrival order."""
+        late: list[float] = []
+        newest: int | None = self.newest_ms
+        times: list[int] = []
+        for e in events:
             t = int(e["event_time_ms"])
+            times.append(t)
             late.append(float(max(0, newest - t)) if newest is not None else 0.0)
             newest = t if newest is None else max(newest, t)
+        if not times:
+            return self
         self.lateness.AddValues(pa.array(late, type=pa.float64()))
-        times = sorted(int(e["event_time_ms"]) for e in batch)
+        self.n_late += len(late)
+        times.sort()
         gaps = [float(b - a) for a, b in zip(times, times[1:], strict=False)]
-        if self.last_ms is not None and times[0] > self.last_ms:
-            gaps.append(float(times[0] - self.last_ms))
+        if self.newest_ms is not None and times[0] > self.newest_ms:
+            gaps.append(float(times[0] - self.newest_ms))
         if gaps:
             self.gaps.AddValues(pa.array(gaps, type=pa.float64()))
             self.n_gaps += len(gaps)
-        self.types.update(str(e["event_type"]) for e in batch)
-        self.events += len(batch)
-        self.first_ms = times[0] if self.first_ms is None else min(self.first_ms, times[0])
-        self.last_ms = newest
+        assert newest is not None  # times is not empty
+        self.newest_ms = newest
+        self.last_ms = newest if self.last_ms is None else max(self.last_ms, newest)
         return self
 
     def merge(self, other: StreamStats) -> StreamStats:
@@ -90,6 +112,9 @@ class StreamStats:
         self.events += other.events
         self.n_values += other.n_values
         self.n_gaps += other.n_gaps
+        self.n_late += other.n_late
+        newest = [t for t in (self.newest_ms, other.newest_ms) if t is not None]
+        self.newest_ms = max(newest) if newest else None
         firsts = [t for t in (self.first_ms, other.first_ms) if t is not None]
         lasts = [t for t in (self.last_ms, other.last_ms) if t is not None]
         self.first_ms, self.last_ms = (min(firsts) if firsts else None), (max(lasts) if lasts else None)
@@ -112,5 +137,5 @@ class StreamStats:
                 "distinct_users": int(self.users.Estimate()), "distinct_items": int(self.items.Estimate()),
                 "top_items": top(self.top_items), "heavy_users": top(self.heavy_users),
                 "value": self._quantiles(self.values, self.n_values), "gap_ms": self._quantiles(self.gaps, self.n_gaps),
-                "lateness_ms": self._quantiles(self.lateness, self.events),
+                "lateness_ms": self._quantiles(self.lateness, self.n_late),
                 "event_types": dict(sorted(self.types.items()))}

@@ -2,6 +2,7 @@
 
     freshrec [run] [FLAGS]                       run the pipeline (default: the synthetic stream, DirectRunner)
     freshrec show OUT [--user U] [--shard S]     look at a run's results
+    freshrec report OUT [--html FILE]            a page of charts over event time (OUT/report.html)
     freshrec export --data PATH --output FILE    write a dataset as raw events (JSON lines or Avro)
     freshrec stack up|status|down [--data PATH]  the local Pub/Sub stack: emulator, pipeline, consumer, publisher
 
@@ -51,7 +52,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def make_parser() -> argparse.ArgumentParser:
-    ap = _Parser(prog="freshrec", usage="freshrec [run] [FLAGS] | freshrec show OUT | freshrec export --data PATH --output FILE",
+    ap = _Parser(prog="freshrec", usage="freshrec [run] [FLAGS] | freshrec show OUT | freshrec report OUT | freshrec export --data PATH --output FILE",
                  description=__doc__, formatter_class=HelpFormatter, allow_abbrev=False)
     add_flags(ap)
     g = ap.add_argument_group("runner: where the pipeline runs (any other Beam pipeline option, e.g. --project or "
@@ -294,31 +295,11 @@ def prepare(argv: list[str]) -> tuple[argparse.Namespace, Any]:
     return ns, opts
 
 
-def metric_counters(result: Any) -> dict[str, int]:
-    try:
-        counters = result.metrics().query()["counters"]
-    except Exception:  # some runners do not report metrics
-        return {}
-    out: dict[str, int] = {}
-    for c in counters:
-        if c.key.metric.namespace == "freshrec":
-            out[c.key.metric.name] = out.get(c.key.metric.name, 0) + int(c.committed or c.attempted or 0)
-    return out
-
-
-def counter_accounting(counters: dict[str, int]) -> tuple[int, int] | None:
-    """(received, applied + dead-lettered) from the Beam counters alone; None where the runner reported none."""
-    if "events_in" not in counters:
-        return None
-    received = counters.get("messages_in", counters["events_in"])  # Pub/Sub counts messages before decoding
-    accounted = counters.get("events_applied", 0) + sum(v for k, v in counters.items() if k.startswith("dead_letter_"))
-    return received, accounted
-
-
 def run(ns: argparse.Namespace, opts: Any, probe: Any = None) -> int:
     import apache_beam as beam
 
     from pipelines.freshrec_pipeline import build_pipeline
+    from pipelines.runner_metrics import counter_accounting, distributions_and_gauges, metric_counters
     from transforms.sinks import write_summary
 
     paths = output_paths(ns.output_dir)
@@ -348,6 +329,7 @@ def run(ns: argparse.Namespace, opts: Any, probe: Any = None) -> int:
             summary = json.load(fh)
         if counters:
             summary["counters"] = counters
+            summary["runner_metrics"] = distributions_and_gauges(result)
             summary["events_in"] = counters.get("events_in")
             write_summary(summary, paths["summary"])
         print(json.dumps(summary, indent=2, sort_keys=True))
@@ -380,7 +362,7 @@ def check_dead_letter_fraction(summary: dict[str, Any], limit: float, dead_dir: 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     command = argv[0] if argv and not argv[0].startswith("-") else "run"
-    if command in ("show", "export", "stack") or (argv and argv[0] == "run"):
+    if command in ("show", "export", "stack", "report") or (argv and argv[0] == "run"):
         argv = argv[1:]
     if command == "stack":
         from pipelines.stack import stack_main
@@ -390,12 +372,16 @@ def main(argv: list[str] | None = None) -> int:
         from pipelines.results import show_main
 
         return show_main(argv)
+    if command == "report":
+        from pipelines.report import main as report_main
+
+        return report_main(argv)
     if command == "export":
         from pipelines.export import export_main
 
         return export_main(argv)
     if command != "run":
-        print(f"freshrec: error: unknown command {command!r} (run, show, export, stack; see --help)", file=sys.stderr)
+        print(f"freshrec: error: unknown command {command!r} (run, show, report, export, stack; see --help)", file=sys.stderr)
         return 2
     debug = "--debug" in argv
     try:

@@ -9,14 +9,16 @@ from typing import Any
 
 import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
+from apache_beam.transforms.window import GlobalWindows
 
 import schemas
 from core.layout import Layout
 from core.readers import SyntheticConfig
 from core.settings import PipelineConfig, add_flags, pipeline_config
-from pipelines.results import output_paths
+from pipelines.results import STATS, output_paths
 from transforms.clean import DEAD_LETTER, CleanEvents
 from transforms.featurize import FeaturizeEvents
+from transforms.monitor import MonitorStream
 from transforms.runtime import keep_runner_metrics_bounded
 from transforms.sinks import SummarizeRun, WriteAvroRecords
 from transforms.sources import FlowControl, ReplayEvents, SyntheticEvents
@@ -32,7 +34,8 @@ class FreshrecOptions(PipelineOptions):
 
 
 class RefreshModels(beam.PTransform):
-    """Raw payloads -> {scores, deltas, rollbacks, alerts, reports, dead_letter}: the whole learning path."""
+    """Raw payloads -> {scores, deltas, rollbacks, alerts, reports, dead_letter, events (the clean ones), arrivals
+    (decoded, as they arrived)}: the whole learning path."""
 
     def __init__(self, cfg: PipelineConfig, clock: Callable[[], float] = time.time, probe: Any = None):
         super().__init__()
@@ -45,7 +48,7 @@ class RefreshModels(beam.PTransform):
         featurized = clean["events"] | "FeaturizeEvents" >> FeaturizeEvents(cfg.feature, cfg.state_ttl_ms, groups)
         updated = featurized | "UpdateShardModels" >> UpdateShardModels(
             cfg.learner, cfg.update, shards, self.clock, cfg.sharding.sync, cfg.sharding.sync_location, self.probe)
-        return {**updated, DEAD_LETTER: clean[DEAD_LETTER]}
+        return {**updated, DEAD_LETTER: clean[DEAD_LETTER], "events": clean["events"], "arrivals": clean["arrivals"]}
 
 
 class ReadEvents(beam.PTransform):
@@ -88,6 +91,14 @@ def build_pipeline(p: beam.Pipeline, opts: FreshrecOptions, clock: Callable[[], 
     if bad_messages is not None:
         outputs[DEAD_LETTER] = (outputs[DEAD_LETTER], bad_messages) | "FlattenDeadLetters" >> beam.Flatten()
     w = cfg.output_window_s
+    drift_alerts = None
+    if cfg.stats_window_s:
+        monitored = (outputs["events"], outputs[REPORTS], outputs[DEAD_LETTER], outputs["arrivals"]) | "MonitorStream" >> MonitorStream(
+            cfg.stats_window_s, clock, bounded=not o.events_subscription)
+        stats = monitored["stats"] if w else monitored["stats"] | "StatsInOneFile" >> beam.WindowInto(GlobalWindows())
+        stats | "WriteWindowStats" >> WriteAvroRecords(paths[STATS], schemas.WINDOW_STATS, w)
+        drift_alerts = monitored["alerts"]
+        outputs[ALERTS] = (outputs[ALERTS], drift_alerts) | "FlattenAlerts" >> beam.Flatten()
     topics = {SCORES: o.scores_topic, DELTAS: o.deltas_topic, ROLLBACKS: o.rollbacks_topic, ALERTS: o.alerts_topic,
               DEAD_LETTER: o.dead_letter_topic}
     schema_of = {SCORES: schemas.SCORED_OUTPUT, DELTAS: schemas.MODEL_DELTA, ROLLBACKS: schemas.ROLLBACK,
@@ -100,7 +111,8 @@ def build_pipeline(p: beam.Pipeline, opts: FreshrecOptions, clock: Callable[[], 
             outputs[tag] | f"Publish{label}" >> PublishRecords(topics[tag], schema_of[tag])
         else:
             outputs[tag] | f"Write{label}" >> WriteAvroRecords(paths[tag], schema_of[tag], w)
-    (outputs[REPORTS], outputs[DEAD_LETTER]) | "SummarizeRun" >> SummarizeRun(
+    ledger_inputs = (outputs[REPORTS], outputs[DEAD_LETTER]) + ((drift_alerts,) if drift_alerts is not None else ())
+    ledger_inputs | "SummarizeRun" >> SummarizeRun(
         None if w else paths["summary"], w, paths["summaries"], ledger=bool(opts.view_as(StandardOptions).streaming))
     return {"outputs": outputs, "paths": paths, "config": cfg}
 

@@ -22,7 +22,7 @@ import fastavro
 
 from core.settings import HelpFormatter
 
-SCORES, DELTAS, ROLLBACKS, ALERTS, DEAD_LETTER = "scores", "deltas", "rollbacks", "alerts", "dead_letter"
+SCORES, DELTAS, ROLLBACKS, ALERTS, DEAD_LETTER, STATS = "scores", "deltas", "rollbacks", "alerts", "dead_letter", "stats"
 TOTALLED = ("events_applied", "events_dead_lettered", "events_accounted", "flushes", "rollbacks",
             "scores_written", "deltas_written", "events_not_learned", "alerts")
 
@@ -34,6 +34,7 @@ def output_paths(output_dir: str) -> dict[str, str]:
         ROLLBACKS: os.path.join(output_dir, "rollbacks"),
         ALERTS: os.path.join(output_dir, "alerts"),
         DEAD_LETTER: os.path.join(output_dir, "dead_letter"),
+        STATS: os.path.join(output_dir, "stats"),  # one window_stats record per --stats_window_s
         "summary": os.path.join(output_dir, "summary.json"),
         "summaries": os.path.join(output_dir, "summaries"),  # one per window when --output_window_s is set
     }

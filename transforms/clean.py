@@ -155,7 +155,8 @@ class DedupeEvents(KeyGroupStep):
 
 class CleanEvents(beam.PTransform):
     """Raw payloads -> valid, on-time, unique events (main output, as micro-batches: lists of events)
-    + dead letters (``DEAD_LETTER``, one record each)."""
+    + dead letters (``DEAD_LETTER``, one record each) + ``arrivals``: the decoded events one by one, in the order
+    they arrived (before the late and duplicate ones are refused)."""
 
     def __init__(self, shards: int, allowed_lateness_ms: int, dedupe_ttl_ms: int, cfg: CleanConfig = CleanConfig(),
                  key_groups: int = 1024):
@@ -179,4 +180,4 @@ class CleanEvents(beam.PTransform):
             | "DedupeEvents" >> beam.ParDo(DedupeEvents(self.dedupe_ttl_ms)).with_outputs(DEAD_LETTER, main="events")
         )
         dead = (decoded[DEAD_LETTER], on_time[DEAD_LETTER], unique[DEAD_LETTER]) | "FlattenCleanDeadLetters" >> beam.Flatten()
-        return {"events": unique.events, DEAD_LETTER: dead}
+        return {"events": unique.events, DEAD_LETTER: dead, "arrivals": decoded.events}

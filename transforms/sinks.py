@@ -19,6 +19,9 @@ from apache_beam.utils.windowed_value import WindowedValue
 
 import schemas
 from model.metrics import BinaryStats
+from monitoring.alerts import SkippedStepsAlarm
+
+SKIPPED_SIGNAL = SkippedStepsAlarm.SIGNAL
 
 
 class AvroFileSink(fileio.FileSink):
@@ -66,7 +69,7 @@ class SummaryFn(beam.CombineFn):
     def create_accumulator(self):
         return {"applied": 0, "dead_letter": {}, "stats": BinaryStats().to_dict(), "versions": {},
                 "steps": 0, "skipped_nonfinite": 0, "rollbacks": 0, "flushes": 0, "table_rows": {},
-                "scores": 0, "deltas": 0, "alerts": 0, "not_learned": {}, "sync": {"merged": 0, "published": 0, "bytes_out": 0},
+                "scores": 0, "deltas": 0, "alerts": 0, "alerts_by_signal": {}, "not_learned": {}, "sync": {"merged": 0, "published": 0, "bytes_out": 0},
                 "probe": {"hits": 0.0, "probes": 0}}
 
     def add_input(self, acc, item):
@@ -75,6 +78,10 @@ class SummaryFn(beam.CombineFn):
             reason = rec["reason"].split(":")[0]
             acc["dead_letter"][reason] = acc["dead_letter"].get(reason, 0) + 1
             return acc
+        if kind == "alert":  # a drift alert (transforms.monitor); a shard's own alerts are counted in its reports
+            acc["alerts"] += 1
+            acc["alerts_by_signal"][rec["signal"]] = acc["alerts_by_signal"].get(rec["signal"], 0) + 1
+            return acc
         acc["applied"] += rec["events"]
         acc["steps"] += rec["steps"]
         acc["skipped_nonfinite"] += rec["skipped_nonfinite"]
@@ -82,6 +89,8 @@ class SummaryFn(beam.CombineFn):
         acc["scores"] += rec.get("scores", 0)
         acc["deltas"] += rec.get("deltas", 0)
         acc["alerts"] += rec.get("alerts", 0)
+        if rec.get("alerts"):
+            acc["alerts_by_signal"][SKIPPED_SIGNAL] = acc["alerts_by_signal"].get(SKIPPED_SIGNAL, 0) + rec["alerts"]
         if rec.get("not_learned"):
             shard_key = str(rec["shard"])
             acc["not_learned"][shard_key] = acc["not_learned"].get(shard_key, 0) + rec["not_learned"]
@@ -106,8 +115,9 @@ class SummaryFn(beam.CombineFn):
             for part in ("sync", "probe"):
                 for k, n in a[part].items():
                     out[part][k] += n
-            for r, n in a["dead_letter"].items():
-                out["dead_letter"][r] = out["dead_letter"].get(r, 0) + n
+            for part in ("dead_letter", "alerts_by_signal"):
+                for r, n in a[part].items():
+                    out[part][r] = out[part].get(r, 0) + n
             out["stats"] = BinaryStats.from_dict(out["stats"]).merge(BinaryStats.from_dict(a["stats"])).to_dict()
             for s, n in a["not_learned"].items():
                 out["not_learned"][s] = out["not_learned"].get(s, 0) + n
@@ -141,6 +151,7 @@ class SummaryFn(beam.CombineFn):
             "scores_written": acc["scores"],
             "deltas_written": acc["deltas"],
             "alerts": acc["alerts"],
+            "alerts_by_signal": dict(sorted(acc["alerts_by_signal"].items())),
             "events_not_learned": sum(acc["not_learned"].values()),
             "events_not_learned_by_shard": dict(sorted(acc["not_learned"].items())),
             "sync": {"epochs_applied": acc["sync"]["merged"], "publications": acc["sync"]["published"],
@@ -211,7 +222,7 @@ class _Ledger(beam.DoFn):
 
 
 class SummarizeRun(beam.PTransform):
-    """Reports + dead letters -> the run summary: one file at ``path`` for a bounded run, or with
+    """Reports + dead letters (+ drift alerts) -> the run summary: one file at ``path`` for a bounded run, or with
     ``window_s`` one per fixed event-time window under ``window_dir``. With ``ledger`` (streaming runs
     without windows) the summary is kept in one keyed accumulator (``_Ledger``) instead of a global combine."""
 
@@ -220,12 +231,12 @@ class SummarizeRun(beam.PTransform):
         self.path, self.window_s, self.window_dir, self.ledger = path, window_s, window_dir, ledger
 
     def expand(self, pcolls):
-        reports, dead = pcolls
-        tagged = (
-            (reports | "TagReports" >> beam.Map(lambda r: ("report", r)),
-             dead | "TagDeadLetters" >> beam.Map(lambda r: ("dead_letter", r)))
-            | "FlattenLedger" >> beam.Flatten()
-        )
+        reports, dead, *alerts = pcolls  # alerts: the drift alerts, when the run watches for drift
+        parts = [reports | "TagReports" >> beam.Map(lambda r: ("report", r)),
+                 dead | "TagDeadLetters" >> beam.Map(lambda r: ("dead_letter", r))]
+        if alerts:
+            parts.append(alerts[0] | "TagAlerts" >> beam.Map(lambda r: ("alert", r)))
+        tagged = tuple(parts) | "FlattenLedger" >> beam.Flatten()
         if self.window_s:
             tagged = tagged | "WindowSummary" >> beam.WindowInto(window.FixedWindows(self.window_s))
             summary = tagged | "CombineSummary" >> beam.CombineGlobally(SummaryFn()).without_defaults()

@@ -80,11 +80,13 @@ class _SyntheticCursor:
         return event
 
 
-def event_timestamp(event: dict[str, Any]) -> Timestamp:
+def event_timestamp(event: dict[str, Any], fallback: Timestamp | None = None) -> Timestamp:
+    """The event's time; where it has none that parses (validation dead-letters it), ``fallback`` (the time of
+    the event before it, so that it is counted in the window it arrived in), else 0."""
     ts = event.get("event_time_ms")
     if isinstance(ts, (int, float)) and not isinstance(ts, bool) and math.isfinite(ts) and abs(ts) < 2**53:
         return Timestamp(micros=int(ts) * 1000)
-    return Timestamp(micros=0)  # unparsable time: validation dead-letters it
+    return fallback if fallback is not None else Timestamp(micros=0)
 
 
 class _Restrictions(RestrictionProvider):
@@ -155,10 +157,12 @@ class _ReadInTimeOrder(beam.DoFn):
             self.flow.wait()
             budget = min(budget or self.flow.chunk, self.flow.chunk)
         events, start = _task_events(task, pos), pos
+        ts = watermark.current_watermark()
+        ts = None if ts is None or ts < Timestamp(0) else ts + self.max_out_of_orderness_ms / 1000.0
         try:
             while tracker.try_claim(pos):
                 event = next(events)
-                ts = event_timestamp(event)
+                ts = event_timestamp(event, ts)
                 yield TimestampedValue(event, ts)
                 held = ts - self.max_out_of_orderness_ms / 1000.0
                 current = watermark.current_watermark()
@@ -226,5 +230,7 @@ _GLOBAL_WINDOWS = (GlobalWindow(),)
 def _in_global_window(events: Iterable[dict[str, Any]]) -> Iterator[WindowedValue]:
     """Each event at its event time in the global window (where Impulse's output is), as a windowed
     value: a TimestampedValue would cost a window assignment per event (a GlobalWindow() reads a proto)."""
+    ts = None
     for event in events:
-        yield WindowedValue(event, event_timestamp(event), _GLOBAL_WINDOWS)
+        ts = event_timestamp(event, ts)
+        yield WindowedValue(event, ts, _GLOBAL_WINDOWS)

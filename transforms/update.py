@@ -84,6 +84,10 @@ class UpdateShardModel(beam.DoFn):
         self.publications = Metrics.counter(NAMESPACE, "sync_publications")
         self.resumed = Metrics.counter(NAMESPACE, "shards_resumed")
         self.alerts = Metrics.counter(NAMESPACE, "alerts")
+        self.lag = Metrics.distribution(NAMESPACE, "freshness_lag_ms")
+        self.loss = Metrics.distribution(NAMESPACE, "prequential_logloss_micro")
+        self.flush_events = Metrics.distribution(NAMESPACE, "flush_events")
+        self._gauges: dict[str, Any] = {}
         self.alarm = SkippedStepsAlarm(cfg.alert_skipped_flushes)
 
     def setup(self):
@@ -217,6 +221,7 @@ class UpdateShardModel(beam.DoFn):
         self.skipped.inc(result.skipped_nonfinite)
         self.merges.inc(len(done.merged_epochs))
         self.publications.inc(done.published_epoch is not None)
+        self._report_metrics(shard, learner, stats, now_ms - newest, len(events))
         yield TaggedOutput(REPORTS, WindowedValue({
             "shard": shard, "events": len(events), "version": learner.version, "steps": result.steps,
             "skipped_nonfinite": result.skipped_nonfinite, "rollbacks": len(result.rollbacks),
@@ -225,6 +230,7 @@ class UpdateShardModel(beam.DoFn):
             "not_learned": done.not_learned, "alerts": len(done.alerts),
             "stats": stats.to_dict(), "max_event_time_ms": newest, "emit_time_ms": now_ms,
             "table_rows": {name: len(t) for name, t in learner.tables().items()},
+            "evictions": {name: t.evictions for name, t in learner.tables().items()},
             "probe": {"hits": done.probed[0], "probes": done.probed[1]},
             "sync": {"merged": len(done.merged_epochs), "published": int(done.published_epoch is not None),
                      "bytes_out": done.sync_bytes},
@@ -243,6 +249,21 @@ class UpdateShardModel(beam.DoFn):
                                                                "score_sequence": state["score_seq"],
                                                                "shards": self.shards}, self.cfg.run_id)
             prune_checkpoints(self.cfg.checkpoint_dir, shard, self.cfg.checkpoint_keep, self.cfg.run_id)
+
+
+    def _report_metrics(self, shard: int, learner: IncrementalLearner, stats: BinaryStats, lag_ms: int, n: int) -> None:
+        """Distributions per flush and the shard's gauges, for the runner's UI (pipelines/runner_metrics.py)."""
+        self.lag.update(int(lag_ms))
+        self.flush_events.update(n)
+        loss = stats.logloss()
+        if loss == loss:  # not nan
+            self.loss.update(int(loss * 1e6))
+        for name, value in (("model_version", learner.version), ("table_rows_item", len(learner.items)),
+                            ("table_rows_user", len(learner.users))):
+            key = f"{name}_shard_{shard}"
+            if key not in self._gauges:
+                self._gauges[key] = Metrics.gauge(NAMESPACE, key)
+            self._gauges[key].set(int(value))
 
 
 class UpdateShardModelWithIntervalFlush(UpdateShardModel):

@@ -1,0 +1,92 @@
+"""Window statistics and drift alerts: ``monitoring.window_stats`` merges and fits its schema, River's detectors
+behind ``monitoring.drift`` fire on a shift and not on noise or a learning curve, and through the whole pipeline
+each injected shift raises its alert within two windows while the same stream without it raises none over 50."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import replace
+
+import pytest
+
+import schemas
+from bench.drift import run_scenario
+from core.cleaning import InvalidEvent, validate_event
+from core.readers import SyntheticConfig, synthetic_events
+from model.metrics import BinaryStats
+from monitoring.drift import DriftMonitor, Signal, Watch
+from monitoring.window_stats import WindowStats, split_by_window
+
+
+def _events(n: int) -> list[dict]:
+    out = []
+    for raw in synthetic_events(replace(SyntheticConfig(), events=n, seed=5)):
+        try:
+            out.append(validate_event(raw))
+        except InvalidEvent:
+            continue
+    return out
+
+
+def _report(shard: int, events: list[dict], version: int) -> dict:
+    rng = random.Random(version)
+    stats = BinaryStats()
+    stats.update([1.0, 0.0] * 10, [rng.random() for _ in range(20)])
+    return {"shard": shard, "events": len(events), "version": version, "rollbacks": 0, "skipped_nonfinite": 0,
+            "stats": stats.to_dict(), "max_event_time_ms": max(e["event_time_ms"] for e in events),
+            "emit_time_ms": max(e["event_time_ms"] for e in events) + 1500, "table_rows": {"item": version},
+            "evictions": {"item": 0}, "sync": {"merged": 1, "published": 1, "bytes_out": 10}}
+
+
+def test_window_stats_of_two_halves_merge_into_the_whole_and_fit_the_schema():
+    events = _events(4_000)
+    half = len(events) // 2
+    whole, a, b = WindowStats(), WindowStats(), WindowStats()
+    for target, part in ((whole, events), (a, events[:half]), (b, events[half:])):
+        target.add_events(part)
+    for i, chunk in enumerate((events[:half], events[half:])):
+        for target in (whole, a if i == 0 else b):
+            target.add_report(_report(i % 2, chunk, i + 1))
+            target.add_dead_letter({"reason": "late: 5 ms behind"})
+    merged = a.merge(b).to_record(0, 10, 7)
+    record = whole.to_record(0, 10, 7)
+    schemas.encode(schemas.WINDOW_STATS, record)
+    for key in ("events", "distinct_users", "distinct_items", "event_types", "dead_letters", "applied", "flushes",
+                "logloss", "auc", "late_rate", "shards"):
+        assert merged[key] == record[key], key
+    assert record["dead_letters"] == {"late": 2} and record["applied"] == len(events)
+    assert [s["shard"] for s in record["shards"]] == [0, 1] and record["freshness_lag_ms"]["p50"] == 1500.0
+    assert [(s, len(p)) for s, p in split_by_window([{"event_time_ms": t} for t in (3, 9, 1)], 5)] == [(0, 2), (5, 1)]
+
+
+def test_a_watch_fires_on_a_shift_but_not_on_noise_or_on_an_improving_learning_curve():
+    rng = random.Random(3)
+    noise = Watch(Signal("logloss", "up", 0.01))
+    assert not any(noise.update(0.4 + rng.gauss(0, 0.02)) for _ in range(300))
+    curve = Watch(Signal("logloss", "up", 0.01))  # falls fast, then flattens: never a rise
+    assert not any(curve.update(0.3 + 0.4 * 0.9 ** i + rng.gauss(0, 0.005)) for i in range(200))
+    fired = [noise.update(0.4 + (0.3 if i >= 5 else 0.0) + rng.gauss(0, 0.02)) for i in range(10)]
+    assert fired.index(next(f for f in fired if f)) == 5  # the first window of the shift
+    with pytest.raises(ValueError, match="mode"):
+        Signal("x", "sideways", 1.0)
+
+
+def test_windows_without_valid_events_are_not_compared():
+    monitor = DriftMonitor(warmup=1)
+    empty = {"window_start_ms": 0, "window_end_ms": 1, "events": 0, "distinct_users": 0, "dead_letter_rate": 1.0,
+             "late_rate": 0.0, "rollbacks": 0, "top_items": [], "shards": []}
+    assert monitor.update(empty) == [] and monitor.windows == 0
+
+
+@pytest.mark.parametrize("kind", ["burst", "malformed", "popularity", "poison"])
+def test_an_injected_shift_raises_its_alert_within_two_windows_through_the_pipeline(kind):
+    r = run_scenario(kind, seed=0, windows=32, window_s=1800, at=24, bound=2)
+    assert r["detected_after_windows"] is not None and r["detected_after_windows"] <= 2, r["alerts"]
+    assert r["false_alarms"] == 0, r["alerts"]
+    assert any(r["summary_alerts_by_signal"].get(s) for s in r["expected"]), r["summary_alerts_by_signal"]
+
+
+def test_the_same_stream_without_a_shift_raises_no_alert_over_fifty_windows():
+    r = run_scenario("none", seed=0, windows=52, window_s=1800, at=24, bound=2)
+    assert r["windows_watched"] >= 50
+    assert r["alerts"] == [] and r["summary_alerts_by_signal"] == {}
