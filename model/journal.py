@@ -12,6 +12,7 @@ from typing import Any
 from model.config import LearnerConfig
 from model.deltas import LearnResult
 from model.learner import IncrementalLearner
+from model.metrics import BinaryStats
 from model.shard_sync import ShardSync
 from monitoring.alerts import SkippedStepsAlarm
 
@@ -157,3 +158,26 @@ def flush_micro_batch(
     return Flush(learner, result, scores, deltas, entry, snapshot, restored and meta["flushes"] > 1, applied, published,
                  learner.counters["sync_bytes_out"] - bytes_before, probed, not_learned,
                  [] if alert is None else [alert.to_record(emit_time_ms)])
+
+
+def flush_report(shard: int, events: list[dict[str, Any]], done: Flush, emit_time_ms: int) -> dict[str, Any]:
+    """The report of one flush that the run summary and the window statistics (``monitoring.window_stats``) add
+    up: counts, the prequential statistics, table sizes and evictions, sync activity."""
+    stats = BinaryStats()
+    stats.update(done.result.labels, done.result.probs)
+    learner, result = done.learner, done.result
+    tables = learner.tables()
+    return {
+        "shard": shard, "events": len(events), "version": learner.version, "steps": result.steps,
+        "skipped_nonfinite": result.skipped_nonfinite, "rollbacks": len(result.rollbacks),
+        "scores": len(done.scores), "deltas": len(done.deltas),
+        # applied (accounted for) but not learned: their step was skipped for non-finite values
+        "not_learned": done.not_learned, "alerts": len(done.alerts),
+        "stats": stats.to_dict(), "max_event_time_ms": max(int(e["event_time_ms"]) for e in events),
+        "emit_time_ms": int(emit_time_ms),
+        "table_rows": {name: len(t) for name, t in tables.items()},
+        "evictions": {name: t.evictions for name, t in tables.items()},
+        "probe": {"hits": done.probed[0], "probes": done.probed[1]},
+        "sync": {"merged": len(done.merged_epochs), "published": int(done.published_epoch is not None),
+                 "bytes_out": done.sync_bytes},
+    }

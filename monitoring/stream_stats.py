@@ -129,9 +129,15 @@ class StreamStats:
         return {name: float(q[round(f * 100)]) for name, f in zip(names, QUANTILES, strict=True)}
 
     def summary(self) -> dict[str, Any]:
-        """Plain values: counts, distinct estimates, top items and users as (id, count), quantiles."""
+        """Plain values: counts, distinct estimates, top items and users as (id, count), most frequent first (ids
+        tied at the lowest count of a full sketch are left out, so that the lists are the same in every process),
+        quantiles."""
         def top(sketch: Any) -> list[tuple[str, float]]:
-            return [(r["values"].decode(), float(r["counts"])) for r in sketch.Estimate().to_pylist()]
+            pairs = [(r["values"].decode(), float(r["counts"])) for r in sketch.Estimate().to_pylist()]
+            if len(pairs) >= self.top_k:  # a full sketch: which of the ids tied at its lowest count it kept depends
+                low = min(c for _, c in pairs)  # on its hash order, which differs between processes; leave them out
+                pairs = [p for p in pairs if p[1] > low]
+            return sorted(pairs, key=lambda p: (-p[1], p[0]))  # ties by id
 
         return {"events": self.events, "first_event_ms": self.first_ms, "last_event_ms": self.last_ms,
                 "distinct_users": int(self.users.Estimate()), "distinct_items": int(self.items.Estimate()),

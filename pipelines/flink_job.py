@@ -9,6 +9,7 @@ The same runner-free core as the Beam pipeline, behind thin Flink adapters:
       -> key_by(key group of user_id)   UserFeatures    (GroupStates, core.featurizers)
       -> key_by(shard)     UpdateShardModel    (ListState buffer, snapshot + journal state, model.learner)
       -> FileSink (exactly-once: part files are committed on checkpoints)
+    events, flush reports, dead letters -> window statistics and drift alerts (pipelines/flink_monitor.py)
 
 Micro-batches flush on count during the stream and once more when the input ends (an event-time
 timer at the end of time), so batch boundaries, and therefore parameters, do not depend on timing:
@@ -52,7 +53,7 @@ from core.medium import FolderMedium, MediumError, check_medium  # noqa: E402
 from core.settings import HelpFormatter, add_flags, pipeline_config, sync_location  # noqa: E402
 from model.config import LearnerConfig  # noqa: E402
 from model.hashing import shard_of  # noqa: E402
-from model.journal import flush_micro_batch, new_meta  # noqa: E402
+from model.journal import flush_micro_batch, flush_report, new_meta  # noqa: E402
 from model.learner import IncrementalLearner  # noqa: E402
 from model.metrics import BinaryStats  # noqa: E402
 from model.shard_sync import ShardSync  # noqa: E402
@@ -60,6 +61,7 @@ from model.sync import SyncConfig, parse_name  # noqa: E402
 from monitoring.alerts import SkippedStepsAlarm  # noqa: E402
 
 DEAD_LETTER = OutputTag("dead-letter", Types.STRING())
+REPORTS = OutputTag("flush-reports", Types.PICKLED_BYTE_ARRAY())
 END_OF_TIME = 2**62
 
 
@@ -189,9 +191,9 @@ class UpdateShardModel(KeyedProcessFunction):
                                  lambda: (self.snapshot.value(), list(self.journal.get() or [])),
                                  self.live, shard, self.top_k, self.snapshot_every, emit_time_ms=0,
                                  sync=self.syncs.get(shard), alarm=self.alarm)
-        stats = BinaryStats()
-        stats.update(done.result.labels, done.result.probs)
-        progress.BOARD.note_flush(shard, len(events), done.learner.version, stats)
+        report = flush_report(shard, events, done, int(time.time() * 1000))
+        progress.BOARD.note_flush(shard, len(events), done.learner.version, BinaryStats.from_dict(report["stats"]))
+        yield REPORTS, report
         for record in done.scores:
             yield json.dumps({"kind": "score", **record})
         for record in done.deltas:
@@ -234,6 +236,11 @@ def build(env: StreamExecutionEnvironment, args: argparse.Namespace) -> None:
     sink = (FileSink.for_row_format(args.output, Encoder.simple_string_encoder())
             .with_output_file_config(OutputFileConfig.builder().with_part_prefix("part").with_part_suffix(".jsonl").build())
             .build())
+    if cfg.stats_window_s:  # window statistics and drift alerts (pipelines/flink_monitor.py)
+        from pipelines.flink_monitor import monitor_stream
+
+        monitored = monitor_stream(unique, outputs.get_side_output(REPORTS), dead, cfg.stats_window_s)
+        outputs = outputs.union(monitored)
     outputs.union(dead).sink_to(sink).uid("file-sink")
 
 
@@ -250,6 +257,7 @@ def make_parser() -> argparse.ArgumentParser:
     # the Beam pipeline's flags and defaults; this job does not implement lateness or processing-time flushes yet
     add_flags(ap, ("model", "stability", "state", "sharding"), skip=("flush_interval_s", "allowed_lateness_s"))
     add_flags(ap, ("run",), only=("progress_s", "quiet"))
+    add_flags(ap, ("outputs",), only=("stats_window_s",))
     return ap
 
 

@@ -1,10 +1,10 @@
 """MonitorStream: per-window stream statistics and the drift alerts they raise.
 
     events (clean, in micro-batches), arrivals (decoded events as they arrived), flush reports, dead letters
-      -> SplitEventsByWindow (each micro-batch into its --stats_window_s event-time windows)
-      -> BatchArrivalsByWindow (a bundle's arrivals per window, in arrival order: event-time gaps and lateness)
-      -> WindowStats (FixedWindows; a CombineFn over monitoring.window_stats.WindowStats: tfx-bsl sketches,
-         dead letters by reason, the shards' prequential quality, tables and freshness lag)
+      -> Partial*WindowStats (per input, bundle and --stats_window_s event-time window: a monitoring.window_stats.WindowStats
+         of tfx-bsl sketches, dead letters by reason, the shards' prequential quality, tables and freshness lag;
+         the arrivals in arrival order give the event-time gaps and lateness)
+      -> MergeWindowStats (FixedWindows; a CombineFn that merges the partials)
       -> stats records (schemas/window_stats.avsc)
       -> DetectDrift (one key; windows put in event-time order; monitoring.drift.DriftMonitor, River's
          detectors) -> alert records (schemas/alert.avsc)
@@ -28,43 +28,76 @@ from apache_beam.transforms.timeutil import TimeDomain
 from apache_beam.transforms.userstate import BagStateSpec, ReadModifyWriteStateSpec, TimerSpec, on_timer
 from apache_beam.transforms.window import TimestampedValue
 from apache_beam.utils.timestamp import Timestamp
+from apache_beam.utils.windowed_value import WindowedValue
 
 from monitoring.drift import DriftMonitor
 from monitoring.window_stats import WindowStats, split_by_window
-from transforms.batching import batch_by
 
 NAMESPACE = "freshrec"
 
 
-class _SplitByWindow(beam.DoFn):
-    """A micro-batch of events -> one (``kind``, batch) per stats window it spans, stamped inside it."""
+class _PartialWindowStats(beam.DoFn):
+    """Inputs of one ``kind`` (events: micro-batches; arrivals, reports, dead letters: one by one) -> one partial
+    ``WindowStats`` per bundle and stats window, emitted at the end of the
+    bundle at the earliest timestamp of its inputs: the sketches take each window's events of a bundle in one call,
+    and the combine downstream merges a few partials per window instead of adding every event."""
 
-    def __init__(self, window_ms: int, kind: str = "events"):
+    def __init__(self, window_ms: int, kind: str):
         self.window_ms, self.kind = window_ms, kind
 
-    def process(self, batch):
-        if isinstance(batch, tuple):  # (window key, batch) from BatchArrivalsByWindow
-            batch = batch[1]
-        for _start, part in split_by_window(batch, self.window_ms):
-            yield TimestampedValue((self.kind, part), min(e["event_time_ms"] for e in part) / 1000)
+    def start_bundle(self) -> None:
+        self._parts: dict[tuple[Any, int], dict[str, Any]] = {}
+
+    FOLD_AT = 2_000  # events waiting for a window's sketches before they are folded in
+
+    def _part(self, w: Any, start: int, ts: Timestamp) -> dict[str, Any]:
+        part = self._parts.get((w, start))
+        if part is None:
+            part = self._parts[(w, start)] = {"stats": WindowStats(), "events": [], "arrivals": [], "ts": ts}
+        part["ts"] = min(part["ts"], ts)
+        return part
+
+    @staticmethod
+    def _fold(part: dict[str, Any]) -> None:
+        part["stats"].add_events(part["events"], timing=False).add_arrivals(part["arrivals"])
+        part["events"], part["arrivals"] = [], []
+
+    def process(self, value, windowed=beam.DoFn.WindowedValueParam):
+        kind = self.kind
+        w, ts = windowed.windows[0], windowed.timestamp
+        if kind == "events":  # a micro-batch of clean events: split by the windows it spans
+            for start, events in split_by_window(value, self.window_ms):
+                part = self._part(w, start, Timestamp(micros=min(e["event_time_ms"] for e in events) * 1000))
+                part["events"] += events
+                if len(part["events"]) >= self.FOLD_AT:
+                    self._fold(part)
+            return
+        ms = int(value["event_time_ms"]) if kind == "arrivals" else int(ts.micros // 1000)
+        part = self._part(w, ms - ms % self.window_ms, ts)
+        if kind == "arrivals":
+            part["arrivals"].append(value)
+            if len(part["arrivals"]) >= self.FOLD_AT:
+                self._fold(part)
+        elif kind == "reports":
+            part["stats"].add_report(value)
+        else:
+            part["stats"].add_dead_letter(value)
+
+    def finish_bundle(self):
+        parts, self._parts = self._parts, {}
+        for (w, _start), part in parts.items():
+            self._fold(part)
+            yield WindowedValue(part["stats"], part["ts"], [w])
 
 
-class WindowStatsFn(beam.CombineFn):
-    """("events", [events]) | ("arrivals", [events]) | ("report", report) | ("dead_letter", record) -> a
-    ``WindowStats``."""
+class MergeWindowStatsFn(beam.CombineFn):
+    """Partial ``WindowStats`` of a window -> their merge."""
 
     def create_accumulator(self) -> WindowStats:
         return WindowStats()
 
-    def add_input(self, acc: WindowStats, item: tuple[str, Any]) -> WindowStats:
-        kind, value = item
-        if kind == "events":
-            return acc.add_events(value, timing=False)
-        if kind == "arrivals":
-            return acc.add_arrivals(value)
-        if kind == "report":
-            return acc.add_report(value)
-        return acc.add_dead_letter(value)
+    def add_input(self, acc: WindowStats, part: WindowStats) -> WindowStats:
+        return acc.merge(part)
 
     def merge_accumulators(self, accs):
         accs = iter(accs)
@@ -100,19 +133,14 @@ class ComputeWindowStats(beam.PTransform):
     def expand(self, pcolls):
         events, reports, dead, arrivals = pcolls
         window_ms = self.window_s * 1000
-        tagged = (
-            (events | "SplitEventsByWindow" >> beam.ParDo(_SplitByWindow(window_ms)),
-             arrivals
-             | "BatchArrivalsByWindow" >> batch_by(lambda e: e["event_time_ms"] // window_ms, "BatchArrivalsByWindow")
-             | "DropWindowKey" >> beam.ParDo(_SplitByWindow(window_ms, "arrivals")).with_input_types(tuple[int, list[Any]]),
-             reports | "TagReports" >> beam.Map(lambda r: ("report", r)),
-             dead | "TagDeadLetters" >> beam.Map(lambda r: ("dead_letter", r)))
-            | "FlattenWindowInputs" >> beam.Flatten()
-        )
+        partials = [pcoll | f"Partial{label}WindowStats" >> beam.ParDo(_PartialWindowStats(window_ms, kind))
+                    for pcoll, label, kind in ((events, "Event", "events"), (arrivals, "Arrival", "arrivals"),
+                                               (reports, "Report", "reports"), (dead, "DeadLetter", "dead_letter"))]
         return (
-            tagged
+            tuple(partials)
+            | "FlattenPartials" >> beam.Flatten()
             | "IntoStatsWindows" >> beam.WindowInto(window.FixedWindows(self.window_s))
-            | "CombineWindowStats" >> beam.CombineGlobally(WindowStatsFn()).without_defaults()
+            | "MergeWindowStats" >> beam.CombineGlobally(MergeWindowStatsFn()).without_defaults()
             | "ToWindowStatsRecord" >> beam.ParDo(_ToRecord(self.clock))
         )
 

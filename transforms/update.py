@@ -43,7 +43,7 @@ from core.progress import BOARD
 from core.settings import UpdateConfig
 from model.config import LearnerConfig
 from model.hashing import shard_of
-from model.journal import flush_micro_batch, new_meta
+from model.journal import flush_micro_batch, flush_report, new_meta
 from model.learner import IncrementalLearner
 from model.metrics import BinaryStats
 from model.shard_sync import ShardSync
@@ -213,8 +213,8 @@ class UpdateShardModel(beam.DoFn):
             self.alerts.inc()
             yield TaggedOutput(ALERTS, WindowedValue(alert, out_ts, windows))
 
-        stats = BinaryStats()
-        stats.update(result.labels, result.probs)
+        report = flush_report(shard, events, done, now_ms)
+        stats = BinaryStats.from_dict(report["stats"])
         BOARD.note_flush(shard, len(events), learner.version, stats)
         self.applied.inc(len(events))
         self.flushes.inc()
@@ -222,19 +222,7 @@ class UpdateShardModel(beam.DoFn):
         self.merges.inc(len(done.merged_epochs))
         self.publications.inc(done.published_epoch is not None)
         self._report_metrics(shard, learner, stats, now_ms - newest, len(events))
-        yield TaggedOutput(REPORTS, WindowedValue({
-            "shard": shard, "events": len(events), "version": learner.version, "steps": result.steps,
-            "skipped_nonfinite": result.skipped_nonfinite, "rollbacks": len(result.rollbacks),
-            "scores": len(done.scores), "deltas": len(done.deltas),
-            # applied (accounted for) but not learned: their step was skipped for non-finite values
-            "not_learned": done.not_learned, "alerts": len(done.alerts),
-            "stats": stats.to_dict(), "max_event_time_ms": newest, "emit_time_ms": now_ms,
-            "table_rows": {name: len(t) for name, t in learner.tables().items()},
-            "evictions": {name: t.evictions for name, t in learner.tables().items()},
-            "probe": {"hits": done.probed[0], "probes": done.probed[1]},
-            "sync": {"merged": len(done.merged_epochs), "published": int(done.published_epoch is not None),
-                     "bytes_out": done.sync_bytes},
-        }, out_ts, windows))
+        yield TaggedOutput(REPORTS, WindowedValue(report, out_ts, windows))
 
         if done.snapshot is not None:
             snapshot.write(done.snapshot)
