@@ -94,3 +94,19 @@ class CollectTo(beam.PTransform):
 def fixed_clock() -> float:
     """Processing time for TestStream runs: TestStream's clock starts at epoch 0."""
     return 0.0
+
+
+def valid_synthetic_events(n: int, seed: int) -> list[dict[str, Any]]:
+    """The valid events among the first ``n`` of the embedded synthetic stream (the bad ones left out)."""
+    from dataclasses import replace
+
+    from core.cleaning import InvalidEvent, validate_event
+    from core.readers import SyntheticConfig, synthetic_events
+
+    out = []
+    for raw in synthetic_events(replace(SyntheticConfig(), events=n, seed=seed)):
+        try:
+            out.append(validate_event(raw))
+        except InvalidEvent:
+            continue
+    return out

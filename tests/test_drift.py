@@ -5,27 +5,19 @@ each injected shift raises its alert within two windows while the same stream wi
 from __future__ import annotations
 
 import random
-from dataclasses import replace
 
 import pytest
 
 import schemas
 from bench.drift import run_scenario
-from core.cleaning import InvalidEvent, validate_event
-from core.readers import SyntheticConfig, synthetic_events
 from model.metrics import BinaryStats
 from monitoring.drift import DriftMonitor, Signal, Watch
 from monitoring.window_stats import WindowStats, split_by_window
+from tests.helpers import valid_synthetic_events
 
 
 def _events(n: int) -> list[dict]:
-    out = []
-    for raw in synthetic_events(replace(SyntheticConfig(), events=n, seed=5)):
-        try:
-            out.append(validate_event(raw))
-        except InvalidEvent:
-            continue
-    return out
+    return valid_synthetic_events(n, seed=5)
 
 
 def _report(shard: int, events: list[dict], version: int) -> dict:

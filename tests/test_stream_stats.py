@@ -8,11 +8,9 @@ import importlib.util
 import subprocess
 import sys
 from collections import Counter
-from dataclasses import replace
 
-from core.cleaning import InvalidEvent, validate_event
-from core.readers import SyntheticConfig, synthetic_events
 from monitoring.stream_stats import StreamStats
+from tests.helpers import valid_synthetic_events
 
 
 def test_the_sketches_run_without_tensorflow_in_the_environment():
@@ -25,13 +23,7 @@ def test_the_sketches_run_without_tensorflow_in_the_environment():
 
 
 def _events(n: int) -> list[dict]:
-    out = []
-    for raw in synthetic_events(replace(SyntheticConfig(), events=n, seed=11)):
-        try:
-            out.append(validate_event(raw))
-        except InvalidEvent:
-            continue
-    return out
+    return valid_synthetic_events(n, seed=11)
 
 
 def test_estimates_are_close_to_the_exact_figures_and_halves_merge_into_the_whole():
