@@ -146,7 +146,9 @@ class UpdateShardModel(KeyedProcessFunction):
     """Keyed by shard; the partition is a snapshot plus a journal of micro-batches in Flink state."""
 
     def __init__(self, cfg: LearnerConfig, batch_size: int, top_k: int, snapshot_every: int, progress_s: float = 0.0,
-                 sync: SyncConfig | None = None, sync_location: str | None = None, alert_after: int = 3):
+                 sync: SyncConfig | None = None, sync_location: str | None = None, alert_after: int = 3,
+                 reports: bool = True):
+        self.reports = reports  # flush reports to the REPORTS side output (an unread side output joins the main one)
         self.cfg, self.batch_size, self.top_k, self.snapshot_every = cfg, batch_size, top_k, snapshot_every
         self.progress_s, self.sync_cfg, self.sync_location = progress_s, sync, sync_location
         self.alarm = SkippedStepsAlarm(alert_after)
@@ -193,7 +195,8 @@ class UpdateShardModel(KeyedProcessFunction):
                                  sync=self.syncs.get(shard), alarm=self.alarm)
         report = flush_report(shard, events, done, int(time.time() * 1000))
         progress.BOARD.note_flush(shard, len(events), done.learner.version, BinaryStats.from_dict(report["stats"]))
-        yield REPORTS, report
+        if self.reports:
+            yield REPORTS, report
         for record in done.scores:
             yield json.dumps({"kind": "score", **record})
         for record in done.deltas:
@@ -214,9 +217,11 @@ def build(env: StreamExecutionEnvironment, args: argparse.Namespace) -> None:
     shards, groups = cfg.sharding.shards, cfg.sharding.key_groups
     source = FileSource.for_record_stream_format(StreamFormat.text_line_format(), args.input).build()
     watermarks = WatermarkStrategy.for_monotonous_timestamps().with_timestamp_assigner(EventTime())
-    lines = env.from_source(source, watermarks, "ReplayEvents").uid("replay-source")
+    # one reader and one decoder: the keyed steps see the input in its order, whatever their parallelism
+    lines = env.from_source(source, watermarks, "ReplayEvents").uid("replay-source").set_parallelism(1)
     progress_s = 0.0 if args.quiet else args.progress_s
-    events = lines.process(DecodeAndValidate(cfg.clean, args.throttle_ms), output_type=Types.PICKLED_BYTE_ARRAY()).uid("decode")
+    events = (lines.process(DecodeAndValidate(cfg.clean, args.throttle_ms), output_type=Types.PICKLED_BYTE_ARRAY())
+              .uid("decode").set_parallelism(1))
     unique = (events.key_by(lambda e: key_group(e["event_id"], groups), key_type=Types.INT())
               .process(DedupeEvents(cfg.dedupe_ttl_ms), output_type=Types.PICKLED_BYTE_ARRAY()).uid("dedupe"))
     with_items = (unique.key_by(lambda e: key_group(e["item_id"], groups), key_type=Types.INT())
@@ -228,7 +233,7 @@ def build(env: StreamExecutionEnvironment, args: argparse.Namespace) -> None:
     outputs = (with_users.key_by(lambda e: shard_of(e["user_id"], shards), key_type=Types.INT())
                .process(UpdateShardModel(cfg.learner, cfg.update.batch_size, cfg.update.top_k, args.snapshot_every,
                                          progress_s, cfg.sharding.sync, cfg.sharding.sync_location,
-                                         cfg.update.alert_skipped_flushes),
+                                         cfg.update.alert_skipped_flushes, reports=bool(cfg.stats_window_s)),
                         output_type=Types.STRING())
                .uid("update-shard-model"))
     dead = (events.get_side_output(DEAD_LETTER)
@@ -254,6 +259,11 @@ def make_parser() -> argparse.ArgumentParser:
     ap.add_argument("--restore_from", default=None, help="a retained checkpoint (…/chk-N) to resume from")
     ap.add_argument("--snapshot_every", type=int, default=5, help="flushes between snapshots of a shard's learner")
     ap.add_argument("--throttle_ms", type=float, default=0.0, help="sleep per input record (to stretch a test run)")
+    ap.add_argument("--parallelism", type=int, default=1,
+                    help="subtasks of every keyed step (shards and key groups spread over them); the source reads on one")
+    ap.add_argument("--cluster", action="store_true",
+                    help="submitted to a standing cluster (scripts/flink_cluster.sh submit): its restart strategy "
+                         "and Python settings apply; without it the job runs on an in-process mini-cluster, no restarts")
     # the Beam pipeline's flags and defaults; this job does not implement lateness or processing-time flushes yet
     add_flags(ap, ("model", "stability", "state", "sharding"), skip=("flush_interval_s", "allowed_lateness_s"))
     add_flags(ap, ("run",), only=("progress_s", "quiet"))
@@ -291,11 +301,14 @@ def main(argv: list[str] | None = None) -> int:
     conf.set_string("execution.checkpointing.dir", "file://" + os.path.abspath(args.checkpoint_dir))
     conf.set_string("execution.checkpointing.externalized-checkpoint-retention", "RETAIN_ON_CANCELLATION")
     conf.set_string("execution.checkpointing.checkpoints-after-tasks-finish", "true")
-    conf.set_string("restart-strategy.type", "none")
+    if not args.cluster:
+        conf.set_string("restart-strategy.type", "none")
     # small Python bundles: checkpoint barriers do not wait behind a large bundle in flight
     conf.set_string("python.fn-execution.bundle.size", "50")
     conf.set_string("python.fn-execution.bundle.time", "100")
     conf.set_string("python.execution-mode", "process")
+    if os.environ.get("FRESHREC_FLINK_PROFILE"):
+        conf.set_string("python.profile.enabled", "true")
     conf.set_string("python.executable", sys.executable)  # workers run in this (PyFlink) environment
     conf.set_string("python.client.executable", sys.executable)
     os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p)
@@ -303,7 +316,7 @@ def main(argv: list[str] | None = None) -> int:
         conf.set_string("execution.state-recovery.path", "file://" + os.path.abspath(args.restore_from))
     env = StreamExecutionEnvironment.get_execution_environment(conf)
     env.set_runtime_mode(RuntimeExecutionMode.STREAMING)
-    env.set_parallelism(1)
+    env.set_parallelism(args.parallelism)
     env.enable_checkpointing(args.checkpoint_interval_ms, CheckpointingMode.EXACTLY_ONCE)
     build(env, args)
     env.execute("freshrec")

@@ -155,3 +155,55 @@ def test_the_shards_of_the_flink_job_sync_their_shared_rows(flink_python, events
     alone = served_item_gaps(flink_python, events_file, str(tmp_path / "out2"), str(tmp_path / "ck2"), "--no_sync")
     assert sum(g < 1e-5 for g in synced) >= 0.2 * len(synced), "hardly any item served alike by both shards"
     assert synced[len(synced) // 2] < 0.5 * alone[len(alone) // 2], (synced[len(synced) // 2], alone[len(alone) // 2])
+
+
+def test_the_job_without_window_statistics_writes_only_records(flink_python, events_file, tmp_path):
+    """--stats_window_s 0: the flush reports (a side output nobody reads then) must not leak into the output."""
+    out = str(tmp_path / "out")
+    finish(job(flink_python, events_file, out, str(tmp_path / "ck"), "--no_sync", "--stats_window_s", "0", "--quiet"))
+    kinds = Counter(r["kind"] for r in committed(out))
+    assert set(kinds) <= {"score", "delta", "dead_letter", "alert"} and kinds["score"] > 0 and kinds["delta"] > 0
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def test_the_job_on_a_standalone_cluster_at_parallelism_2(flink_python, events_file, tmp_path):
+    """scripts/flink_cluster.sh: a JobManager and two TaskManagers as separate JVMs on localhost; the job
+    submitted at parallelism 2 accounts for every event as the in-process run does (the order in which a
+    keyed step sees two upstream subtasks depends on timing, so parameters may differ; the counts do not)."""
+    env = {**os.environ, "FRESHREC_FLINK_WORK": str(tmp_path / "cluster"), "FRESHREC_FLINK_REST_PORT": str(free_port()),
+           "FRESHREC_FLINK_RPC_PORT": str(free_port()), "FRESHREC_FLINK_PROM_PORTS": f"{free_port()}-{free_port()}"}
+    script = os.path.join(ROOT, "scripts", "flink_cluster.sh")
+    up = subprocess.run(["bash", script, "up"], env=env, capture_output=True, text=True, timeout=180)
+    try:
+        assert up.returncode == 0, up.stdout + up.stderr
+        jvms = subprocess.run(["bash", script, "status"], env=env, capture_output=True, text=True, timeout=30).stdout
+        assert '"taskmanagers":2' in jvms and '"slots-total":2' in jvms, jvms
+        out = str(tmp_path / "out")
+        sub = subprocess.run(["bash", script, "submit", "--", "--input", events_file, "--output", out,
+                              "--checkpoint_dir", str(tmp_path / "ck"), "--shards", str(SHARDS), "--dim", str(DIM),
+                              "--batch_size", "16", "--no_sync", "--quiet"],
+                             env=env, capture_output=True, text=True, timeout=400)
+        assert sub.returncode == 0, (sub.stdout + sub.stderr)[-3000:]
+    finally:
+        subprocess.run(["bash", script, "down"], env=env, capture_output=True, timeout=60)
+    records = committed(out)
+    reference = str(tmp_path / "ref")
+    finish(job(flink_python, events_file, reference, str(tmp_path / "ck_ref"), "--no_sync", "--quiet"))
+    ref = committed(reference)
+    windows = lambda rs: sorted((w["window_start_ms"], w["events"], json.dumps(w["dead_letters"], sort_keys=True))  # noqa: E731
+                                for w in rs if w["kind"] == "stats")
+    assert windows(records) == windows(ref) and windows(ref)
+    applied = lambda rs: sum(w["applied"] for w in rs if w["kind"] == "stats")  # noqa: E731
+    assert applied(records) == applied(ref) == sum(w[1] for w in windows(ref))  # each clean event applied once
+    dead = lambda rs: sorted((r["reason"], r["raw"]) for r in rs if r["kind"] == "dead_letter")  # noqa: E731
+    assert dead(records) == dead(ref)
+    for shard in range(SHARDS):  # every flush published once, in sequence
+        seqs = sorted({r["sequence"] for r in records if r["kind"] == "delta" and r["shard"] == shard})
+        assert seqs == list(range(1, len(seqs) + 1)) and seqs
