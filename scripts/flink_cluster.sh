@@ -73,7 +73,10 @@ EOF
   : > "$FLINK_CONF_DIR/workers"
 }
 
-rest() { curl -sf "http://localhost:$REST_PORT$1"; }
+rest() {  # GET a path of the REST endpoint (Python's urllib: no curl needed)
+  "$PY" -c 'import sys, urllib.request; sys.stdout.write(urllib.request.urlopen(sys.argv[1], timeout=5).read().decode())' \
+    "http://localhost:$REST_PORT$1" 2>/dev/null
+}
 
 registered() { rest /taskmanagers | "$PY" -c 'import json,sys; print(len(json.load(sys.stdin)["taskmanagers"]))' 2>/dev/null || echo 0; }
 
