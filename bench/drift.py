@@ -10,6 +10,8 @@ read back from ``alerts/``:
   malformed   40% of the events malformed for two windows                      -> dead_letter_rate
   popularity  from then on every item is renamed (the hot items go cold)       -> top_items_churn
   poison      three windows of clicks on items drawn at random (label noise)   -> prequential_logloss or _auc
+  stall       shard 0 gets no events for three windows (its users' events come from stand-ins on the other
+              shards: the same traffic), so it publishes nothing and the others' publications wait -> sync_lag
 
     python -m bench.drift --windows 60 --seeds 3 --json bench/results/drift.json
 
@@ -33,11 +35,26 @@ from dataclasses import replace
 from typing import Any
 
 from core.readers import SyntheticConfig, synthetic_events
+from core.settings import DEFAULTS
+from model.hashing import shard_of
 from pipelines.results import records
 
 EXPECTED = {"none": (), "burst": ("traffic_volume",), "malformed": ("dead_letter_rate",),
-            "popularity": ("top_items_churn",), "poison": ("prequential_logloss", "prequential_auc")}
-LENGTH = {"none": 0, "burst": 2, "malformed": 2, "popularity": 1, "poison": 3}
+            "popularity": ("top_items_churn",), "poison": ("prequential_logloss", "prequential_auc"),
+            "stall": ("sync_lag",)}
+# flags a scenario adds to the defaults: shards sync only in streaming runs (a bounded DirectRunner run learns
+# them alone, pipelines.cli), and micro-batches of 64 have each shard publish a few times per window
+EXTRA = {"stall": ["--streaming", "--batch_size", "64"]}
+SHARDS = DEFAULTS["shards"]  # the pipeline's default, which the scenarios run with
+LENGTH = {"none": 0, "burst": 2, "malformed": 2, "popularity": 1, "poison": 3, "stall": 3}
+
+
+def _elsewhere(user: str) -> str:
+    """A stand-in for ``user`` (one of its own, so the distinct users stay as they were) on a shard other than 0."""
+    j = 0
+    while shard_of(f"{user}~{j}", SHARDS) == 0:
+        j += 1
+    return f"{user}~{j}"
 
 
 def first_window_ms(window_s: int) -> int:
@@ -69,6 +86,8 @@ def scenario_events(kind: str, seed: int, windows: int, window_s: int, at: int) 
             continue
         if kind == "popularity" and k >= at and "item_id" in e:
             e = {**e, "item_id": f"n{e['item_id']}"}
+        if kind == "stall" and inside and shard_of(str(e.get("user_id")), SHARDS) == 0:
+            e = {**e, "user_id": _elsewhere(str(e["user_id"]))}  # the same traffic, none of it on shard 0
         if kind == "poison" and inside and "item_id" in e:
             e = {**e, "item_id": f"i{rng.randrange(cfg.items)}", "event_type": "click", "value": None}
         out.append(e)
@@ -88,7 +107,7 @@ def run_scenario(kind: str, seed: int, windows: int, window_s: int, at: int, bou
         start = time.perf_counter()
         with contextlib.redirect_stdout(sys.stderr):  # the run's own summary: stdout is this script's
             rc = cli.main(["--data", data, "--output_dir", out, "--stats_window_s", str(window_s), "--quiet",
-                           "--max_dead_letter_fraction", "1", *(extra or [])])
+                           "--max_dead_letter_fraction", "1", *EXTRA.get(kind, []), *(extra or [])])
         if rc != 0:
             raise RuntimeError(f"scenario {kind}: the pipeline exited {rc}")
         alerts = sorted(records(os.path.join(out, "alerts")), key=lambda a: a["window_start_ms"])

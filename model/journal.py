@@ -96,6 +96,7 @@ class Flush:
     merged_epochs: list[int]  # merged sync epochs applied before learning
     published_epoch: int | None  # the sync epoch this flush published
     sync_bytes: int  # bytes this flush's publication put on the sync medium
+    sync_lag_epochs: int  # this shard's publications not yet merged back when the flush began (ShardSync.catch_up)
     probed: tuple[float, int]  # an evaluation probe's (hits, probes) on this batch, before learning it
     not_learned: int  # events applied (accounted for) but not learned: every step of the flush was skipped
     alerts: list[dict[str, Any]]  # schemas/alert.avsc records this flush raised
@@ -156,7 +157,8 @@ def flush_micro_batch(
     live[live_key] = (learner, meta["flushes"])
     entry = journal_entry(events, None if sync is None else (applied, published))
     return Flush(learner, result, scores, deltas, entry, snapshot, restored and meta["flushes"] > 1, applied, published,
-                 learner.counters["sync_bytes_out"] - bytes_before, probed, not_learned,
+                 learner.counters["sync_bytes_out"] - bytes_before, 0 if sync is None else sync.lag_epochs,
+                 probed, not_learned,
                  [] if alert is None else [alert.to_record(emit_time_ms)])
 
 
@@ -179,5 +181,5 @@ def flush_report(shard: int, events: list[dict[str, Any]], done: Flush, emit_tim
         "evictions": {name: t.evictions for name, t in tables.items()},
         "probe": {"hits": done.probed[0], "probes": done.probed[1]},
         "sync": {"merged": len(done.merged_epochs), "published": int(done.published_epoch is not None),
-                 "bytes_out": done.sync_bytes},
+                 "bytes_out": done.sync_bytes, "lag_epochs": done.sync_lag_epochs},
     }

@@ -60,6 +60,7 @@ class ShardSync:
     def __init__(self, cfg: SyncConfig, medium: Medium, shard: int):
         self.cfg, self.medium, self.shard = cfg, medium, shard
         self.state = "state" in cfg.share  # the item rows' optimizer state too
+        self.lag_epochs = 0  # at the last catch_up: own publications not yet merged back
 
     def _shared_dense(self, name: str) -> bool:
         """Whether the shards learn this dense parameter together (the global bias; the MLPs with "mlps")."""
@@ -142,16 +143,22 @@ class ShardSync:
                            extra, seen)
 
     # ------------------------------------------------------------------ applying merged epochs
-    def ready_epochs(self, applied: int, oldest_ms: int) -> list[tuple[int, list[str]]]:
+    def publications(self) -> list[tuple[str, int, int, int]]:
+        """(name, epoch, shard, newest event time) of every publication of this run's shards on the medium."""
+        out = []
+        for name in self.medium.names():
+            parsed = parse_name(name)
+            if parsed is not None and parsed[1] < self.cfg.shards:
+                out.append((name, *parsed))
+        return out
+
+    def ready_epochs(self, applied: int, oldest_ms: int,
+                     listed: list[tuple[str, int, int, int]] | None = None) -> list[tuple[int, list[str]]]:
         """Merged epochs after ``applied`` this shard may apply before learning events from ``oldest_ms`` on:
         complete (every shard published there or later) and with no change newer than ``oldest_ms``."""
         newest_label = dict.fromkeys(range(self.cfg.shards), -1)
         by_epoch: dict[int, list[tuple[str, int]]] = {}
-        for name in self.medium.names():
-            parsed = parse_name(name)
-            if parsed is None or parsed[1] >= self.cfg.shards:
-                continue
-            epoch, shard, max_ms = parsed
+        for name, epoch, shard, max_ms in self.publications() if listed is None else listed:
             newest_label[shard] = max(newest_label[shard], epoch)
             if epoch > applied:
                 by_epoch.setdefault(epoch, []).append((name, max_ms))
@@ -167,9 +174,13 @@ class ShardSync:
     def catch_up(self, learner: IncrementalLearner, oldest_ms: int) -> list[int]:
         """Apply every merged epoch that is ready (``ready_epochs``), in order; returns their epochs."""
         learner.share_serving()
-        ready = self.ready_epochs(learner.sync.applied, oldest_ms)
+        listed = self.publications()
+        ready = self.ready_epochs(learner.sync.applied, oldest_ms, listed)
         if ready:
             self.apply(learner, [e for e, _ in ready], [names for _, names in ready])
+        # the sync lag: this shard's publications the merge has not brought back yet (a stalled shard elsewhere
+        # holds every epoch from its last publication on; normally 0 or 1)
+        self.lag_epochs = sum(1 for _, e, s, _ in listed if s == self.shard and e > learner.sync.applied)
         return [e for e, _ in ready]
 
     def _merged(self, names: list[str]) -> tuple[list[ShardChange], ShardChange]:
@@ -187,8 +198,8 @@ class ShardSync:
         """Add the merged updates of ``epochs`` minus this shard's own changes to its copy and reference, as
         one write (one new version)."""
         if names is None:  # replaying a journal: each epoch's files, as when it was applied
-            listed = [(p, n) for n in self.medium.names() if (p := parse_name(n)) and p[1] < self.cfg.shards]
-            names = [sorted(n for p, n in listed if p[0] == e) for e in epochs]
+            listed = self.publications()
+            names = [sorted(n for n, epoch, _, _ in listed if epoch == e) for e in epochs]
         st, table = learner.sync, learner.items
         item_parts: list[tuple[list[str], torch.Tensor]] = []
         served_parts: list[tuple[list[str], torch.Tensor]] = []  # the merged updates alone, for serving

@@ -12,7 +12,9 @@ stays quiet for ``cooldown`` windows while it keeps learning the new level, then
 
 Signals (``SIGNALS``): prequential logloss (up) and AUC (down), overall and per shard; popularity churn
 (the share of the top items not among the previous window's); traffic volume and distinct users (log
-scale, either way); the dead-letter and late rates (up); rollbacks per window (up, overall and per shard).
+scale, either way); the dead-letter and late rates (up); rollbacks per window (up, overall and per shard); the
+sync lag (up, per shard and the largest of them: a shard's publications not yet merged back, averaged over its
+flushes in the window, which grows while another shard has stalled).
 
 >>> monitor = DriftMonitor(warmup=3)
 >>> def window(i, events, dead=0):
@@ -70,6 +72,7 @@ SIGNALS: tuple[Signal, ...] = (
     Signal("dead_letter_rate", "up", 0.01),
     Signal("late_rate", "up", 0.01),
     Signal("rollbacks", "up", 1.0, per_shard=True),
+    Signal("sync_lag", "up", 1.0, per_shard=True),
 )
 
 
@@ -161,14 +164,17 @@ class DriftMonitor:
             "prequential_logloss": lambda: record.get("logloss"), "prequential_auc": lambda: record.get("auc"),
             "top_items_churn": lambda: _churn(self.previous_top, top), "traffic_volume": lambda: record["events"],
             "distinct_users": lambda: record["distinct_users"], "dead_letter_rate": lambda: record["dead_letter_rate"],
-            "late_rate": lambda: record["late_rate"], "rollbacks": lambda: record["rollbacks"]}
+            "late_rate": lambda: record["late_rate"], "rollbacks": lambda: record["rollbacks"],
+            "sync_lag": lambda: max((float(p.get("sync_lag_epochs", 0)) for p in record.get("shards") or []),
+                                    default=None)}
         out: dict[tuple[str, int], float] = {}
         for signal in self.signals:
             value = overall[signal.name]()
             if value is not None and not (partial and signal.name in VOLUME):
                 out[(signal.name, -1)] = float(value)
             if signal.per_shard:
-                field = {"prequential_logloss": "logloss", "prequential_auc": "auc"}.get(signal.name, signal.name)
+                field = {"prequential_logloss": "logloss", "prequential_auc": "auc",
+                         "sync_lag": "sync_lag_epochs"}.get(signal.name, signal.name)
                 for part in record.get("shards") or []:
                     if part.get(field) is not None:
                         out[(signal.name, int(part["shard"]))] = float(part[field])

@@ -56,6 +56,7 @@ class _ShardWindow:
 
     def __init__(self) -> None:
         self.applied = self.flushes = self.rollbacks = self.skipped = self.merged = self.published = 0
+        self.lag_epochs = 0  # the sync lags of the window's flushes, summed
         self.version = -1
         self.quality = BinaryStats()
         self.table_rows: dict[str, int] = {}
@@ -69,6 +70,7 @@ class _ShardWindow:
         sync = report.get("sync") or {}
         self.merged += int(sync.get("merged", 0))
         self.published += int(sync.get("published", 0))
+        self.lag_epochs += int(sync.get("lag_epochs", 0))
         self.quality = self.quality.merge(BinaryStats.from_dict(report["stats"]))
         if int(report["version"]) >= self.version:
             self.version = int(report["version"])
@@ -76,7 +78,7 @@ class _ShardWindow:
             self.evictions = dict(report.get("evictions") or {})
 
     def merge(self, other: _ShardWindow) -> None:
-        for name in ("applied", "flushes", "rollbacks", "skipped", "merged", "published"):
+        for name in ("applied", "flushes", "rollbacks", "skipped", "merged", "published", "lag_epochs"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
         self.quality = self.quality.merge(other.quality)
         if other.version >= self.version:
@@ -88,7 +90,7 @@ class _ShardWindow:
                 "logloss": _finite(self.quality.logloss()), "auc": _finite(self.quality.auc()),
                 "table_rows": {k: int(v) for k, v in self.table_rows.items()},
                 "evictions": {k: int(v) for k, v in self.evictions.items()},
-                "sync_merged": self.merged, "sync_published": self.published}
+                "sync_merged": self.merged, "sync_published": self.published, "sync_lag_epochs": self.lag_epochs / self.flushes if self.flushes else 0.0}
 
 
 class WindowStats:

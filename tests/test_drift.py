@@ -1,6 +1,7 @@
 """Window statistics and drift alerts: ``monitoring.window_stats`` merges and fits its schema, River's detectors
 behind ``monitoring.drift`` fire on a shift and not on noise or a learning curve, and through the whole pipeline
-each injected shift raises its alert within two windows while the same stream without it raises none over 50."""
+each injected shift (a stalled shard among them: the sync lag) raises its alert within two windows while the same
+stream without it raises none over 50."""
 
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ def _report(shard: int, events: list[dict], version: int) -> dict:
     return {"shard": shard, "events": len(events), "version": version, "rollbacks": 0, "skipped_nonfinite": 0,
             "stats": stats.to_dict(), "max_event_time_ms": max(e["event_time_ms"] for e in events),
             "emit_time_ms": max(e["event_time_ms"] for e in events) + 1500, "table_rows": {"item": version},
-            "evictions": {"item": 0}, "sync": {"merged": 1, "published": 1, "bytes_out": 10}}
+            "evictions": {"item": 0}, "sync": {"merged": 1, "published": 1, "bytes_out": 10, "lag_epochs": version}}
 
 
 def test_window_stats_of_two_halves_merge_into_the_whole_and_fit_the_schema():
@@ -48,6 +49,7 @@ def test_window_stats_of_two_halves_merge_into_the_whole_and_fit_the_schema():
         assert merged[key] == record[key], key
     assert record["dead_letters"] == {"late": 2} and record["applied"] == len(events)
     assert [s["shard"] for s in record["shards"]] == [0, 1] and record["freshness_lag_ms"]["p50"] == 1500.0
+    assert [s["sync_lag_epochs"] for s in record["shards"]] == [1.0, 2.0]
     assert [(s, len(p)) for s, p in split_by_window([{"event_time_ms": t} for t in (3, 9, 1)], 5)] == [(0, 2), (5, 1)]
 
 
@@ -70,7 +72,7 @@ def test_windows_without_valid_events_are_not_compared():
     assert monitor.update(empty) == [] and monitor.windows == 0
 
 
-@pytest.mark.parametrize("kind", ["burst", "malformed", "popularity", "poison"])
+@pytest.mark.parametrize("kind", ["burst", "malformed", "popularity", "poison", "stall"])
 def test_an_injected_shift_raises_its_alert_within_two_windows_through_the_pipeline(kind):
     r = run_scenario(kind, seed=0, windows=32, window_s=1800, at=24, bound=2)
     assert r["detected_after_windows"] is not None and r["detected_after_windows"] <= 2, r["alerts"]

@@ -69,7 +69,7 @@ class SummaryFn(beam.CombineFn):
     def create_accumulator(self):
         return {"applied": 0, "dead_letter": {}, "stats": BinaryStats().to_dict(), "versions": {},
                 "steps": 0, "skipped_nonfinite": 0, "rollbacks": 0, "flushes": 0, "table_rows": {},
-                "scores": 0, "deltas": 0, "alerts": 0, "alerts_by_signal": {}, "not_learned": {}, "sync": {"merged": 0, "published": 0, "bytes_out": 0},
+                "scores": 0, "deltas": 0, "alerts": 0, "alerts_by_signal": {}, "not_learned": {}, "sync": {"merged": 0, "published": 0, "bytes_out": 0, "max_lag_epochs": 0},
                 "probe": {"hits": 0.0, "probes": 0}}
 
     def add_input(self, acc, item):
@@ -96,7 +96,10 @@ class SummaryFn(beam.CombineFn):
             acc["not_learned"][shard_key] = acc["not_learned"].get(shard_key, 0) + rec["not_learned"]
         for part in ("sync", "probe"):
             for k, n in (rec.get(part) or {}).items():
-                acc[part][k] += n
+                if k == "lag_epochs":  # a level, not a count: the run's worst
+                    acc[part]["max_lag_epochs"] = max(acc[part]["max_lag_epochs"], n)
+                else:
+                    acc[part][k] += n
         acc["flushes"] += 1
         acc["stats"] = BinaryStats.from_dict(acc["stats"]).merge(BinaryStats.from_dict(rec["stats"])).to_dict()
         shard = str(rec["shard"])
@@ -114,7 +117,7 @@ class SummaryFn(beam.CombineFn):
                 out[k] += a[k]
             for part in ("sync", "probe"):
                 for k, n in a[part].items():
-                    out[part][k] += n
+                    out[part][k] = max(out[part][k], n) if k == "max_lag_epochs" else out[part][k] + n
             for part in ("dead_letter", "alerts_by_signal"):
                 for r, n in a[part].items():
                     out[part][r] = out[part].get(r, 0) + n
@@ -155,7 +158,7 @@ class SummaryFn(beam.CombineFn):
             "events_not_learned": sum(acc["not_learned"].values()),
             "events_not_learned_by_shard": dict(sorted(acc["not_learned"].items())),
             "sync": {"epochs_applied": acc["sync"]["merged"], "publications": acc["sync"]["published"],
-                     "bytes_published": acc["sync"]["bytes_out"]},
+                     "bytes_published": acc["sync"]["bytes_out"], "max_lag_epochs": acc["sync"]["max_lag_epochs"]},
         }
 
 
