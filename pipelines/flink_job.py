@@ -80,24 +80,37 @@ class EventTime(TimestampAssigner):
             return 0
 
 
+def metric_group(ctx: RuntimeContext):
+    """The job's metrics, under the Beam pipeline's namespace and names (transforms/clean.py, transforms/update.py),
+    so Flink's UI and its Prometheus reporter show what Beam's runners show."""
+    return ctx.get_metrics_group().add_group("freshrec")
+
+
 class DecodeAndValidate(ProcessFunction):
     def __init__(self, cfg: CleanConfig, throttle_ms: float = 0.0):
         self.cfg, self.throttle_ms = cfg, throttle_ms
+
+    def open(self, ctx: RuntimeContext):
+        group = metric_group(ctx)
+        self.events_in, self.malformed = group.counter("events_in"), group.counter("dead_letter_malformed")
 
     def process_element(self, value: str, ctx):
         if self.throttle_ms:
             time.sleep(self.throttle_ms / 1000.0)
         progress.BOARD.note_read()
+        self.events_in.inc()
         try:
             record = json.loads(value)
         except ValueError:
             progress.BOARD.note_dead()
+            self.malformed.inc()
             yield DEAD_LETTER, _dead(value.encode(), "malformed: not JSON", "DecodeAndValidate")
             return
         try:
             yield decode_event(record, self.cfg)
         except InvalidEvent as exc:
             progress.BOARD.note_dead()
+            self.malformed.inc()
             yield DEAD_LETTER, _dead(record, f"malformed: {exc.reason}", "DecodeAndValidate")
 
 
@@ -125,8 +138,13 @@ class KeyGroupFunction(KeyedProcessFunction):
 class DedupeEvents(KeyGroupFunction):
     """Keyed by key group of the event id; an id is remembered for ``ttl_ms`` of event time."""
 
+    def open(self, ctx: RuntimeContext):
+        super().open(ctx)
+        self.duplicates = metric_group(ctx).counter("dead_letter_duplicate")
+
     def handle(self, group, event):
         if GroupStates.seen(group, event["event_id"], event["event_time_ms"]):
+            self.duplicates.inc()
             return DEAD_LETTER, _dead(None, "duplicate event_id", "DedupeEvents", event)
         return event
 
@@ -164,6 +182,11 @@ class UpdateShardModel(KeyedProcessFunction):
         self.journal = ctx.get_list_state(ListStateDescriptor("journal", Types.PICKLED_BYTE_ARRAY()))
         self.meta = ctx.get_state(ValueStateDescriptor("meta", Types.PICKLED_BYTE_ARRAY()))
         self.live: dict[int, tuple[IncrementalLearner, int]] = {}
+        group = metric_group(ctx)
+        self.counters = {name: group.counter(name) for name in (
+            "events_applied", "flushes", "rollbacks", "learner_restores", "steps_skipped_nonfinite",
+            "sync_epochs_applied", "sync_publications", "alerts")}
+        self.distributions = {name: group.distribution(name) for name in ("flush_events", "prequential_logloss_micro")}
         medium = FolderMedium(self.sync_location) if self.sync_location else None
         self.syncs = {} if medium is None or self.sync_cfg is None else \
             {s: ShardSync(self.sync_cfg, medium, s) for s in range(self.sync_cfg.shards)}
@@ -194,6 +217,16 @@ class UpdateShardModel(KeyedProcessFunction):
                                  self.live, shard, self.top_k, self.snapshot_every, emit_time_ms=0,
                                  sync=self.syncs.get(shard), alarm=self.alarm)
         report = flush_report(shard, events, done, int(time.time() * 1000))
+        for name, n in (("events_applied", len(events)), ("flushes", 1), ("rollbacks", report["rollbacks"]),
+                        ("learner_restores", int(done.restored)), ("steps_skipped_nonfinite", report["skipped_nonfinite"]),
+                        ("sync_epochs_applied", len(done.merged_epochs)),
+                        ("sync_publications", int(done.published_epoch is not None)), ("alerts", len(done.alerts))):
+            if n:
+                self.counters[name].inc(n)
+        self.distributions["flush_events"].update(len(events))
+        loss = BinaryStats.from_dict(report["stats"]).logloss()
+        if loss == loss:  # not nan
+            self.distributions["prequential_logloss_micro"].update(int(loss * 1e6))
         progress.BOARD.note_flush(shard, len(events), done.learner.version, BinaryStats.from_dict(report["stats"]))
         if self.reports:
             yield REPORTS, report

@@ -11,11 +11,13 @@ import argparse
 import glob
 import json
 import os
+import re
 import shutil
 import signal
 import socket
 import subprocess
 import time
+import urllib.request
 from collections import Counter, defaultdict
 
 import pytest
@@ -180,12 +182,35 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def scrape_while_running(proc: subprocess.Popen, ports: range, timeout_s: float) -> str:
+    """The freshrec lines the Prometheus reporters on ``ports`` showed while ``proc`` ran (a finished job's
+    operators leave the registry, so the scrape happens during the run)."""
+    seen: dict[str, str] = {}
+    deadline = time.monotonic() + timeout_s
+    while proc.poll() is None:
+        if time.monotonic() > deadline:
+            proc.kill()
+            break
+        for port in ports:
+            try:
+                with urllib.request.urlopen(f"http://localhost:{port}/metrics", timeout=2) as resp:
+                    for line in resp.read().decode().splitlines():
+                        if "freshrec" in line and not line.startswith("#"):
+                            seen[line.split("{")[0].split(" ")[0]] = line
+            except OSError:
+                continue
+        time.sleep(1.0)
+    proc.wait()
+    return "\n".join(seen.values())
+
+
 def test_the_job_on_a_standalone_cluster_at_parallelism_2(flink_python, events_file, uninterrupted, tmp_path):
     """scripts/flink_cluster.sh: a JobManager and two TaskManagers as separate JVMs on localhost; the job
     submitted at parallelism 2 accounts for every event as the in-process run does (the order in which a
     keyed step sees two upstream subtasks depends on timing, so parameters may differ; the counts do not)."""
+    prom = free_port()  # the JobManager's and the TaskManagers' Prometheus reporters take the first free of three
     env = {**os.environ, "FRESHREC_FLINK_WORK": str(tmp_path / "cluster"), "FRESHREC_FLINK_REST_PORT": str(free_port()),
-           "FRESHREC_FLINK_RPC_PORT": str(free_port()), "FRESHREC_FLINK_PROM_PORTS": f"{free_port()}-{free_port()}"}
+           "FRESHREC_FLINK_RPC_PORT": str(free_port()), "FRESHREC_FLINK_PROM_PORTS": f"{prom}-{prom + 2}"}
     script = os.path.join(ROOT, "scripts", "flink_cluster.sh")
     up = subprocess.run(["bash", script, "up"], env=env, capture_output=True, text=True, timeout=180)
     try:
@@ -193,11 +218,16 @@ def test_the_job_on_a_standalone_cluster_at_parallelism_2(flink_python, events_f
         jvms = subprocess.run(["bash", script, "status"], env=env, capture_output=True, text=True, timeout=30).stdout
         assert '"taskmanagers":2' in jvms and '"slots-total":2' in jvms, jvms
         out = str(tmp_path / "out")
-        sub = subprocess.run(["bash", script, "submit", "--", "--input", events_file, "--output", out,
-                              "--checkpoint_dir", str(tmp_path / "ck"), "--shards", str(SHARDS), "--dim", str(DIM),
-                              "--batch_size", "16", "--no_sync", "--quiet"],
-                             env=env, capture_output=True, text=True, timeout=400)
-        assert sub.returncode == 0, (sub.stdout + sub.stderr)[-3000:]
+        sub = subprocess.Popen(["bash", script, "submit", "--", "--input", events_file, "--output", out,
+                                "--checkpoint_dir", str(tmp_path / "ck"), "--shards", str(SHARDS), "--dim", str(DIM),
+                                "--batch_size", "16", "--no_sync", "--quiet"],
+                               env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        scraped = scrape_while_running(sub, range(prom, prom + 3), timeout_s=400)
+        log = sub.stdout.read() if sub.stdout else ""
+        assert sub.returncode == 0, log[-3000:]
+        # the job's own metrics, under the Beam pipeline's names, reach Flink's Prometheus reporter
+        for name in ("freshrec_events_in", "freshrec_events_applied", "freshrec_flushes"):
+            assert name in scraped, sorted(set(re.findall(r"\w*freshrec\w*", scraped)))[:20]
     finally:
         subprocess.run(["bash", script, "down"], env=env, capture_output=True, timeout=60)
     records = committed(out)
