@@ -186,7 +186,9 @@ class UpdateShardModel(KeyedProcessFunction):
         self.counters = {name: group.counter(name) for name in (
             "events_applied", "flushes", "rollbacks", "learner_restores", "steps_skipped_nonfinite",
             "sync_epochs_applied", "sync_publications", "alerts")}
-        self.distributions = {name: group.distribution(name) for name in ("flush_events", "prequential_logloss_micro")}
+        self.distributions = {name: group.distribution(name)
+                              for name in ("flush_events", "prequential_logloss_micro", "freshness_lag_ms")}
+        self.group, self.gauged = group, {}  # the shards' gauges, registered at their first flush here
         medium = FolderMedium(self.sync_location) if self.sync_location else None
         self.syncs = {} if medium is None or self.sync_cfg is None else \
             {s: ShardSync(self.sync_cfg, medium, s) for s in range(self.sync_cfg.shards)}
@@ -206,17 +208,29 @@ class UpdateShardModel(KeyedProcessFunction):
     def on_timer(self, timestamp, ctx):
         yield from self._flush(ctx.get_current_key())
 
+    def _gauge_shard(self, shard: int, learner: IncrementalLearner) -> None:
+        """The shard's gauges under the Beam pipeline's names (transforms/update.py): its model version and
+        table rows as of its last flush on this subtask, read by Flink at the end of each bundle."""
+        if shard not in self.gauged:
+            for name in ("model_version", "table_rows_item", "table_rows_user"):
+                self.group.gauge(f"{name}_shard_{shard}", lambda shard=shard, name=name: self.gauged[shard][name])
+        self.gauged[shard] = {"model_version": int(learner.version), "table_rows_item": len(learner.items),
+                              "table_rows_user": len(learner.users)}
+
     def _flush(self, shard: int):
         events = list(self.buffer.get() or [])
         if not events:
             return
         self.buffer.clear()
         meta = self.meta.value()
+        now_ms = int(time.time() * 1000)
         done = flush_micro_batch(self.cfg, shard, events, meta,
                                  lambda: (self.snapshot.value(), list(self.journal.get() or [])),
-                                 self.live, shard, self.top_k, self.snapshot_every, emit_time_ms=0,
+                                 self.live, shard, self.top_k, self.snapshot_every, emit_time_ms=now_ms,
                                  sync=self.syncs.get(shard), alarm=self.alarm)
-        report = flush_report(shard, events, done, int(time.time() * 1000))
+        report = flush_report(shard, events, done, now_ms)
+        self._gauge_shard(shard, done.learner)
+        self.distributions["freshness_lag_ms"].update(max(0, now_ms - report["max_event_time_ms"]))
         for name, n in (("events_applied", len(events)), ("flushes", 1), ("rollbacks", report["rollbacks"]),
                         ("learner_restores", int(done.restored)), ("steps_skipped_nonfinite", report["skipped_nonfinite"]),
                         ("sync_epochs_applied", len(done.merged_epochs)),

@@ -79,8 +79,7 @@ def build_pipeline(p: beam.Pipeline, opts: FreshrecOptions, clock: Callable[[], 
     o = opts.view_as(FreshrecOptions)
     cfg = pipeline_config(o)
     paths = output_paths(cfg.output_dir)
-    if one_process_streaming(opts):
-        keep_runner_metrics_bounded()
+    keep_runner_metrics_bounded()  # the DirectRunner's engine: bounded metrics, and gauges that report their last value
     if o.events_subscription:
         from pipelines.pubsub import ReadEventsFromPubSub
 

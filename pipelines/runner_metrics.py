@@ -49,11 +49,13 @@ def distributions_and_gauges(result: Any) -> dict[str, Any]:
         acc["min"], acc["max"] = min(acc["min"], v.min), max(acc["max"], v.max)
     for acc in dists.values():
         acc["mean"] = round(acc["sum"] / acc["count"], 3)
-    gauges: dict[str, Any] = {}
+    latest: dict[str, Any] = {}  # a gauge reported by several steps or stages: the value set last wins
     for g in query.get("gauges", []):
         v = _value(g)
-        if g.key.metric.namespace == NAMESPACE and v is not None:
-            gauges[g.key.metric.name] = v.value
+        name = g.key.metric.name
+        if g.key.metric.namespace == NAMESPACE and v is not None and (name not in latest or v.timestamp >= latest[name].timestamp):
+            latest[name] = v
+    gauges = {name: v.value for name, v in latest.items()}
     return {"distributions": dict(sorted(dists.items())), "gauges": dict(sorted(gauges.items()))}
 
 

@@ -226,7 +226,9 @@ def test_the_job_on_a_standalone_cluster_at_parallelism_2(flink_python, events_f
         log = sub.stdout.read() if sub.stdout else ""
         assert sub.returncode == 0, log[-3000:]
         # the job's own metrics, under the Beam pipeline's names, reach Flink's Prometheus reporter
-        for name in ("freshrec_events_in", "freshrec_events_applied", "freshrec_flushes"):
+        for name in ("freshrec_events_in", "freshrec_events_applied", "freshrec_flushes",
+                     *(f"freshrec_{g}_shard_{s}" for g in ("model_version", "table_rows_item", "table_rows_user")
+                       for s in range(SHARDS))):
             assert name in scraped, sorted(set(re.findall(r"\w*freshrec\w*", scraped)))[:20]
     finally:
         subprocess.run(["bash", script, "down"], env=env, capture_output=True, timeout=60)

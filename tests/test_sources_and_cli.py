@@ -261,6 +261,11 @@ def test_a_run_over_batch_max_events_streams_in_bounded_memory_and_its_shards_sy
     summary = json.loads((out / "summary.json").read_text())
     assert summary["events_in"] == 3000 == summary["events_accounted"]
     assert summary["sync"]["publications"] > 0  # a streaming run: the shards share their global parameters
+    # the runner's gauges report each shard's last flush (Beam kept every bundle's value and reported the first)
+    gauges = summary["runner_metrics"]["gauges"]
+    for shard, version in summary["model_versions"].items():
+        assert gauges[f"model_version_shard_{shard}"] == version > 1
+        assert gauges[f"table_rows_item_shard_{shard}"] == summary["table_rows"][shard]["item"]
 
 
 def test_the_runner_keeps_its_metrics_as_a_list_not_a_chain_of_generators():

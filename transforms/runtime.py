@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import os
+from typing import Any
 
 _TUNED = False
 _GC_TUNED = False
@@ -83,6 +84,24 @@ def keep_runner_metrics_bounded() -> None:
         _METRICS_PATCHED = True
         return
     if getattr(fn_runner, "consolidate_monitoring_infos", None) is consolidate:
-        fn_runner.consolidate_monitoring_infos = lambda metrics, key=None: list(  # type: ignore[attr-defined]
-            consolidate(metrics) if key is None else consolidate(metrics, key))
+        fn_runner.consolidate_monitoring_infos = _consolidated  # type: ignore[attr-defined]
     _METRICS_PATCHED = True
+
+
+def _consolidated(metrics: Any, key: Any = None) -> list[Any]:
+    """Beam's ``consolidate`` into a list, with one value per gauge: the one set last. (Beam has no combiner
+    for gauges, so it kept every bundle's value, newest bundle first, and its results then reported the
+    oldest: a run's ``model_version_shard_N`` gauge read 1 at the end of a stream.)"""
+    from apache_beam.metrics import monitoring_infos as mi
+
+    out: list[Any] = []
+    gauges: dict[Any, tuple[float, Any]] = {}
+    for info in mi.consolidate(metrics) if key is None else mi.consolidate(metrics, key):
+        if not mi.is_gauge(info):
+            out.append(info)
+            continue
+        k = mi.to_key(info) if key is None else key(info)
+        at = mi.extract_gauge_value(info)[0]
+        if k not in gauges or at >= gauges[k][0]:
+            gauges[k] = (at, info)
+    return out + [info for _, info in gauges.values()]
