@@ -9,6 +9,7 @@ computed differently goes out with its next publication, so every shard applies 
 
 from __future__ import annotations
 
+import bisect
 from collections import Counter, OrderedDict
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
@@ -54,6 +55,47 @@ def _summed(parts: list[tuple[list[str], torch.Tensor]]) -> tuple[list[str], tor
     return ids, total
 
 
+class PublicationIndex:
+    """What one worker knows of a medium's publications, kept up to date incrementally: a refresh lists the
+    medium's names (one listing) and parses only the new ones, so a flush costs O(new + pending epochs),
+    not O(every publication of the run) as a full pass over the listing did."""
+
+    def __init__(self, shards: int):
+        self.shards = shards
+        self.clear()
+
+    def clear(self) -> None:
+        shards = self.shards
+        self.known: set[str] = set()
+        self.by_epoch: dict[int, list[tuple[str, int, int]]] = {}  # epoch -> (name, shard, newest event time)
+        self.epochs: list[int] = []  # sorted keys of by_epoch
+        self.newest_label = dict.fromkeys(range(shards), -1)
+
+    def refresh(self, medium: Medium) -> None:
+        names = set(medium.names())
+        if not self.known <= names:  # something was removed (a probe file, a cleared folder): start over
+            self.clear()
+        for name in names - self.known:
+            self.known.add(name)
+            parsed = parse_name(name)
+            if parsed is None or parsed[1] not in self.newest_label:
+                continue
+            epoch, shard, max_ms = parsed
+            if epoch not in self.by_epoch:
+                self.by_epoch[epoch] = []
+                bisect.insort(self.epochs, epoch)
+            self.by_epoch[epoch].append((name, shard, max_ms))
+            self.newest_label[shard] = max(self.newest_label[shard], epoch)
+
+    def after(self, epoch: int) -> list[int]:
+        """The epochs with publications later than ``epoch``, in order."""
+        return self.epochs[bisect.bisect_right(self.epochs, epoch):]
+
+
+# Each worker's index of each medium (by location and shard count): every shard of the worker shares it.
+_INDEX: OrderedDict[tuple[str, int], PublicationIndex] = OrderedDict()
+
+
 class ShardSync:
     """One shard's end of the sync: ``catch_up`` before it learns a batch, ``after_batch`` after it."""
 
@@ -97,11 +139,20 @@ class ShardSync:
         return change.epoch
 
     def _published_before(self, epoch: int) -> str | None:
-        for name in self.medium.names():
-            parsed = parse_name(name)
-            if parsed is not None and parsed[0] == epoch and parsed[1] == self.shard:
-                return name
-        return None
+        index = self.index()
+        return next((name for name, shard, _ in index.by_epoch.get(epoch, []) if shard == self.shard), None)
+
+    def index(self, refresh: bool = True) -> PublicationIndex:
+        """This worker's index of the medium, refreshed (one listing) unless told otherwise."""
+        key = (self.medium.location, self.cfg.shards)
+        index = _INDEX.get(key)
+        if index is None:
+            index = _INDEX[key] = PublicationIndex(self.cfg.shards)
+            while len(_INDEX) > 64:
+                _INDEX.popitem(last=False)
+        if refresh:
+            index.refresh(self.medium)
+        return index
 
     def _account_for(self, learner: IncrementalLearner, computed: ShardChange, sent: ShardChange) -> None:
         """The reference moved by ``computed``; the other shards got ``sent``. Move it back by the difference,
@@ -145,42 +196,32 @@ class ShardSync:
     # ------------------------------------------------------------------ applying merged epochs
     def publications(self) -> list[tuple[str, int, int, int]]:
         """(name, epoch, shard, newest event time) of every publication of this run's shards on the medium."""
-        out = []
-        for name in self.medium.names():
-            parsed = parse_name(name)
-            if parsed is not None and parsed[1] < self.cfg.shards:
-                out.append((name, *parsed))
-        return out
+        index = self.index()
+        return [(name, epoch, shard, max_ms) for epoch in index.epochs for name, shard, max_ms in index.by_epoch[epoch]]
 
-    def ready_epochs(self, applied: int, oldest_ms: int,
-                     listed: list[tuple[str, int, int, int]] | None = None) -> list[tuple[int, list[str]]]:
+    def ready_epochs(self, applied: int, oldest_ms: int) -> list[tuple[int, list[str]]]:
         """Merged epochs after ``applied`` this shard may apply before learning events from ``oldest_ms`` on:
         complete (every shard published there or later) and with no change newer than ``oldest_ms``."""
-        newest_label = dict.fromkeys(range(self.cfg.shards), -1)
-        by_epoch: dict[int, list[tuple[str, int]]] = {}
-        for name, epoch, shard, max_ms in self.publications() if listed is None else listed:
-            newest_label[shard] = max(newest_label[shard], epoch)
-            if epoch > applied:
-                by_epoch.setdefault(epoch, []).append((name, max_ms))
-        horizon = min(newest_label.values())
+        index = self.index()
+        horizon = min(index.newest_label.values())
         out = []
-        for epoch in sorted(by_epoch):
-            files = by_epoch[epoch]
-            if epoch > horizon or any(max_ms > oldest_ms for _, max_ms in files):
+        for epoch in index.after(applied):
+            files = index.by_epoch[epoch]
+            if epoch > horizon or any(max_ms > oldest_ms for _, _, max_ms in files):
                 break
-            out.append((epoch, sorted(name for name, _ in files)))
+            out.append((epoch, sorted(name for name, _, _ in files)))
         return out
 
     def catch_up(self, learner: IncrementalLearner, oldest_ms: int) -> list[int]:
         """Apply every merged epoch that is ready (``ready_epochs``), in order; returns their epochs."""
         learner.share_serving()
-        listed = self.publications()
-        ready = self.ready_epochs(learner.sync.applied, oldest_ms, listed)
+        ready = self.ready_epochs(learner.sync.applied, oldest_ms)
         if ready:
             self.apply(learner, [e for e, _ in ready], [names for _, names in ready])
         # the sync lag: this shard's publications the merge has not brought back yet (a stalled shard elsewhere
         # holds every epoch from its last publication on; normally 0 or 1)
-        self.lag_epochs = sum(1 for _, e, s, _ in listed if s == self.shard and e > learner.sync.applied)
+        index = self.index(refresh=False)  # as ready_epochs saw it
+        self.lag_epochs = sum(1 for e in index.after(learner.sync.applied) for _, s, _ in index.by_epoch[e] if s == self.shard)
         return [e for e, _ in ready]
 
     def _merged(self, names: list[str]) -> tuple[list[ShardChange], ShardChange]:
@@ -198,8 +239,8 @@ class ShardSync:
         """Add the merged updates of ``epochs`` minus this shard's own changes to its copy and reference, as
         one write (one new version)."""
         if names is None:  # replaying a journal: each epoch's files, as when it was applied
-            listed = self.publications()
-            names = [sorted(n for n, epoch, _, _ in listed if epoch == e) for e in epochs]
+            index = self.index()
+            names = [sorted(n for n, _, _ in index.by_epoch.get(e, [])) for e in epochs]
         st, table = learner.sync, learner.items
         item_parts: list[tuple[list[str], torch.Tensor]] = []
         served_parts: list[tuple[list[str], torch.Tensor]] = []  # the merged updates alone, for serving
