@@ -278,7 +278,7 @@ def build(env: StreamExecutionEnvironment, args: argparse.Namespace) -> None:
                   .process(AnnotateFeatures(UserFeaturizer(cfg.feature), cfg.state_ttl_ms), output_type=Types.PICKLED_BYTE_ARRAY())
                   .uid("user-features"))
     outputs = (with_users.key_by(lambda e: shard_of(e["user_id"], shards), key_type=Types.INT())
-               .process(UpdateShardModel(cfg.learner, cfg.update.batch_size, cfg.update.top_k, args.snapshot_every,
+               .process(UpdateShardModel(cfg.learner, cfg.update.shard_batch_size, cfg.update.top_k, args.snapshot_every,
                                          progress_s, cfg.sharding.sync, cfg.sharding.sync_location,
                                          cfg.update.alert_skipped_flushes, reports=bool(cfg.stats_window_s)),
                         output_type=Types.STRING())

@@ -1,8 +1,9 @@
 """UpdateShardModels: one stateful DoFn per shard holds its model partition in Beam state.
 
 Events arrive as micro-batches per shard (``RebatchByKey``). What is buffered plus what arrived is put
-in event-time order and flushed in ``batch_size`` chunks (``batch_size=1`` is online learning); the
-remainder waits in BagState until ``batch_size`` are buffered, the watermark passes the newest
+in event-time order and flushed in chunks of the shard's share of the micro-batch (``shard_batch_size``:
+``batch_size`` over the shards; ``batch_size=1`` is online learning); the remainder waits in BagState
+until that many are buffered, the watermark passes the newest
 buffered event, or ``flush_interval_s`` of processing time after the buffer became non-empty. A flush scores first (prequential metrics),
 takes one optimizer step, and emits refreshed scores for the touched users, a delta of exactly the
 rows that changed, rollback records, and a report for the run summary.
@@ -124,7 +125,7 @@ class UpdateShardModel(beam.DoFn):
         count = buffered.read()
         state = meta.read() or _new_meta()
         newest = max(state.get("buffer_newest_ms") or 0, max(r["event_time_ms"] for r in records))
-        if count + len(records) < self.cfg.batch_size:  # still filling: append only
+        if count + len(records) < self.cfg.shard_batch_size:  # still filling: append only
             for record in records:
                 buffer.add(record)
             buffered.add(len(records))
@@ -139,7 +140,7 @@ class UpdateShardModel(beam.DoFn):
         buffered.clear()
         if flush_timer is not None:
             flush_timer.clear()
-        size = self.cfg.batch_size
+        size = self.cfg.shard_batch_size
         full = len(pending) - len(pending) % size
         for start in range(0, full, size):
             yield from self._flush(shard, pending[start : start + size], window, snapshot, journal, state)
