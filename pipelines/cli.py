@@ -299,6 +299,7 @@ def run(ns: argparse.Namespace, opts: Any, probe: Any = None) -> int:
     import apache_beam as beam
 
     from pipelines.freshrec_pipeline import build_pipeline
+    from pipelines.pubsub_read import drain_on_signals
     from pipelines.runner_metrics import counter_accounting, distributions_and_gauges, metric_counters
     from transforms.sinks import write_summary
 
@@ -306,6 +307,7 @@ def run(ns: argparse.Namespace, opts: Any, probe: Any = None) -> int:
     clear_outputs(paths)
     started = time.time()
     printer = ProgressPrinter(0 if ns.quiet else ns.progress_s).start()
+    restore = drain_on_signals() if ns.events_subscription else None  # SIGTERM/SIGINT drain a Pub/Sub run
     try:
         with beam.Pipeline(options=opts) as p:
             build_pipeline(p, opts, probe=probe)
@@ -315,6 +317,8 @@ def run(ns: argparse.Namespace, opts: Any, probe: Any = None) -> int:
     finally:
         printer.stop()
         remove_temp_dirs(paths)
+        if restore is not None:
+            restore()
     result = p.result if hasattr(p, "result") else None
     print(f"freshrec: pipeline finished in {time.time() - started:.1f}s")
     for name, path in paths.items():

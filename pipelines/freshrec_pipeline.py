@@ -82,6 +82,10 @@ def build_pipeline(p: beam.Pipeline, opts: FreshrecOptions, clock: Callable[[], 
     keep_runner_metrics_bounded()  # the DirectRunner's engine: bounded metrics, and gauges that report their last value
     if o.events_subscription:
         from pipelines.pubsub import ReadEventsFromPubSub
+        from pipelines.pubsub_read import use_batched_pubsub_reads
+
+        if one_process_streaming(opts):
+            use_batched_pubsub_reads()
 
         payloads, bad_messages = p | "ReadEventsFromPubSub" >> ReadEventsFromPubSub(o.events_subscription)
     else:

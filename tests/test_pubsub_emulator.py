@@ -7,6 +7,7 @@ emulator component is absent.
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from collections import defaultdict
@@ -161,3 +162,57 @@ def test_pubsub_end_to_end_with_consumer(emulator, tmp_path):
     assert consumer.counters["duplicates"] == 3
     for shard in by_shard:
         assert consumer.version(shard) == consumer2.version(shard)
+
+
+def test_a_pubsub_run_reads_a_backlog_in_large_pulls_and_sigterm_drains_it_with_every_event_accounted(emulator, tmp_path):
+    """The CLI on a subscription with a backlog (``pipelines.pubsub_read``): it reads it in large pulls (the
+    DirectRunner's own read took one 10-message pull per second), and SIGTERM stops it the way a drain
+    does: no more pulls, buffers flushed, open windows fired, totals printed, every message accounted for
+    as applied or dead-lettered."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from google.cloud import pubsub_v1
+
+    publisher, subscriber = pubsub_v1.PublisherClient(), pubsub_v1.SubscriberClient()
+    publisher.create_topic(request={"name": _topic("backlog")})
+    subscriber.create_subscription(request={"name": _sub("backlog"), "topic": _topic("backlog")})
+    n, start = 1_500, int(time.time() * 1000) - 60_000
+    events = [{"event_id": f"b{i}", "user_id": f"u{i % 50}", "item_id": f"i{i % 37}", "event_type": "click",
+               "event_time_ms": start + i * 20, "value": None, "context": {}} for i in range(n)]
+    messages = list(prepare(events, retime=False, speedup=1.0, start_ms=start))
+    messages.append((b"whatever", {"event_time_ms": str(start)}))  # no schema fingerprint: dead-lettered
+    assert publish(_topic("backlog"), messages, rate=0, publisher=publisher) == n + 1
+
+    out = tmp_path / "out"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pipelines.cli", "--events_subscription", _sub("backlog"), "--output_dir", str(out),
+         "--dim", "8", "--allowed_lateness_s", "3600", "--progress_s", "1"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "PUBSUB_EMULATOR_HOST": emulator})
+    progress: list[str] = []
+    reader = threading.Thread(target=lambda: progress.extend(proc.stderr), daemon=True)
+    reader.start()
+    started, read_all_s = time.time(), None
+    try:
+        while time.time() - started < 240 and proc.poll() is None:
+            time.sleep(0.5)
+            lines = [line for line in progress if " read, " in line]
+            if read_all_s is None and lines and f"{n + 1:,} read" in lines[-1]:
+                read_all_s = time.time() - started
+            if lines and f"{n:,} applied, 1 dead-lettered" in lines[-1]:
+                break
+        assert proc.poll() is None, "".join(progress)[-2000:]
+        proc.send_signal(signal.SIGTERM)
+        stdout, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    reader.join(timeout=5)
+    assert read_all_s is not None and read_all_s < 120, "".join(progress)[-2000:]
+    assert any("SIGTERM: draining" in line for line in progress)
+    assert "pipeline finished" in stdout, stdout[-2000:]
+    totals = json.loads(stdout[stdout.index("{"):])["windows"]
+    assert totals["events_accounted"] == n + 1
+    assert totals["events_applied"] == n and totals["events_dead_lettered"] == 1

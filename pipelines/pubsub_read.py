@@ -1,0 +1,214 @@
+"""How the DirectRunner reads Pub/Sub here: large pulls, acknowledgement after accounting, an event-time
+watermark, and a drain.
+
+Beam Python's streaming DirectRunner reads ``ReadFromPubSub`` with one ``pull(max_messages=10, timeout=30)``
+per bundle, acknowledges the messages before they are processed, and holds the watermark at the wall clock.
+So it falls behind from about 40 events/s, an empty pull blocks its only worker for up to 30 s, a crash
+loses what was acknowledged, and reports stamped with their events' time arrive behind the watermark.
+``use_batched_pubsub_reads()`` registers ``PullInBatchesEvaluator`` in its place (through the runner's own
+evaluator-override hook), for every ``ReadFromPubSub`` of the process:
+
+* **Large pulls.** Each bundle pulls up to ``CHUNK`` messages (synchronous pulls of up to ``MAX_MESSAGES``,
+  ``PULL_TIMEOUT_S`` each) and only while the run holds fewer than ``FlowControl.max_in_flight``
+  unaccounted events.
+* **Event time.** Each message is stamped with its ``event_time_ms`` attribute (its publish time where that
+  is missing or bad: the parse step dead-letters it), and the watermark trails the newest event time by
+  ``MAX_OUT_OF_ORDERNESS_S``. While the subscription is idle it advances with the wall clock from the
+  newest event, so windows and flushes still fire when traffic pauses.
+* **Acknowledge after accounting.** A pull's ack ids are held until the run has applied or dead-lettered
+  as many events as had been read by the end of that pull (``core.progress.BOARD``, this process's
+  ledger), and their ack deadlines are extended meanwhile. A crash before that leaves them unacknowledged
+  and Pub/Sub redelivers them; the dedupe step drops redeliveries by event id. The ledger counts events,
+  not identities: with several shards one shard may still buffer an event of an acknowledged pull while
+  another has applied later ones.
+* **Drain.** Once ``DRAIN`` is set (the command line sets it on SIGTERM or SIGINT) the reader stops
+  pulling, waits (at most ``FlowControl.max_wait_s``) for what it read to be accounted for, acknowledges
+  it and ends: the watermark reaches the end of time, open windows fire and the run prints its totals.
+
+Dataflow implements ``ReadFromPubSub`` itself and is not affected; Beam's portable runners (Flink) have no
+Python ``ReadFromPubSub``.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from apache_beam.utils.timestamp import MAX_TIMESTAMP, MIN_TIMESTAMP, Duration, Timestamp
+
+from core.progress import BOARD
+from schemas.messages import EVENT_TIME_ATTR
+from transforms.sources import FlowControl
+
+DRAIN = threading.Event()  # set: every reader of this process acknowledges what is accounted for and ends
+CHUNK = 2_000
+MAX_MESSAGES = 1_000
+PULL_TIMEOUT_S = 0.5
+ACK_EXTENSION_S = 60
+MAX_OUT_OF_ORDERNESS_S = 60.0  # as the file replay's
+FLOW = FlowControl()
+
+
+@dataclass
+class _Reader:
+    """What one subscription's reader keeps between bundles."""
+
+    pending: list[tuple[int, list[str]]] = field(default_factory=list)  # (events read by then, ack ids)
+    extended: float = field(default_factory=time.monotonic)
+    newest: Timestamp | None = None  # the newest event time read
+    newest_at: float = 0.0  # when it was read (wall clock)
+    watermark: Timestamp = MIN_TIMESTAMP
+    drain_deadline: float | None = None
+
+    def hold(self, read_by: int, ack_ids: list[str]) -> None:
+        self.pending.append((read_by, ack_ids))
+
+    def accounted(self, accounted: int) -> list[str]:
+        """Ack ids of the pulls the ledger has accounted for (no longer held)."""
+        done = [ids for read_by, ids in self.pending if read_by <= accounted]
+        self.pending = [p for p in self.pending if p[0] > accounted]
+        return [i for ids in done for i in ids]
+
+    def waiting(self) -> list[str]:
+        return [i for _, ids in self.pending for i in ids]
+
+    def stamp(self, ts: Timestamp) -> None:
+        if self.newest is None or ts > self.newest:
+            self.newest, self.newest_at = ts, time.time()
+
+    def advance(self, idle: bool) -> Timestamp:
+        """The watermark after a pull: the newest event time less the out-of-orderness, plus the idle time."""
+        if self.newest is not None:
+            ahead = (time.time() - self.newest_at) if idle else 0.0
+            self.watermark = max(self.watermark, self.newest + Duration.of(ahead - MAX_OUT_OF_ORDERNESS_S))
+        return self.watermark
+
+
+_READERS: dict[str, _Reader] = {}
+
+
+def event_timestamp(message: Any) -> Timestamp:
+    """A received message's event time: its ``event_time_ms`` attribute, else its publish time."""
+    try:
+        return Timestamp(micros=int(message.attributes[EVENT_TIME_ATTR]) * 1000)
+    except (KeyError, ValueError):
+        return Timestamp(micros=int(message.publish_time.timestamp() * 1e6))
+
+
+def _chunked(ids: list[str], n: int = 2_000) -> list[list[str]]:
+    return [ids[i:i + n] for i in range(0, len(ids), n)]
+
+
+def _evaluator_class() -> type:
+    from apache_beam.io.gcp.pubsub import PubsubMessage
+    from apache_beam.metrics import Metrics
+    from apache_beam.runners.direct.transform_evaluator import TransformResult, _PubSubReadEvaluator
+    from apache_beam.transforms.window import GlobalWindows
+
+    pulled = Metrics.counter("freshrec", "pubsub_messages_pulled")
+    acked = Metrics.counter("freshrec", "pubsub_messages_acked")
+
+    class PullInBatchesEvaluator(_PubSubReadEvaluator):
+        """``ReadFromPubSub`` on the DirectRunner, as the module docstring says."""
+
+        def _settle(self, client: Any, reader: _Reader) -> None:
+            ready = reader.accounted(BOARD.applied + BOARD.dead)
+            for ids in _chunked(ready):
+                client.acknowledge(subscription=self._sub_name, ack_ids=ids)
+            acked.inc(len(ready))
+            waiting = reader.waiting()
+            if waiting and time.monotonic() - reader.extended > ACK_EXTENSION_S / 4:
+                for ids in _chunked(waiting):
+                    client.modify_ack_deadline(subscription=self._sub_name, ack_ids=ids,
+                                               ack_deadline_seconds=ACK_EXTENSION_S)
+                reader.extended = time.monotonic()
+
+        def _pull(self, client: Any, reader: _Reader) -> list[tuple[Timestamp, Any]]:
+            from google.api_core.exceptions import DeadlineExceeded
+
+            if BOARD.in_flight() > FLOW.max_in_flight:
+                time.sleep(0.01)
+                return []
+            out: list[tuple[Timestamp, Any]] = []
+            started = time.monotonic()
+            while len(out) < CHUNK and time.monotonic() - started < PULL_TIMEOUT_S:
+                try:
+                    resp = client.pull(subscription=self._sub_name, max_messages=MAX_MESSAGES, timeout=PULL_TIMEOUT_S)
+                except DeadlineExceeded:
+                    break
+                received = resp.received_messages
+                if not received:
+                    break
+                for rm in received:
+                    ts = event_timestamp(rm.message)
+                    reader.stamp(ts)
+                    out.append((ts, PubsubMessage._from_message(rm.message)))
+                BOARD.note_emitted(len(received))
+                reader.hold(BOARD.emitted, [rm.ack_id for rm in received])
+            pulled.inc(len(out))
+            return out
+
+        def finish_bundle(self) -> TransformResult:
+            client = self._get_subscriber_client(self._applied_ptransform)
+            reader = _READERS.setdefault(self._sub_name, _Reader())
+            self._settle(client, reader)
+            data = [] if DRAIN.is_set() else self._pull(client, reader)
+            bundles = []
+            if data:
+                bundle = self._evaluation_context.create_bundle(list(self._outputs)[0])
+                for ts, message in data:
+                    bundle.output(GlobalWindows.windowed_value(
+                        message if self.source.with_attributes else message.data, timestamp=ts))
+                bundles = [bundle]
+            if DRAIN.is_set():
+                if reader.drain_deadline is None:
+                    reader.drain_deadline = time.monotonic() + FLOW.max_wait_s
+                if BOARD.in_flight() <= 0 or time.monotonic() > reader.drain_deadline:
+                    self._settle(client, reader)
+                    _READERS.pop(self._sub_name, None)
+                    return TransformResult(self, bundles, [], None, {None: MAX_TIMESTAMP})
+                time.sleep(0.01)
+            watermark = reader.advance(idle=not data)
+            inputs = self._applied_ptransform.inputs
+            from apache_beam import pvalue
+
+            source = inputs[0] if inputs else pvalue.PBegin(self._applied_ptransform.transform.pipeline)
+            return TransformResult(self, bundles, [self._evaluation_context.create_bundle(source)], None,
+                                   {None: watermark})
+
+    return PullInBatchesEvaluator
+
+
+def use_batched_pubsub_reads() -> None:
+    """Register ``PullInBatchesEvaluator`` for the DirectRunner's Pub/Sub reads. Idempotent; per process."""
+    from apache_beam.runners.direct.direct_runner import _DirectReadFromPubSub
+    from apache_beam.runners.direct.transform_evaluator import TransformEvaluatorRegistry
+
+    overrides = TransformEvaluatorRegistry._test_evaluators_overrides
+    if _DirectReadFromPubSub not in overrides:
+        overrides[_DirectReadFromPubSub] = _evaluator_class()
+    DRAIN.clear()
+
+
+def drain_on_signals() -> Callable[[], None]:
+    """SIGTERM or SIGINT drains a Pub/Sub run (``pipelines.pubsub_read.DRAIN``: stop pulling, account for and
+    acknowledge what was read, fire open windows, print the totals); a second SIGINT stops it at once.
+    Returns what restores the previous handlers."""
+    def drain(signum: int, _frame: Any) -> None:
+        if DRAIN.is_set() and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        print(f"freshrec: {signal.Signals(signum).name}: draining (stop pulling, finish what was read)", file=sys.stderr)
+        DRAIN.set()
+
+    previous = {s: signal.signal(s, drain) for s in (signal.SIGTERM, signal.SIGINT)}
+
+    def restore() -> None:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+    return restore
