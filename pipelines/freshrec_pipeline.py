@@ -19,7 +19,7 @@ from pipelines.results import STATS, output_paths
 from transforms.clean import DEAD_LETTER, CleanEvents
 from transforms.featurize import FeaturizeEvents
 from transforms.monitor import MonitorStream
-from transforms.runtime import keep_runner_metrics_bounded
+from transforms.runtime import count_every_bundle_on_the_streaming_direct_runner, keep_runner_metrics_bounded
 from transforms.sinks import SummarizeRun, WriteAvroRecords
 from transforms.sources import FlowControl, ReplayEvents, SyntheticEvents
 from transforms.update import ALERTS, DELTAS, REPORTS, ROLLBACKS, SCORES, UpdateShardModels
@@ -80,6 +80,7 @@ def build_pipeline(p: beam.Pipeline, opts: FreshrecOptions, clock: Callable[[], 
     cfg = pipeline_config(o)
     paths = output_paths(cfg.output_dir)
     keep_runner_metrics_bounded()  # the DirectRunner's engine: bounded metrics, and gauges that report their last value
+    count_every_bundle_on_the_streaming_direct_runner()
     if o.events_subscription:
         from pipelines.pubsub import ReadEventsFromPubSub
         from pipelines.pubsub_read import use_batched_pubsub_reads

@@ -168,7 +168,8 @@ def test_a_pubsub_run_reads_a_backlog_in_large_pulls_and_sigterm_drains_it_with_
     """The CLI on a subscription with a backlog (``pipelines.pubsub_read``): it reads it in large pulls (the
     DirectRunner's own read took one 10-message pull per second), and SIGTERM stops it the way a drain
     does: no more pulls, buffers flushed, open windows fired, totals printed, every message accounted for
-    as applied or dead-lettered."""
+    as applied or dead-lettered, and the runner's own counters agree (the streaming DirectRunner counted
+    only each worker thread's first bundle of a step: ``transforms.runtime``)."""
     import os
     import signal
     import subprocess
@@ -213,6 +214,7 @@ def test_a_pubsub_run_reads_a_backlog_in_large_pulls_and_sigterm_drains_it_with_
     assert read_all_s is not None and read_all_s < 120, "".join(progress)[-2000:]
     assert any("SIGTERM: draining" in line for line in progress)
     assert "pipeline finished" in stdout, stdout[-2000:]
+    assert proc.returncode == 0, "".join(progress)[-2000:]  # the runner's counters agree with the ledger
     totals = json.loads(stdout[stdout.index("{"):])["windows"]
     assert totals["events_accounted"] == n + 1
     assert totals["events_applied"] == n and totals["events_dead_lettered"] == 1
