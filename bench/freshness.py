@@ -1,113 +1,205 @@
-"""Freshness latency: from an event's publication to the emission of its user's refreshed score.
+"""Freshness over Pub/Sub: from an event's publication to its user's refreshed score at the consumer, per rate.
 
-Runs the streaming pipeline (DirectRunner) against the local Pub/Sub emulator, publishes events at
-``--rate`` per second for ``--seconds`` (each stamped with its publish time as event time), reads the
-scored outputs and reports p50/p90/p99 of emit_time_ms - event_time_ms, i.e. publication to refreshed
-score, per micro-batch setting. Needs the emulator (``gcloud beta emulators pubsub start``).
+For each of ``--rates`` it starts the pipeline (the CLI, DirectRunner, streaming) on a fresh subscription of
+the local Pub/Sub emulator, with scores and deltas going to topics, and publishes synthetic events at that
+rate for ``--seconds`` from another process, each stamped with its publication time as event time. This
+process plays the serving side: a ``DeltaConsumer`` applies the deltas as they arrive, and a refreshed score
+(a scored-output record: user, shard, model version, the publication time of the newest event behind it)
+counts as visible once the consumer holds that shard at that version. Lag = visible - published.
 
-    python -m bench.freshness --rate 5 --seconds 20 --batch_sizes 1,16 --flush_interval_s 0.5
+It then waits until every published event is applied or dead-lettered (the pipeline's progress ledger), at
+most ``--drain_timeout_s``, stops the pipeline with SIGTERM (a drain: it flushes and prints its totals), and
+checks published == applied + dead-lettered. Writes, per rate,
+``{"rate", "published", "applied", "dead_lettered", "p50_ms", "p90_ms", "p99_ms", "max_lag_s"}`` and prints
+the highest rate sustained with p99 < 3 s. Exits 1 if any rate's events are not all accounted for.
+Needs the emulator (``gcloud beta emulators pubsub start``).
+
+    python -m bench.freshness --rates 100,500,1000,2000,5000 --seconds 30 --json bench/results/freshness.json
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import multiprocessing
+import os
+import re
+import signal
+import subprocess
 import sys
 import threading
 import time
+from typing import Any
 
 import numpy as np
 
-import schemas
 from core.settings import HelpFormatter, add_flags
 from pipelines.emulator import EmulatorUnavailable, start_emulator
-from schemas.messages import event_message
 
 PROJECT = "freshrec-bench"
+P99_TARGET_MS = 3_000
 
 
-def run_once(batch_size: int, flush_s: float, rate: float, seconds: float, tag: str) -> dict[str, float]:
-    """One streaming run at ``batch_size``; ``flush_s`` 0 leaves the pipeline's streaming default."""
-    import apache_beam as beam
+def _publish_at(topic: str, rate: float, seconds: float, tag: str, host: str) -> None:
+    """(A child process.) ``rate * seconds`` synthetic events, event time = publication time."""
+    os.environ["PUBSUB_EMULATOR_HOST"] = host
     from google.cloud import pubsub_v1
 
-    from pipelines.freshrec_pipeline import build_pipeline, make_options
+    from schemas.messages import event_message
 
+    client = pubsub_v1.PublisherClient(batch_settings=pubsub_v1.types.BatchSettings(max_messages=500, max_latency=0.02))
+    futures, started, total = [], time.monotonic(), int(rate * seconds)
+    for i in range(total):
+        data, attrs = event_message({"event_id": f"{tag}-{i}", "user_id": f"u{i % 500}", "item_id": f"i{(i * 7) % 211}",
+                                     "event_type": "click", "event_time_ms": int(time.time() * 1000), "value": None,
+                                     "context": {}})
+        futures.append(client.publish(topic, data, **attrs))
+        ahead = (i + 1) / rate - (time.monotonic() - started)
+        if ahead > 0:
+            time.sleep(ahead)
+    for f in futures:
+        f.result(timeout=120)
+
+
+def run_rate(rate: float, args: argparse.Namespace, host: str) -> dict[str, Any]:
+    from google.cloud import pubsub_v1
+
+    import schemas
+    from core.settings import pipeline_config
+    from pipelines.consumer import DeltaConsumer
+    from pipelines.freshrec_pipeline import make_options
+
+    tag = f"r{int(rate)}"
     publisher, subscriber = pubsub_v1.PublisherClient(), pubsub_v1.SubscriberClient()
     topic = lambda n: f"projects/{PROJECT}/topics/{tag}-{n}"  # noqa: E731
     sub = lambda n: f"projects/{PROJECT}/subscriptions/{tag}-{n}"  # noqa: E731
     for n in ("events", "scores", "deltas", "dead"):
         publisher.create_topic(request={"name": topic(n)})
-    for n in ("events", "scores"):
-        subscriber.create_subscription(request={"name": sub(n), "topic": topic(n)})
-    opts = make_options(["--events_subscription", sub("events"), "--scores_topic", topic("scores"),
-                         "--deltas_topic", topic("deltas"), "--dead_letter_topic", topic("dead"),
-                         "--shards", "2", "--batch_size", str(batch_size)]
-                        + (["--flush_interval_s", str(flush_s)] if flush_s else []))
-    p = beam.Pipeline(options=opts)
-    build_pipeline(p, opts)
-    result = p.run()
-    threading.Thread(target=lambda: result.wait_until_finish(), daemon=True).start()
+    for n in ("events", "scores", "deltas"):
+        subscriber.create_subscription(request={"name": sub(n), "topic": topic(n), "ack_deadline_seconds": 60})
+    argv = ["--events_subscription", sub("events"), "--scores_topic", topic("scores"), "--deltas_topic", topic("deltas"),
+            "--dead_letter_topic", topic("dead"), "--output_dir", os.path.join(args.work, tag), "--progress_s", "1",
+            "--stats_window_s", "0", "--flush_interval_s", str(args.flush_interval_s), *args.extra]
+    cfg = pipeline_config(make_options(argv))
+    proc = subprocess.Popen([sys.executable, "-m", "pipelines.cli", *argv], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "PUBSUB_EMULATOR_HOST": host})
+    progress: list[str] = []
+    threading.Thread(target=lambda: progress.extend(proc.stderr), daemon=True).start()
+    time.sleep(args.warmup_s)  # the pipeline's start-up (imports, the runner) is not part of the stream
 
-    sent = 0
-    start = time.monotonic()
-    n_total = int(rate * seconds)
-    while sent < n_total:
-        now_ms = int(time.time() * 1000)
-        data, attrs = event_message({"event_id": f"{tag}-{sent}", "user_id": f"u{sent % 200}", "item_id": f"i{sent % 97}",
-                                     "event_type": "click", "event_time_ms": now_ms, "value": None, "context": {}})
-        publisher.publish(topic("events"), data, **attrs)
-        sent += 1
-        ahead = sent / rate - (time.monotonic() - start)
-        if ahead > 0:
-            time.sleep(ahead)
-    latencies: list[int] = []
-    users_seen = 0
-    deadline = time.time() + 60
-    while time.time() < deadline:
-        resp = subscriber.pull(request={"subscription": sub("scores"), "max_messages": 1000}, timeout=10)
-        if resp.received_messages:
-            subscriber.acknowledge(request={"subscription": sub("scores"), "ack_ids": [m.ack_id for m in resp.received_messages]})
-            for m in resp.received_messages:
-                rec = schemas.decode(schemas.SCORED_OUTPUT, m.message.data)
-                latencies.append(rec["emit_time_ms"] - rec["event_time_ms"])
-                users_seen += 1
-        elif latencies and time.time() - start > seconds + 15:
-            break
-    result.cancel()
-    lat = np.asarray(latencies)
-    return {"events": sent, "scores": users_seen, "p50_ms": float(np.percentile(lat, 50)) if len(lat) else float("nan"),
-            "p90_ms": float(np.percentile(lat, 90)) if len(lat) else float("nan"),
-            "p99_ms": float(np.percentile(lat, 99)) if len(lat) else float("nan")}
+    consumer = DeltaConsumer(cfg.learner, cfg.sharding.shards)
+    waiting: list[tuple[int, int, int]] = []  # (shard, version, published ms) not yet visible
+    lags: list[float] = []
+    stop = threading.Event()
+
+    def serve() -> None:
+        while not stop.is_set():
+            got = 0
+            for name in ("deltas", "scores"):
+                resp = subscriber.pull(request={"subscription": sub(name), "max_messages": 1000}, timeout=10)
+                if not resp.received_messages:
+                    continue
+                got += len(resp.received_messages)
+                subscriber.acknowledge(request={"subscription": sub(name),
+                                                "ack_ids": [m.ack_id for m in resp.received_messages]})
+                for m in resp.received_messages:
+                    if name == "deltas":
+                        consumer.handle_message(m.message.data, m.message.message_id)
+                    else:
+                        rec = schemas.decode(schemas.SCORED_OUTPUT, m.message.data)
+                        waiting.append((rec["shard"], rec["model_version"], rec["event_time_ms"]))
+            now = time.time() * 1000
+            still = []
+            for shard, version, published in waiting:
+                if consumer.version(shard) >= version:
+                    lags.append(now - published)
+                else:
+                    still.append((shard, version, published))
+            waiting[:] = still
+            if not got:
+                time.sleep(0.05)
+
+    server = threading.Thread(target=serve, daemon=True)
+    server.start()
+    child = multiprocessing.get_context("spawn").Process(target=_publish_at, args=(topic("events"), rate, args.seconds, tag, host))
+    child.start()
+    child.join()
+    published = int(rate * args.seconds)
+    deadline = time.time() + args.drain_timeout_s
+    accounted = (0, 0)
+    while time.time() < deadline and proc.poll() is None:
+        lines = [line for line in progress if " applied, " in line]
+        if lines:
+            m = re.search(r"([\d,]+) applied, ([\d,]+) dead-lettered", lines[-1])
+            if m:
+                accounted = (int(m.group(1).replace(",", "")), int(m.group(2).replace(",", "")))
+                if sum(accounted) >= published:
+                    break
+        time.sleep(0.5)
+    time.sleep(2)  # the last deltas reach the consumer
+    stop.set()
+    server.join(timeout=15)
+    proc.send_signal(signal.SIGTERM)
+    try:
+        stdout, _ = proc.communicate(timeout=120)
+        totals = json.loads(stdout[stdout.index("{"):]).get("windows", {})
+        accounted = (totals.get("events_applied", accounted[0]), totals.get("events_dead_lettered", accounted[1]))
+    except (subprocess.TimeoutExpired, ValueError):
+        proc.kill()
+    lag = np.asarray(lags) if lags else np.asarray([np.nan])
+    return {"rate": rate, "published": published, "applied": accounted[0], "dead_lettered": accounted[1],
+            "p50_ms": float(np.percentile(lag, 50)), "p90_ms": float(np.percentile(lag, 90)),
+            "p99_ms": float(np.percentile(lag, 99)), "max_lag_s": float(np.max(lag) / 1000),
+            "scores_visible": len(lags), "scores_never_visible": len(waiting)}
 
 
 def make_parser() -> argparse.ArgumentParser:
     """This entry point's flags (tests/test_settings.py compares their defaults with core.settings)."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    ap.add_argument("--rate", type=float, default=50.0)
-    ap.add_argument("--seconds", type=float, default=30.0)
-    ap.add_argument("--batch_sizes", default="1,16")
+    ap.add_argument("--rates", default="100,500,1000,2000,5000", help="events/s to publish, one run each")
+    ap.add_argument("--seconds", type=float, default=30.0, help="how long each rate is published")
+    ap.add_argument("--warmup_s", type=float, default=15.0, help="wait this long after starting the pipeline")
+    ap.add_argument("--drain_timeout_s", type=float, default=300.0,
+                    help="after publishing, wait at most this long for every event to be accounted for")
+    ap.add_argument("--work", default="out/bench-freshness", help="the pipeline's output folders")
+    ap.add_argument("--json", help="write the results here")
     add_flags(ap, ("model",), only=("flush_interval_s",))
     return ap
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = make_parser()
-    args = ap.parse_args(argv)
+    args, extra = make_parser().parse_known_args(argv)
+    args.extra = extra  # any pipeline flag (--shards, --batch_size ...) goes to every run
+    if not args.flush_interval_s:
+        args.flush_interval_s = 1.0
     try:
         emu = start_emulator(PROJECT)
     except EmulatorUnavailable as exc:
         print(f"freshness benchmark needs the Pub/Sub emulator: {exc}", file=sys.stderr)
         return 2
+    runs = []
     try:
-        print(f"publish -> refreshed score latency, DirectRunner + Pub/Sub emulator, {args.rate:.0f} events/s for "
-              f"{args.seconds:.0f} s, flush interval {args.flush_interval_s} s")
-        for b in [int(x) for x in args.batch_sizes.split(",")]:
-            r = run_once(b, args.flush_interval_s, args.rate, args.seconds, f"b{b}")
-            print(f"  batch {b:4d}: {r['events']} events, {r['scores']} scores, p50 {r['p50_ms']:.0f} ms, "
-                  f"p90 {r['p90_ms']:.0f} ms, p99 {r['p99_ms']:.0f} ms")
+        print(f"publish -> refreshed score at the consumer, DirectRunner + Pub/Sub emulator, {args.seconds:.0f} s per rate, "
+              f"flush interval {args.flush_interval_s} s")
+        for rate in [float(r) for r in args.rates.split(",")]:
+            r = run_rate(rate, args, emu.host)
+            runs.append(r)
+            print(f"  {rate:6.0f}/s: {r['published']:,} published, {r['applied']:,} applied, {r['dead_lettered']:,} "
+                  f"dead-lettered; p50 {r['p50_ms']:,.0f} ms, p90 {r['p90_ms']:,.0f} ms, p99 {r['p99_ms']:,.0f} ms, "
+                  f"max {r['max_lag_s']:.1f} s", flush=True)
     finally:
         emu.stop()
-    return 0
+    ok = [r["rate"] for r in runs if r["p99_ms"] < P99_TARGET_MS and r["applied"] + r["dead_lettered"] == r["published"]]
+    print(f"highest rate sustained with p99 < {P99_TARGET_MS / 1000:.0f} s and every event accounted for: "
+          + (f"{max(ok):,.0f} events/s" if ok else "none"))
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump({"seconds": args.seconds, "flush_interval_s": args.flush_interval_s, "runs": runs}, fh, indent=2)
+    short = [r for r in runs if r["applied"] + r["dead_lettered"] != r["published"]]
+    for r in short:
+        print(f"bench.freshness: at {r['rate']:.0f}/s {r['published']:,} published but {r['applied'] + r['dead_lettered']:,} "
+              f"accounted for within {args.drain_timeout_s:.0f} s", file=sys.stderr)
+    return 1 if short else 0
 
 
 if __name__ == "__main__":

@@ -19,7 +19,11 @@ from pipelines.results import STATS, output_paths
 from transforms.clean import DEAD_LETTER, CleanEvents
 from transforms.featurize import FeaturizeEvents
 from transforms.monitor import MonitorStream
-from transforms.runtime import count_every_bundle_on_the_streaming_direct_runner, keep_runner_metrics_bounded
+from transforms.runtime import (
+    count_every_bundle_on_the_streaming_direct_runner,
+    inspect_each_dofn_class_once,
+    keep_runner_metrics_bounded,
+)
 from transforms.sinks import SummarizeRun, WriteAvroRecords
 from transforms.sources import FlowControl, ReplayEvents, SyntheticEvents
 from transforms.update import ALERTS, DELTAS, REPORTS, ROLLBACKS, SCORES, UpdateShardModels
@@ -81,6 +85,7 @@ def build_pipeline(p: beam.Pipeline, opts: FreshrecOptions, clock: Callable[[], 
     paths = output_paths(cfg.output_dir)
     keep_runner_metrics_bounded()  # the DirectRunner's engine: bounded metrics, and gauges that report their last value
     count_every_bundle_on_the_streaming_direct_runner()
+    inspect_each_dofn_class_once()
     if o.events_subscription:
         from pipelines.pubsub import ReadEventsFromPubSub
         from pipelines.pubsub_read import use_batched_pubsub_reads
