@@ -3,7 +3,8 @@ through the runner-free core (the learners, ``model.shard_sync`` and a medium in
 in seconds, where ``bench/sharding.py`` measures the chosen one through the pipeline.
 
 The stream is replayed in event-time chunks of ``--chunk`` events (as a streaming replay hands the runner a
-second's worth): in each chunk every shard learns its users' events in batches of ``--batch_size``, each
+second's worth): in each chunk every shard learns its users' events in batches of its share of ``--batch_size``
+(``ceil(batch_size / shards)``, as the pipeline's ``UpdateConfig.shard_batch_size``), each
 batch preceded by the shard's catch-up and followed by its publication, as in the pipeline's flushes.
 Prequential AUC and logloss over every example; Recall@10 as in ``bench/sharding.py``; ratios to one shard.
 
@@ -32,6 +33,9 @@ from model.sync import MemoryMedium, SyncConfig
 
 VARIANTS = [  # (shards, sync share or None for no sync, merge rule)
     (1, None, "sum"),
+    (4, None, "sum"),
+    (4, ("items", "bias"), "sum"),
+    (4, ("items", "bias", "mlps"), "sum"),
     (16, None, "sum"),
     (16, ("items", "bias"), "sum"),
     (16, ("items", "bias"), "mean"),
@@ -42,11 +46,12 @@ VARIANTS = [  # (shards, sync share or None for no sync, merge rule)
 
 
 def replay(stream: list[dict[str, Any]], shards: int, share: tuple[str, ...] | None, merge: str, chunk: int,
-           batch: int, probe: RecallProbe) -> dict[str, Any]:
+           batch: int, probe: RecallProbe, sync_interval_ms: int = 60_000) -> dict[str, Any]:
     cfg = learner_config(argparse.Namespace())
+    batch = -(-batch // shards)  # the shard's share of the stream's micro-batch
     learners = [IncrementalLearner(cfg, s) for s in range(shards)]
     medium = MemoryMedium()
-    syncs = [ShardSync(SyncConfig(shards, 60_000, merge, share), medium, s) for s in range(shards)] if share else None
+    syncs = [ShardSync(SyncConfig(shards, sync_interval_ms, merge, share), medium, s) for s in range(shards)] if share else None
     stats, hits, probes = BinaryStats(), 0.0, 0
     started = time.perf_counter()
     for start in range(0, len(stream), chunk):
@@ -77,7 +82,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--data", help="the dataset's path (default: ../shared/datasets/<dataset>)")
     ap.add_argument("--limit", type=int)
     ap.add_argument("--chunk", type=int, default=2000, help="events per replay chunk (a second at 2,000 events/s)")
-    ap.add_argument("--batch_size", type=int, default=DEFAULTS["batch_size"])
+    ap.add_argument("--batch_size", type=int, default=DEFAULTS["batch_size"], help="the stream's micro-batch")
+    ap.add_argument("--sync_interval_s", type=float, default=DEFAULTS["sync_interval_s"])
     ap.add_argument("--json")
     args = ap.parse_args(argv)
     data = args.data or DATASETS[args.dataset]
@@ -87,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     stream, _ = featurize_stream(raw, feature_config(argparse.Namespace()), 0, 0)
     runs = []
     for shards, share, merge in VARIANTS:
-        runs.append(replay(stream, shards, share, merge, args.chunk, args.batch_size, probe))
+        runs.append(replay(stream, shards, share, merge, args.chunk, args.batch_size, probe, int(args.sync_interval_s * 1000)))
         r = runs[-1]
         print(f"  {shards:>2d} shards, share {','.join(share) if share else 'nothing':24s} {merge:4s}: AUC {r['auc']:.4f} "
               f"logloss {r['logloss']:.4f} R@10 {r['recall_at_10']:.4f} ({r['seconds']:.0f} s)", file=sys.stderr, flush=True)

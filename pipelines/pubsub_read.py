@@ -8,8 +8,11 @@ loses what was acknowledged, and reports stamped with their events' time arrive 
 ``use_batched_pubsub_reads()`` registers ``PullInBatchesEvaluator`` in its place (through the runner's own
 evaluator-override hook), for every ``ReadFromPubSub`` of the process:
 
-* **Large pulls.** Each bundle pulls up to ``CHUNK`` messages (synchronous pulls of up to ``MAX_MESSAGES``,
-  ``PULL_TIMEOUT_S`` each) and only while the run holds fewer than ``FlowControl.max_in_flight``
+* **Large pulls.** Each bundle pulls up to ``MAX_MESSAGES`` messages, and pulls again (up to ``CHUNK``,
+  within ``PULL_TIMEOUT_S``) only while full pulls show a backlog: the runner has one worker thread, which
+  the downstream steps wait for. A pulling bundle starts at most every ``PULL_INTERVAL_S``: on the
+  DirectRunner a bundle costs every downstream step a fixed overhead, so fewer, larger bundles keep up
+  with more events. It pulls only while the run holds fewer than ``FlowControl.max_in_flight``
   unaccounted events.
 * **Event time.** Each message is stamped with its ``event_time_ms`` attribute (its publish time where that
   is missing or bad: the parse step dead-letters it), and the watermark trails the newest event time by
@@ -49,6 +52,7 @@ DRAIN = threading.Event()  # set: every reader of this process acknowledges what
 CHUNK = 2_000
 MAX_MESSAGES = 1_000
 PULL_TIMEOUT_S = 0.5
+PULL_INTERVAL_S = 0.5  # at most one pulling bundle per interval: each bundle costs every downstream step
 ACK_EXTENSION_S = 60
 MAX_OUT_OF_ORDERNESS_S = 60.0  # as the file replay's
 FLOW = FlowControl()
@@ -63,6 +67,7 @@ class _Reader:
     newest: Timestamp | None = None  # the newest event time read
     newest_at: float = 0.0  # when it was read (wall clock)
     watermark: Timestamp = MIN_TIMESTAMP
+    pulled_at: float = 0.0  # when the last pulling bundle began (monotonic)
     drain_deadline: float | None = None
 
     def hold(self, read_by: int, ack_ids: list[str]) -> None:
@@ -148,9 +153,10 @@ def _evaluator_class() -> type:
         def _pull(self, client: Any, reader: _Reader) -> list[tuple[Timestamp, Any]]:
             from google.api_core.exceptions import DeadlineExceeded
 
-            if BOARD.in_flight() > FLOW.max_in_flight:
-                time.sleep(0.01)
+            if BOARD.in_flight() > FLOW.max_in_flight or time.monotonic() - reader.pulled_at < PULL_INTERVAL_S:
+                time.sleep(0.005)
                 return []
+            reader.pulled_at = time.monotonic()
             out: list[tuple[Timestamp, Any]] = []
             started = time.monotonic()
             while len(out) < CHUNK and time.monotonic() - started < PULL_TIMEOUT_S:
@@ -169,6 +175,8 @@ def _evaluator_class() -> type:
                     out.append((ts, PubsubMessage(msg.data, attrs, msg.message_id)))
                 BOARD.note_emitted(len(received))
                 reader.hold(BOARD.emitted, [rm.ack_id for rm in received])
+                if len(received) < MAX_MESSAGES:  # no backlog: hand the runner's one worker thread back
+                    break
             pulled.inc(len(out))
             return out
 
