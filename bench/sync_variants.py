@@ -24,7 +24,7 @@ from bench.prequential import featurize_stream
 from bench.sharding import DATASETS, RecallProbe
 from core.layout import resolve_layout
 from core.readers import read_replay
-from core.settings import DEFAULTS, feature_config, learner_config
+from core.settings import DEFAULTS, UpdateConfig, feature_config, learner_config
 from model.hashing import shard_of
 from model.learner import IncrementalLearner
 from model.metrics import BinaryStats
@@ -48,7 +48,7 @@ VARIANTS = [  # (shards, sync share or None for no sync, merge rule)
 def replay(stream: list[dict[str, Any]], shards: int, share: tuple[str, ...] | None, merge: str, chunk: int,
            batch: int, probe: RecallProbe, sync_interval_ms: int = 60_000) -> dict[str, Any]:
     cfg = learner_config(argparse.Namespace())
-    batch = -(-batch // shards)  # the shard's share of the stream's micro-batch
+    batch = UpdateConfig(batch_size=batch, shards=shards).shard_batch_size  # the shard's share of the micro-batch
     learners = [IncrementalLearner(cfg, s) for s in range(shards)]
     medium = MemoryMedium()
     syncs = [ShardSync(SyncConfig(shards, sync_interval_ms, merge, share), medium, s) for s in range(shards)] if share else None

@@ -38,6 +38,7 @@ import signal
 import sys
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -111,6 +112,7 @@ def _chunked(ids: list[str], n: int = 2_000) -> list[list[str]]:
 
 
 def _evaluator_class() -> type:
+    from apache_beam import pvalue
     from apache_beam.io.gcp.pubsub import PubsubMessage
     from apache_beam.metrics import Metrics
     from apache_beam.runners.direct.transform_evaluator import (
@@ -126,7 +128,8 @@ def _evaluator_class() -> type:
     class PullInBatchesEvaluator(_PubSubReadEvaluator):
         """``ReadFromPubSub`` on the DirectRunner, as the module docstring says."""
 
-        _names: dict[Any, str] = {}  # subscription path by transform: Beam's resolves it (options parsed) per bundle
+        # subscription path by transform: Beam's resolves it (options parsed) per bundle
+        _names: weakref.WeakKeyDictionary[Any, str] = weakref.WeakKeyDictionary()
 
         def __init__(self, evaluation_context: Any, applied_ptransform: Any, input_committed_bundle: Any,
                      side_inputs: Any) -> None:
@@ -158,8 +161,7 @@ def _evaluator_class() -> type:
                 return []
             reader.pulled_at = time.monotonic()
             out: list[tuple[Timestamp, Any]] = []
-            started = time.monotonic()
-            while len(out) < CHUNK and time.monotonic() - started < PULL_TIMEOUT_S:
+            while len(out) < CHUNK and time.monotonic() - reader.pulled_at < PULL_TIMEOUT_S:
                 try:
                     resp = client.pull(subscription=self._sub_name, max_messages=MAX_MESSAGES, timeout=PULL_TIMEOUT_S)
                 except DeadlineExceeded:
@@ -202,8 +204,6 @@ def _evaluator_class() -> type:
                 time.sleep(0.01)
             watermark = reader.advance(idle=not data)
             inputs = self._applied_ptransform.inputs
-            from apache_beam import pvalue
-
             source = inputs[0] if inputs else pvalue.PBegin(self._applied_ptransform.transform.pipeline)
             return TransformResult(self, bundles, [self._evaluation_context.create_bundle(source)], None,
                                    {None: watermark})

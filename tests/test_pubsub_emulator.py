@@ -193,8 +193,11 @@ def test_a_pubsub_run_reads_a_backlog_in_large_pulls_and_sigterm_drains_it_with_
          "--dim", "8", "--allowed_lateness_s", "3600", "--progress_s", "1"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "PUBSUB_EMULATOR_HOST": emulator})
     progress: list[str] = []
+    outputs: list[str] = []  # one reader per pipe: communicate() would race the progress reader for stderr
     reader = threading.Thread(target=lambda: progress.extend(proc.stderr), daemon=True)
+    out_reader = threading.Thread(target=lambda: outputs.extend(proc.stdout), daemon=True)
     reader.start()
+    out_reader.start()
     started, read_all_s = time.time(), None
     try:
         while time.time() - started < 240 and proc.poll() is None:
@@ -206,11 +209,13 @@ def test_a_pubsub_run_reads_a_backlog_in_large_pulls_and_sigterm_drains_it_with_
                 break
         assert proc.poll() is None, "".join(progress)[-2000:]
         proc.send_signal(signal.SIGTERM)
-        stdout, _ = proc.communicate(timeout=120)
+        proc.wait(timeout=120)
     finally:
         if proc.poll() is None:
             proc.kill()
     reader.join(timeout=5)
+    out_reader.join(timeout=5)
+    stdout = "".join(outputs)
     assert read_all_s is not None and read_all_s < 120, "".join(progress)[-2000:]
     assert any("SIGTERM: draining" in line for line in progress)
     assert "pipeline finished" in stdout, stdout[-2000:]
