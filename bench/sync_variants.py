@@ -45,13 +45,24 @@ VARIANTS = [  # (shards, sync share or None for no sync, merge rule)
 ]
 
 
+def parse_variant(text: str) -> tuple[int, tuple[str, ...] | None, str]:
+    """``SHARDS[:SHARE[:MERGE]]``, SHARE comma-separated or ``none`` (no sync), MERGE the rows' rule or
+    ``ROWS/DENSE``: ``4:items,bias,item_mlp:sum/mean``."""
+    parts = text.split(":")
+    share = None if len(parts) < 2 or parts[1] == "none" else tuple(parts[1].split(","))
+    return int(parts[0]), share, parts[2] if len(parts) > 2 else "sum"
+
+
 def replay(stream: list[dict[str, Any]], shards: int, share: tuple[str, ...] | None, merge: str, chunk: int,
-           batch: int, probe: RecallProbe, sync_interval_ms: int = 60_000) -> dict[str, Any]:
+           batch: int, probe: RecallProbe, sync_interval_ms: int = 60_000,
+           heartbeat: bool = False) -> dict[str, Any]:
     cfg = learner_config(argparse.Namespace())
     batch = UpdateConfig(batch_size=batch, shards=shards).shard_batch_size  # the shard's share of the micro-batch
     learners = [IncrementalLearner(cfg, s) for s in range(shards)]
     medium = MemoryMedium()
-    syncs = [ShardSync(SyncConfig(shards, sync_interval_ms, merge, share), medium, s) for s in range(shards)] if share else None
+    rows_rule, dense_rule = merge.split("/")[0], merge.split("/")[-1]
+    sync = SyncConfig(shards, sync_interval_ms, rows_rule, share, dense_rule) if share else None
+    syncs = [ShardSync(sync, medium, s) for s in range(shards)] if sync else None
     stats, hits, probes = BinaryStats(), 0.0, 0
     started = time.perf_counter()
     for start in range(0, len(stream), chunk):
@@ -71,6 +82,10 @@ def replay(stream: list[dict[str, Any]], shards: int, share: tuple[str, ...] | N
                 if syncs:
                     syncs[shard].after_batch(learner, part)
                 learner.take_deltas()
+        if syncs and heartbeat:  # event time reached the chunk's newest event: idle shards say so
+            now = max(e["event_time_ms"] for e in stream[start:start + chunk])
+            for shard, sync in enumerate(syncs):
+                sync.on_time(learners[shard], now)
     return {"shards": shards, "sync": share is not None, "share": list(share or []), "merge": merge,
             "auc": stats.auc(), "logloss": stats.logloss(), "recall_at_10": hits / max(1, probes),
             "recall_probes": probes, "seconds": time.perf_counter() - started}
@@ -84,6 +99,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--chunk", type=int, default=2000, help="events per replay chunk (a second at 2,000 events/s)")
     ap.add_argument("--batch_size", type=int, default=DEFAULTS["batch_size"], help="the stream's micro-batch")
     ap.add_argument("--sync_interval_s", type=float, default=DEFAULTS["sync_interval_s"])
+    ap.add_argument("--variants", nargs="+", type=parse_variant, metavar="SHARDS[:SHARE[:MERGE]]",
+                    help="the variants to run, e.g. 1 4:none 4:items,bias,item_mlp (default: the table's; the first is "
+                         "the baseline of the ratios)")
+    ap.add_argument("--heartbeat", action="store_true", help="after each chunk every shard publishes what is pending "
+                    "(an idle one, that it has nothing): ShardSync.on_time")
     ap.add_argument("--json")
     args = ap.parse_args(argv)
     data = args.data or DATASETS[args.dataset]
@@ -92,8 +112,9 @@ def main(argv: list[str] | None = None) -> int:
     probe = RecallProbe(raw, DEFAULTS["rating_threshold"], 20, 2000)
     stream, _ = featurize_stream(raw, feature_config(argparse.Namespace()), 0, 0)
     runs = []
-    for shards, share, merge in VARIANTS:
-        runs.append(replay(stream, shards, share, merge, args.chunk, args.batch_size, probe, int(args.sync_interval_s * 1000)))
+    for shards, share, merge in args.variants or VARIANTS:
+        runs.append(replay(stream, shards, share, merge, args.chunk, args.batch_size, probe, int(args.sync_interval_s * 1000),
+                           args.heartbeat))
         r = runs[-1]
         print(f"  {shards:>2d} shards, share {','.join(share) if share else 'nothing':24s} {merge:4s}: AUC {r['auc']:.4f} "
               f"logloss {r['logloss']:.4f} R@10 {r['recall_at_10']:.4f} ({r['seconds']:.0f} s)", file=sys.stderr, flush=True)

@@ -107,7 +107,8 @@ FLAGS: tuple[Flag, ...] = (
     Flag("sync_merge", "sharding", "sum", "how the shards' changes merge: their sum, or FedAvg's example-weighted mean",
          choices=("sum", "mean")),
     Flag("sync_share", "sharding", "items,bias", "what the shards learn together: items (row values and side features, "
-         "always), state (the item rows' optimizer state), bias (the global bias), mlps (the feature MLPs)"),
+         "always), state (the item rows' optimizer state), bias (the global bias), mlps (the feature MLPs), item_mlp "
+         "(the item-feature MLP alone)"),
     Flag("key_groups", "sharding", 1024, "key groups of the per-id keyed steps (dedupe, item and user features)", int, bound=">=1"),
     # outputs
     Flag("output_dir", "outputs", "out", "where scores, deltas, rollbacks, alerts, dead letters and the summary go"),

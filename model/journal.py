@@ -67,6 +67,10 @@ def restore_learner(cfg: LearnerConfig, shard: int, snapshot: bytes | None, jour
         if actions is not None:
             if sync is None:
                 raise ValueError("journal: a synced entry needs the run's sync medium to replay")
+            if not events:  # a publication on event time alone (sync_on_time): its epoch ended then
+                if actions[1] is not None:
+                    sync.on_time(learner, (actions[1] + 1) * sync.cfg.interval_ms)
+                continue
             if actions[0]:
                 sync.apply(learner, actions[0])
         learner.learn(events)
@@ -74,6 +78,29 @@ def restore_learner(cfg: LearnerConfig, shard: int, snapshot: bytes | None, jour
             sync.after_batch(learner, events)  # type: ignore[union-attr]  # its publication is on the medium already
         learner.take_deltas()
     return learner
+
+
+def position(meta: dict[str, Any]) -> int:
+    """How many journal-changing steps a shard's state has seen (flushes and publications on time): a worker's
+    cached learner is current only at its state's position."""
+    return meta["flushes"] + meta.get("on_time", 0)
+
+
+def sync_on_time(cfg: LearnerConfig, shard: int, now_ms: int, meta: dict[str, Any],
+                 load_state: Callable[[], tuple[bytes | None, list[bytes]]],
+                 live: dict[Hashable, tuple[IncrementalLearner, int]], live_key: Hashable,
+                 sync: ShardSync) -> bytes | None:
+    """Event time reached ``now_ms`` (``ShardSync.on_time``): the journal entry of the shard's publication, or
+    None when it had nothing to say. Updates ``meta`` in place, as ``flush_micro_batch``."""
+    cached = live.get(live_key)
+    learner = cached[0] if cached is not None and cached[1] == position(meta) else \
+        restore_learner(cfg, shard, *load_state(), sync)
+    published = sync.on_time(learner, now_ms)
+    if published is not None:
+        meta["on_time"] = meta.get("on_time", 0) + 1
+        meta["journal_len"] += 1
+    live[live_key] = (learner, position(meta))
+    return None if published is None else journal_entry([], ([], published))
 
 
 def new_meta() -> dict[str, Any]:
@@ -123,7 +150,7 @@ def flush_micro_batch(
     otherwise (first flush here, a restart, a retried bundle) it is rebuilt from ``load_state()``. ``alarm``
     (default ``SkippedStepsAlarm()``) watches for a shard whose steps keep being skipped."""
     cached = live.get(live_key)
-    restored = cached is None or cached[1] != meta["flushes"]
+    restored = cached is None or cached[1] != position(meta)
     learner = restore_learner(cfg, shard, *load_state(), sync) if restored else cached[0]  # type: ignore[index]
     applied: list[int] = []
     bytes_before = learner.counters["sync_bytes_out"]
@@ -154,7 +181,7 @@ def flush_micro_batch(
     if meta["journal_len"] >= snapshot_every and not learner.accumulating:
         snapshot = learner.to_bytes()
         meta["journal_len"] = 0
-    live[live_key] = (learner, meta["flushes"])
+    live[live_key] = (learner, position(meta))
     entry = journal_entry(events, None if sync is None else (applied, published))
     return Flush(learner, result, scores, deltas, entry, snapshot, restored and meta["flushes"] > 1, applied, published,
                  learner.counters["sync_bytes_out"] - bytes_before, 0 if sync is None else sync.lag_epochs,

@@ -105,8 +105,12 @@ class ShardSync:
         self.lag_epochs = 0  # at the last catch_up: own publications not yet merged back
 
     def _shared_dense(self, name: str) -> bool:
-        """Whether the shards learn this dense parameter together (the global bias; the MLPs with "mlps")."""
-        return (name == "bias" and "bias" in self.cfg.share) or (name != "bias" and "mlps" in self.cfg.share)
+        """Whether the shards learn this dense parameter together (the global bias; the MLPs with "mlps", the
+        item-feature MLP alone with "item_mlp")."""
+        share = self.cfg.share
+        if name == "bias":
+            return "bias" in share
+        return "mlps" in share or (name.startswith("item.") and "item_mlp" in share)
 
     # ------------------------------------------------------------------ publishing
     def after_batch(self, learner: IncrementalLearner, events: Sequence[dict[str, Any]]) -> int | None:
@@ -126,6 +130,24 @@ class ShardSync:
         st.max_event_time_ms = max(st.max_event_time_ms, newest)
         if self.cfg.epoch_of(newest) <= st.open_epoch:
             return None
+        return self._publish(learner)
+
+    def on_time(self, learner: IncrementalLearner, now_ms: int) -> int | None:
+        """Event time reached ``now_ms`` with no new event here: publish what is pending once its epoch is over,
+        or, with nothing pending, an empty publication that says so (a heartbeat), so that an idle shard does
+        not hold back every other shard's merges until its next event. Returns the epoch published, or None."""
+        st, now_epoch = learner.sync, self.cfg.epoch_of(now_ms)
+        if st.open_epoch is None:
+            label = now_epoch - 1
+            if label <= st.published:
+                return None
+            st.open_epoch, st.max_event_time_ms = label, label * self.cfg.interval_ms
+        elif now_epoch <= st.open_epoch:
+            return None
+        return self._publish(learner)
+
+    def _publish(self, learner: IncrementalLearner) -> int:
+        st = learner.sync
         change = self._own_change(learner)
         earlier = self._published_before(change.epoch)
         if earlier is not None:  # a replay, a retried bundle or a restore redid this flush: what went out first stands
@@ -226,11 +248,11 @@ class ShardSync:
 
     def _merged(self, names: list[str]) -> tuple[list[ShardChange], ShardChange]:
         """An epoch's publications and their merge, decoded once per worker (the files never change)."""
-        key = (self.medium.location, self.cfg.merge, tuple(names))  # a run's files are named by its medium
+        key = (self.medium.location, f"{self.cfg.merge}/{self.cfg.dense_merge}", tuple(names))  # a run's files are named by its medium
         hit = _MERGED.get(key)
         if hit is None:
             changes = [ShardChange.from_bytes(self.medium.get(n)) for n in names]
-            hit = _MERGED[key] = (changes, merge_changes(changes, self.cfg.merge))
+            hit = _MERGED[key] = (changes, merge_changes(changes, self.cfg.merge, self.cfg.dense_merge))
             while len(_MERGED) > 256:
                 _MERGED.popitem(last=False)
         return hit

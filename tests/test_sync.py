@@ -17,7 +17,7 @@ from core.medium import FolderMedium, MediumError, check_medium
 from core.settings import PipelineConfig, ShardingConfig, UpdateConfig
 from model.config import LearnerConfig, TableConfig
 from model.hashing import shard_of
-from model.journal import flush_micro_batch, new_meta
+from model.journal import flush_micro_batch, new_meta, sync_on_time
 from model.learner import IncrementalLearner
 from model.shard_sync import ShardSync
 from model.sync import MemoryMedium, ShardChange, SyncConfig, merge_changes, parse_name
@@ -44,6 +44,9 @@ def test_merge_sums_or_averages_by_examples():
     assert torch.allclose(mean.item_block, torch.tensor([[2.5, -0.5], [2.0, 0.0]]))  # x: (1*1 + 3*3)/4; y: its only shard
     assert float(mean.dense["bias"]) == pytest.approx((1 * 2 + 3 * 3) / 5)  # weighted by events behind each
     assert ShardChange.from_bytes(a.to_bytes()).item_ids == ["x", "y"]
+    rows_summed = merge_changes([a, b], "sum", "mean")  # rows by one rule, the dense parameters by the other
+    assert torch.allclose(rows_summed.item_block, total.item_block)
+    assert float(rows_summed.dense["bias"]) == pytest.approx(float(mean.dense["bias"]))
 
 
 def two_shards(interval_ms: int = 10_000):
@@ -85,6 +88,28 @@ def test_an_epoch_waits_until_every_shard_published_past_it():
     assert s0.catch_up(a, 10**9) == [], "merged without shard 1's change: it may still publish epoch 0"
 
 
+def test_an_idle_shard_says_so_and_the_epoch_completes_without_waiting_for_its_next_event():
+    learner_cfg, medium, (s0, s1) = two_shards()
+    stream = topic_stream(8)
+    a, b = IncrementalLearner(learner_cfg, 0), IncrementalLearner(learner_cfg, 1)
+    early = batch(stream, 0, ["ub"])  # shard 1 learns in epoch 0, then goes quiet
+    b.learn(early)
+    assert s1.after_batch(b, early) is None  # nothing crossed into a later epoch yet: pending
+    events = batch(stream, 1_000, ["ua"]) + batch(stream, 25_000, ["ua"])
+    a.learn(events)
+    assert s0.after_batch(a, events) == 0
+    assert s0.catch_up(a, 30_000) == []  # shard 1 may still publish epoch 0
+    assert s1.on_time(b, 9_999) is None  # epoch 0 is not over
+    assert s1.on_time(b, 10_000) == 0  # its pending change goes out once event time leaves the epoch
+    assert s1.on_time(b, 35_000) == 2  # then, with nothing pending, an empty publication up to the last whole epoch
+    assert s1.on_time(b, 35_000) is None
+    items = sorted({e["item_id"] for e in early})
+    before = a.items.weights[a.items.rows(items)].clone()
+    assert s0.catch_up(a, 30_000) == [0]
+    moved = (a.items.weights[a.items.rows(items)] - before).abs().amax(dim=1)
+    assert bool((moved > 1e-6).all())  # shard 1's change reached shard 0
+
+
 def drive(learner_cfg, syncs, batches, restart_at: int | None = None):
     """flush_micro_batch over (shard, events) batches with state kept as the Beam step keeps it; at
     ``restart_at`` the live learners are dropped and rebuilt from snapshot + journal."""
@@ -94,6 +119,12 @@ def drive(learner_cfg, syncs, batches, restart_at: int | None = None):
         if n == restart_at:
             live.clear()
         st = state[shard]
+        if isinstance(events, int):  # a tick: event time reached this (UpdateShardModel._on_time)
+            entry = sync_on_time(learner_cfg, shard, events, st["meta"], lambda st=st: (st["snapshot"], list(st["journal"])),
+                                 live, shard, syncs[shard])
+            if entry is not None:
+                st["journal"].append(entry)
+            continue
         done = flush_micro_batch(learner_cfg, shard, events, st["meta"], lambda st=st: (st["snapshot"], list(st["journal"])),
                                  live, shard, 3, 3, 0, syncs[shard])
         if done.snapshot is not None:
@@ -120,6 +151,30 @@ def test_a_restarted_shard_resumes_at_its_sync_position():
         assert (a.sync.applied, a.sync.published, a.counters["sync_merges"]) == \
             (b.sync.applied, b.sync.published, b.counters["sync_merges"]), "a merge applied twice or skipped"
         assert a.parameters_snapshot() == b.parameters_snapshot()
+
+
+def test_a_restart_replays_publications_on_time_without_publishing_or_merging_twice():
+    stream = topic_stream(8)
+    batches: list = []
+    for round_ in range(8):
+        batches.append((0, batch(stream, round_ * 15_000, ["ua", "ua2"])))
+        if round_ in (0, 1, 5):  # shard 1 learns now and then; otherwise event time reaches it as ticks
+            batches.append((1, batch(stream, round_ * 15_000 + 50, ["ub", "ub2"])))
+        else:
+            batches.append((1, round_ * 15_000 + 1_000))
+    learner_cfg, medium, syncs = two_shards()
+    whole = drive(learner_cfg, syncs, batches)
+    quiet = drive(*two_shards()[::2], [b for b in batches if not isinstance(b[1], int)])  # the same without ticks
+    assert quiet[0].sync.applied == 0 and whole[0].sync.applied >= 6, "the ticks let shard 0 merge while shard 1 is idle"
+    for restart_at in (6, 9):
+        learner_cfg2, medium2, syncs2 = two_shards()
+        restarted = drive(learner_cfg2, syncs2, batches, restart_at=restart_at)
+        assert sorted(medium.names()) == sorted(medium2.names())
+        for shard in (0, 1):
+            a, b = whole[shard], restarted[shard]
+            assert (a.sync.applied, a.sync.published, a.counters["sync_merges"]) == \
+                (b.sync.applied, b.sync.published, b.counters["sync_merges"]), "a merge applied twice or skipped"
+            assert a.parameters_snapshot() == b.parameters_snapshot()
 
 
 # ---------------------------------------------------------------------- the pipeline, under TestStream
@@ -221,6 +276,8 @@ def test_bounded_direct_runs_say_why_shards_learn_alone(tmp_path, capsys):
 def test_sync_config_is_checked():
     with pytest.raises(ValueError, match="merge"):
         SyncConfig(2, merge="median")
+    with pytest.raises(ValueError, match="dense_merge"):
+        SyncConfig(2, dense_merge="max")
     with pytest.raises(ValueError, match="share"):
         SyncConfig(2, share=("bias",))
     with pytest.raises(ValueError, match="go together"):
@@ -259,10 +316,11 @@ def test_a_redone_flush_keeps_what_went_out_first_and_sends_the_rest_later():
     assert gap < 1e-5, f"the shards' copies differ by {gap} after every publication was merged"
 
 
-@pytest.mark.parametrize("share", [("items", "state", "bias"), ("items", "bias", "mlps")])
-def test_what_the_shards_share_can_grow_and_still_converges(share):
+@pytest.mark.parametrize("share,dense_merge", [(("items", "state", "bias"), "sum"), (("items", "bias", "mlps"), "sum"),
+                                               (("items", "bias", "item_mlp"), "mean")])
+def test_what_the_shards_share_can_grow_and_still_converges(share, dense_merge):
     learner_cfg = cfg(negatives=1)
-    medium, sync = MemoryMedium(), SyncConfig(shards=2, interval_ms=10_000, share=share)
+    medium, sync = MemoryMedium(), SyncConfig(shards=2, interval_ms=10_000, share=share, dense_merge=dense_merge)
     s0, s1 = ShardSync(sync, medium, 0), ShardSync(sync, medium, 1)
     stream = topic_stream(8)
     a, b = IncrementalLearner(learner_cfg, 0), IncrementalLearner(learner_cfg, 1)
@@ -275,6 +333,7 @@ def test_what_the_shards_share_can_grow_and_still_converges(share):
         assert torch.allclose(a.items.weights[a.items.row_of(k)], b.items.weights[b.items.row_of(k)], atol=1e-6)
         if "state" in share:
             assert torch.allclose(a.items.state["accum"][a.items.row_of(k)], b.items.state["accum"][b.items.row_of(k)], atol=1e-6)
-    if "mlps" in share:
+    if "mlps" in share or "item_mlp" in share:
         for (name, pa), (_, pb) in zip(a.dense.named_parameters(), b.dense.named_parameters(), strict=True):
-            assert torch.allclose(pa, pb, atol=1e-6), name
+            if "mlps" in share or not name.startswith("user."):  # item_mlp: the user-feature MLP stays the shard's
+                assert torch.allclose(pa, pb, atol=1e-6), name

@@ -93,12 +93,44 @@ class BatchByKey(beam.DoFn):
 
 class RebatchByKey(BatchByKey):
     """``BatchByKey`` over micro-batches: lists of events (a keyed step's output) -> (key, [events]) per
-    bundle and window. A new batch carries the earliest timestamp of the batches its events came from."""
+    bundle and window. A new batch carries the earliest timestamp of the batches its events came from.
+
+    With ``tick_keys`` (keys 0 .. tick_keys - 1) and ``tick_every_ms``, a bundle whose newest element
+    reaches a later multiple of ``tick_every_ms`` of event time than the last one ticked here also sends
+    every key it holds no batch for an empty one, stamped with that newest time: a tick that tells an idle
+    key how far event time got (the shards' sync epochs, ``UpdateShardModel``)."""
+
+    def __init__(self, key_fn: Callable[[dict[str, Any]], Any], max_size: int | None = None, step: str = "RebatchByKey",
+                 tick_keys: int = 0, tick_every_ms: int = 0):
+        super().__init__(key_fn, max_size, step)
+        self.tick_keys, self.tick_every_ms = tick_keys, tick_every_ms
+
+    def setup(self) -> None:
+        self._ticked: dict[Any, int] = {}  # window -> the last tick's multiple of tick_every_ms
+
+    def start_bundle(self) -> None:
+        super().start_bundle()
+        self._newest: dict[Any, int] = {}  # window -> newest element timestamp of the bundle (micros)
 
     def process(self, batch: list[dict[str, Any]], windowed=beam.DoFn.WindowedValueParam):
         if not isinstance(batch, list):
             raise TypeError(f"{self.step}: expected a micro-batch (a list of events), got {type(batch).__name__}")
+        if self.tick_keys and len(windowed.windows) == 1:
+            window = windowed.windows[0]
+            self._newest[window] = max(self._newest.get(window, windowed.timestamp.micros), windowed.timestamp.micros)
         return self._collect(batch, windowed)
+
+    def finish_bundle(self) -> Iterable[WindowedValue]:
+        held = {(key, window) for key, window in self._batches}
+        yield from super().finish_bundle()
+        for window, micros in self._newest.items():
+            mark = micros // 1000 // self.tick_every_ms
+            if mark <= self._ticked.get(window, -(2**62)):
+                continue
+            self._ticked[window] = mark
+            for key in range(self.tick_keys):
+                if (key, window) not in held:
+                    yield WindowedValue((key, []), Timestamp(micros=micros), [window])
 
 
 def batch_by(key_fn: Callable[[dict[str, Any]], int], step: str = "BatchByKey") -> beam.ParDo:
@@ -106,9 +138,10 @@ def batch_by(key_fn: Callable[[dict[str, Any]], int], step: str = "BatchByKey") 
     return beam.ParDo(BatchByKey(key_fn, step=step)).with_output_types(tuple[int, list[Any]])
 
 
-def rebatch_by(key_fn: Callable[[dict[str, Any]], int], step: str = "RebatchByKey") -> beam.ParDo:
+def rebatch_by(key_fn: Callable[[dict[str, Any]], int], step: str = "RebatchByKey", tick_keys: int = 0,
+               tick_every_ms: int = 0) -> beam.ParDo:
     """``RebatchByKey`` with an int key, typed as ``batch_by``."""
-    return beam.ParDo(RebatchByKey(key_fn, step=step)).with_output_types(tuple[int, list[Any]])
+    return beam.ParDo(RebatchByKey(key_fn, None, step, tick_keys, tick_every_ms)).with_output_types(tuple[int, list[Any]])
 
 
 class KeyGroupStep(beam.DoFn):

@@ -44,7 +44,7 @@ from core.progress import BOARD
 from core.settings import UpdateConfig
 from model.config import LearnerConfig
 from model.hashing import shard_of
-from model.journal import flush_micro_batch, flush_report, new_meta
+from model.journal import flush_micro_batch, flush_report, new_meta, sync_on_time
 from model.learner import IncrementalLearner
 from model.metrics import BinaryStats
 from model.shard_sync import ShardSync
@@ -114,14 +114,19 @@ class UpdateShardModel(beam.DoFn):
         journal=beam.DoFn.StateParam(JOURNAL),
         meta=beam.DoFn.StateParam(META),
         watermark_timer=beam.DoFn.TimerParam(WATERMARK_TIMER),
+        timestamp=beam.DoFn.TimestampParam,
     ):
-        yield from self._buffer(element, window, buffer, buffered, snapshot, journal, meta, watermark_timer, None)
+        yield from self._buffer(element, window, buffer, buffered, snapshot, journal, meta, watermark_timer, None,
+                                timestamp)
 
-    def _buffer(self, element, window, buffer, buffered, snapshot, journal, meta, watermark_timer, flush_timer):
+    def _buffer(self, element, window, buffer, buffered, snapshot, journal, meta, watermark_timer, flush_timer,
+                timestamp=None):
         shard, events = element
-        records = [featurized_record(e) for e in events]
-        if not records:
+        if not events:  # a tick (BatchByShard): event time reached the element's timestamp
+            if timestamp is not None:
+                self._on_time(shard, timestamp.micros // 1000, snapshot, journal, meta)
             return
+        records = [featurized_record(e) for e in events]
         count = buffered.read()
         state = meta.read() or _new_meta()
         newest = max(state.get("buffer_newest_ms") or 0, max(r["event_time_ms"] for r in records))
@@ -154,6 +159,20 @@ class UpdateShardModel(beam.DoFn):
             state["buffer_newest_ms"] = max(r["event_time_ms"] for r in rest)
             watermark_timer.set(Timestamp(micros=state["buffer_newest_ms"] * 1000))
         meta.write(state)
+
+    def _on_time(self, shard, now_ms, snapshot, journal, meta):
+        """Publish what the shard's sync has pending once its epoch is over, or that it has nothing
+        (``ShardSync.on_time``): an idle shard does not hold back the other shards' merges."""
+        sync = self._sync(shard)
+        state = meta.read() or _new_meta()
+        if sync is None or (self.cfg.resume_from and state["flushes"] == 0):
+            return
+        entry = sync_on_time(self.learner_cfg, shard, now_ms, state, lambda: (snapshot.read(), list(journal.read())),
+                             _LIVE, (self.instance_id, shard), sync)
+        if entry is not None:
+            journal.add(entry)
+            meta.write(state)
+            self.publications.inc()
 
     @on_timer(WATERMARK_TIMER)
     def on_watermark(
@@ -274,8 +293,10 @@ class UpdateShardModelWithIntervalFlush(UpdateShardModel):
         meta=beam.DoFn.StateParam(UpdateShardModel.META),
         watermark_timer=beam.DoFn.TimerParam(UpdateShardModel.WATERMARK_TIMER),
         flush_timer=beam.DoFn.TimerParam(FLUSH_TIMER),
+        timestamp=beam.DoFn.TimestampParam,
     ):
-        yield from self._buffer(element, window, buffer, buffered, snapshot, journal, meta, watermark_timer, flush_timer)
+        yield from self._buffer(element, window, buffer, buffered, snapshot, journal, meta, watermark_timer, flush_timer,
+                                timestamp)
 
     @on_timer(FLUSH_TIMER)
     def on_interval(
@@ -316,7 +337,8 @@ class UpdateShardModels(beam.PTransform):
         dofn = cls(self.learner_cfg, self.cfg, self.clock, self.sync, self.sync_location, self.probe, shards)
         outputs = (
             events
-            | "BatchByShard" >> rebatch_by(lambda e: shard_of(e["user_id"], shards), "BatchByShard")
+            | "BatchByShard" >> rebatch_by(lambda e: shard_of(e["user_id"], shards), "BatchByShard",
+                                           *((shards, self.sync.interval_ms) if self.sync else (0, 0)))
             | "UpdateShardModel" >> beam.ParDo(dofn).with_outputs(
                 DELTAS, ROLLBACKS, ALERTS, REPORTS, main=SCORES)
         )
