@@ -98,15 +98,15 @@ FLAGS: tuple[Flag, ...] = (
     Flag("state_ttl_days", "state", 30.0, "drop per-user and per-item feature state idle this long", float, bound=">0"),
     # sharding
     Flag("shards", "sharding", 4, "model shards (users are hashed to shards)", int, bound=">=1"),
-    Flag("sync_dir", "sharding", None, "where shards share item rows and the global bias: a folder every worker "
+    Flag("sync_dir", "sharding", None, "where shards share what they learn together (--sync_share): a folder every worker "
          "reaches (gs://... on Dataflow); a run writes under RUN_ID/ in it (none: OUTPUT_DIR/sync, with --shards > 1; "
          "streaming runs only on the DirectRunner)"),
-    Flag("no_sync", "sharding", False, "shards learn item rows and the global bias alone"),
-    Flag("sync_interval_s", "sharding", 60.0, "event time of a sync epoch: a shard publishes its changes once its "
-         "events pass into a later one", float, bound=">0"),
+    Flag("no_sync", "sharding", False, "shards learn everything alone (nothing of --sync_share is shared)"),
+    Flag("sync_interval_s", "sharding", 60.0, "event time of a sync epoch: a shard publishes its changes once event "
+         "time passes into a later one", float, bound=">0"),
     Flag("sync_merge", "sharding", "sum", "how the shards' changes merge: their sum, or FedAvg's example-weighted mean",
          choices=("sum", "mean")),
-    Flag("sync_share", "sharding", "items,bias", "what the shards learn together: items (row values and side features, "
+    Flag("sync_share", "sharding", "items,bias,item_mlp", "what the shards learn together: items (row values and side features, "
          "always), state (the item rows' optimizer state), bias (the global bias), mlps (the feature MLPs), item_mlp "
          "(the item-feature MLP alone)"),
     Flag("key_groups", "sharding", 1024, "key groups of the per-id keyed steps (dedupe, item and user features)", int, bound=">=1"),

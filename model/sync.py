@@ -1,9 +1,9 @@
 """Shared parameters across shards: what leaves a shard, how the shards' changes merge, how a merge lands.
 
 A shard's user rows are its own. What every shard reads is shared: the values of the item rows, the
-items' side features and the global bias. Each shard trains its copy on its own users' events and
-publishes what it changed since its last publication (``ShardChange``: only the rows that moved, with
-the events behind each) to a ``Medium`` every worker reaches, once its events pass into a later sync
+items' side features, the global bias and the item-feature MLP. Each shard trains its copy on its own
+users' events and publishes what it changed since its last publication (``ShardChange``: only the rows
+that moved, with the events behind each) to a ``Medium`` every worker reaches, once its events pass into a later sync
 epoch (``event_time_ms // interval_ms``). A publication carries the epoch in which it began and the
 newest event time behind it. Epoch ``e`` is complete once every shard has published at ``e`` or later
 (a shard only publishes at rising epochs), and its merged update is then the same on every shard:
@@ -19,12 +19,12 @@ time is not after the batch's oldest one: it never learns from another shard's f
 ``merged - own`` to its copy (its own change is in it already), so every copy equals the initial rows
 plus every merged epoch it applied plus its own changes not yet merged.
 
-What stays with its shard, by measurement (``bench/sync_variants.py``, docs/benchmarks.md): the items'
-row-wise optimizer state and the MLPs over user and item features (sharing them into the shards' learning
-lowered Recall@10, and with the state AUC); serving gets the FedAvg mean of the shards' MLPs
-(``model.serving.SharedServing``); ``SyncConfig.share`` (``--sync_share``) can add them back, or the
-item-feature MLP alone (``item_mlp``: on Globo news, whose items come and go, it lifted 4 shards' Recall@10
-from 0.94x to 1.05x of one shard's; on MovieLens it measured 0.92x at 4 shards).
+What is shared, by measurement (``bench/sync_variants.py``, ``bench/sharding.py``, docs/benchmarks.md): the
+item rows, the global bias and the item-feature MLP (``item_mlp``: on Globo news, whose items come and go,
+it lifted 4 shards' Recall@10 from 0.94x to 1.05x of one shard's). What stays with its shard: the items'
+row-wise optimizer state and the user-feature MLP (sharing both MLPs, ``mlps``, or the state lowered
+Recall@10, and with the state AUC); serving gets the FedAvg mean of the shards' MLPs
+(``model.serving.SharedServing``); ``SyncConfig.share`` (``--sync_share``) chooses.
 
 The merge rule is a **sum** of the shards' changes by default: the shards saw disjoint users, so the
 sum is what one model would have learned from all of them at these parameters (data-parallel SGD);
@@ -79,7 +79,7 @@ MERGE_RULES = ("sum", "mean")
 # What the shards can share: item row values (and side features), the items' row-wise optimizer state, the
 # global bias, the MLPs over user and item features. Serving always gets the FedAvg mean of the MLPs.
 SHARABLE = ("items", "state", "bias", "mlps", "item_mlp")
-SHARED_BY_DEFAULT = ("items", "bias")
+SHARED_BY_DEFAULT = ("items", "bias", "item_mlp")
 _FORMAT = "freshrec-sync-1"
 _NAME = re.compile(r"^e(\d{12})-s(\d{4})-t(-?\d+)\.sync$")
 
