@@ -6,7 +6,8 @@ Every run reports its prequential AUC and logloss (the pipeline's own summary), 
 ``--recall_every``-th positive event: the rank of its item among the distinct items of the previous
 ``--candidate_pool`` events of the whole stream, scored by the event's shard before it learns the event,
 as in ``bench/prequential.py``), events/s (events / pipeline time) and the bytes its shards put on the
-sync medium per event. Ratios are against the 1-shard run of the same invocation.
+sync medium per event. Ratios are against the 1-shard run of the same invocation. ``--jobs 2`` runs two
+runs at a time (each with one torch thread), the longest first: events/s are then those of a shared machine.
 
     python -m bench.sharding --dataset movielens --json bench/results/sharding-movielens.json
     python -m bench.sharding --dataset globo --limit 400000 --json bench/results/sharding-globo.json
@@ -116,8 +117,24 @@ def make_parser() -> argparse.ArgumentParser:
     ap.add_argument("--replay_rate", type=float, default=2000.0, help="events/s of the streaming replay")
     ap.add_argument("--recall_every", type=int, default=20, help="probe Recall@10 on every Nth positive event")
     ap.add_argument("--candidate_pool", type=int, default=2000, help="probe among the items of this many previous events")
+    ap.add_argument("--jobs", type=int, default=1, help="runs at a time, each in its own process (default 1)")
     ap.add_argument("--json", help="write the results here")
     return ap
+
+
+def _run_in_child(data: str, shards: int, sync: bool, args: argparse.Namespace, probe: RecallProbe,
+                  events: int) -> dict[str, Any]:
+    """``run_one`` in a worker process sharing the machine: one torch thread, so two runs fit two cores."""
+    import torch
+
+    torch.set_num_threads(1)
+    return run_one(data, shards, sync, args, probe, events)
+
+
+def _report(r: dict[str, Any]) -> None:
+    print(f"bench.sharding: {r['shards']} shard(s), sync {'on' if r['sync'] else 'off'}: AUC {r['auc']:.4f}  "
+          f"logloss {r['logloss']:.4f}  R@10 {r['recall_at_10']:.4f}  {r['events_per_s']:,.0f} events/s  "
+          f"{r['sync_bytes_per_event']:.0f} sync bytes/event", file=sys.stderr, flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -131,15 +148,24 @@ def main(argv: list[str] | None = None) -> int:
         threshold = float(extra[extra.index("--rating_threshold") + 1])
     probe = RecallProbe(stream, threshold, args.recall_every, args.candidate_pool)
     counts = [int(c) for c in args.shard_counts.split(",")]
-    runs = []
-    for shards in counts:
-        for sync in ((True,) if shards == 1 else (True, False)):
+    plan = [(shards, sync) for shards in counts for sync in ((True,) if shards == 1 else (True, False))]
+    done: dict[tuple[int, bool], dict[str, Any]] = {}
+    if args.jobs > 1:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor, as_completed
+
+        with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+            futures = {pool.submit(_run_in_child, data, s, on, args, probe, len(stream)): (s, on)
+                       for s, on in sorted(plan, key=lambda p: (-p[0], not p[1]))}  # the longest first
+            for fut in as_completed(futures):
+                done[futures[fut]] = fut.result()
+                _report(done[futures[fut]])
+    else:
+        for shards, sync in plan:
             print(f"bench.sharding: {shards} shard(s), sync {'on' if sync else 'off'} ...", file=sys.stderr, flush=True)
-            runs.append(run_one(data, shards, sync, args, probe, len(stream)))
-            r = runs[-1]
-            print(f"  AUC {r['auc']:.4f}  logloss {r['logloss']:.4f}  R@10 {r['recall_at_10']:.4f}  "
-                  f"{r['events_per_s']:,.0f} events/s  {r['sync_bytes_per_event']:.0f} sync bytes/event",
-                  file=sys.stderr, flush=True)
+            done[(shards, sync)] = run_one(data, shards, sync, args, probe, len(stream))
+            _report(done[(shards, sync)])
+    runs = [done[p] for p in plan]
     base = runs[0]
     print(f"{args.dataset}: {len(stream):,} events, replay {args.replay_rate:,.0f} events/s, ratios to {counts[0]} shard(s)")
     print(f"{'shards':>6s} {'sync':>5s} {'AUC':>7s} {'x':>6s} {'logloss':>8s} {'R@10':>7s} {'x':>6s} {'events/s':>9s} {'x':>6s} {'sync B/ev':>9s}")
@@ -148,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{r['logloss']:8.4f} {r['recall_at_10']:7.4f} {r['recall_at_10'] / base['recall_at_10']:5.3f}x "
               f"{r['events_per_s']:9,.0f} {r['events_per_s'] / base['events_per_s']:5.2f}x {r['sync_bytes_per_event']:9.0f}")
     result = {"dataset": args.dataset, "events": len(stream), "replay_rate": args.replay_rate,
-              "flags": extra, "runs": runs}
+              "jobs": args.jobs, "flags": extra, "runs": runs}
     if args.json:
         os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
         with open(args.json, "w") as fh:

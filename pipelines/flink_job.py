@@ -33,7 +33,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from pyflink.common import Configuration, Encoder, Types, WatermarkStrategy  # noqa: E402
+from pyflink.common import Configuration, Duration, Encoder, Types, WatermarkStrategy  # noqa: E402
 from pyflink.common.watermark_strategy import TimestampAssigner  # noqa: E402
 from pyflink.datastream import (  # noqa: E402
     CheckpointingMode,
@@ -53,7 +53,7 @@ from core.medium import FolderMedium, MediumError, check_medium  # noqa: E402
 from core.settings import HelpFormatter, add_flags, pipeline_config, sync_location  # noqa: E402
 from model.config import LearnerConfig  # noqa: E402
 from model.hashing import shard_of  # noqa: E402
-from model.journal import flush_micro_batch, flush_report, new_meta  # noqa: E402
+from model.journal import flush_micro_batch, flush_report, new_meta, sync_on_time  # noqa: E402
 from model.learner import IncrementalLearner  # noqa: E402
 from model.metrics import BinaryStats  # noqa: E402
 from model.shard_sync import ShardSync  # noqa: E402
@@ -63,6 +63,7 @@ from monitoring.alerts import SkippedStepsAlarm  # noqa: E402
 DEAD_LETTER = OutputTag("dead-letter", Types.STRING())
 REPORTS = OutputTag("flush-reports", Types.PICKLED_BYTE_ARRAY())
 END_OF_TIME = 2**62
+MAX_OUT_OF_ORDERNESS_MS = 60_000  # transforms/sources.py's default
 
 
 def _dead(payload: Any, reason: str, step: str, event: dict[str, Any] | None = None) -> str:
@@ -72,12 +73,10 @@ def _dead(payload: Any, reason: str, step: str, event: dict[str, Any] | None = N
 
 
 class EventTime(TimestampAssigner):
-    def extract_timestamp(self, value: str, record_timestamp: int) -> int:
-        try:
-            ts = json.loads(value).get("event_time_ms")
-            return int(ts) if isinstance(ts, (int, float)) else 0
-        except (ValueError, AttributeError):
-            return 0
+    """A decoded event's time (the watermark trails the newest by ``MAX_OUT_OF_ORDERNESS_MS``, as the Beam source's)."""
+
+    def extract_timestamp(self, value: dict[str, Any], record_timestamp: int) -> int:
+        return int(value["event_time_ms"])
 
 
 def metric_group(ctx: RuntimeContext):
@@ -182,6 +181,7 @@ class UpdateShardModel(KeyedProcessFunction):
         self.journal = ctx.get_list_state(ListStateDescriptor("journal", Types.PICKLED_BYTE_ARRAY()))
         self.meta = ctx.get_state(ValueStateDescriptor("meta", Types.PICKLED_BYTE_ARRAY()))
         self.live: dict[int, tuple[IncrementalLearner, int]] = {}
+        self.newest_ms = 0  # the newest event time this subtask has seen (where ticks stop at the end of input)
         group = metric_group(ctx)
         self.counters = {name: group.counter(name) for name in (
             "events_applied", "flushes", "rollbacks", "learner_restores", "steps_skipped_nonfinite",
@@ -199,6 +199,11 @@ class UpdateShardModel(KeyedProcessFunction):
         self.buffer.add(record)
         meta = self.meta.value() or {**new_meta(), "buffered": 0}
         meta["buffered"] += 1
+        sync = self.syncs.get(ctx.get_current_key())
+        self.newest_ms = max(self.newest_ms, ctx.timestamp())
+        if sync is not None and meta.get("tick_ms") is None:  # the shard's first event: start its epoch ticks
+            meta["tick_ms"] = (sync.cfg.epoch_of(ctx.timestamp()) + 1) * sync.cfg.interval_ms
+            ctx.timer_service().register_event_time_timer(meta["tick_ms"])
         self.meta.update(meta)
         if meta["buffered"] >= self.batch_size:
             yield from self._flush(ctx.get_current_key())
@@ -206,7 +211,30 @@ class UpdateShardModel(KeyedProcessFunction):
             ctx.timer_service().register_event_time_timer(END_OF_TIME)
 
     def on_timer(self, timestamp, ctx):
-        yield from self._flush(ctx.get_current_key())
+        if timestamp >= END_OF_TIME:
+            yield from self._flush(ctx.get_current_key())
+        else:
+            self._on_time(ctx.get_current_key(), timestamp, ctx)
+
+    def _on_time(self, shard: int, now_ms: int, ctx) -> None:
+        """Event time left an epoch (the Beam steps' ticks, ``ShardSync.on_time``): the shard publishes what it
+        has pending, or that it has nothing, so a quiet shard does not hold back the others' merges; then it
+        ticks again at the end of the watermark's epoch (at the end of the input: of the newest event's)."""
+        sync, meta = self.syncs.get(shard), self.meta.value()
+        if sync is None or meta is None:
+            return
+        watermark = ctx.timer_service().current_watermark()
+        meta["tick_ms"] = now_ms
+        if watermark < END_OF_TIME or now_ms <= self.newest_ms:
+            horizon = max(now_ms, watermark if watermark < END_OF_TIME else self.newest_ms)
+            meta["tick_ms"] = (sync.cfg.epoch_of(horizon) + 1) * sync.cfg.interval_ms
+            ctx.timer_service().register_event_time_timer(meta["tick_ms"])
+        entry = sync_on_time(self.cfg, shard, now_ms, meta, lambda: (self.snapshot.value(), list(self.journal.get() or [])),
+                             self.live, shard, sync)
+        if entry is not None:
+            self.journal.add(entry)
+            self.counters["sync_publications"].inc()
+        self.meta.update(meta)
 
     def _gauge_shard(self, shard: int, learner: IncrementalLearner) -> None:
         """The shard's gauges under the Beam pipeline's names (transforms/update.py): its model version and
@@ -263,13 +291,16 @@ def build(env: StreamExecutionEnvironment, args: argparse.Namespace) -> None:
     cfg = pipeline_config(args)
     shards, groups = cfg.sharding.shards, cfg.sharding.key_groups
     source = FileSource.for_record_stream_format(StreamFormat.text_line_format(), args.input).build()
-    watermarks = WatermarkStrategy.for_monotonous_timestamps().with_timestamp_assigner(EventTime())
     # one reader and one decoder: the keyed steps see the input in its order, whatever their parallelism
-    lines = env.from_source(source, watermarks, "ReplayEvents").uid("replay-source").set_parallelism(1)
+    lines = env.from_source(source, WatermarkStrategy.no_watermarks(), "ReplayEvents").uid("replay-source").set_parallelism(1)
     progress_s = 0.0 if args.quiet else args.progress_s
     events = (lines.process(DecodeAndValidate(cfg.clean, args.throttle_ms), output_type=Types.PICKLED_BYTE_ARRAY())
               .uid("decode").set_parallelism(1))
-    unique = (events.key_by(lambda e: key_group(e["event_id"], groups), key_type=Types.INT())
+    # event time from the decoded events (a Python assigner given to from_source is not applied)
+    watermarks = (WatermarkStrategy.for_bounded_out_of_orderness(Duration.of_millis(MAX_OUT_OF_ORDERNESS_MS))
+                  .with_timestamp_assigner(EventTime()))
+    stamped = events.assign_timestamps_and_watermarks(watermarks).uid("event-time").set_parallelism(1)
+    unique = (stamped.key_by(lambda e: key_group(e["event_id"], groups), key_type=Types.INT())
               .process(DedupeEvents(cfg.dedupe_ttl_ms), output_type=Types.PICKLED_BYTE_ARRAY()).uid("dedupe"))
     with_items = (unique.key_by(lambda e: key_group(e["item_id"], groups), key_type=Types.INT())
                   .process(AnnotateFeatures(ItemPopularity(cfg.feature), cfg.state_ttl_ms), output_type=Types.PICKLED_BYTE_ARRAY())

@@ -168,6 +168,32 @@ def test_the_shards_of_the_flink_job_sync_their_shared_rows(flink_python, events
     assert synced[len(synced) // 2] < 0.5 * alone[len(alone) // 2], (synced[len(synced) // 2], alone[len(alone) // 2])
 
 
+def test_a_quiet_shard_of_the_flink_job_publishes_on_event_time(flink_python, tmp_path):
+    """Shard 1's users stop a third of the way in: its epoch ticks still publish (what it had pending, then
+    that it has nothing) until the end of the stream, so shard 0's merges are not held back behind it."""
+    from model.hashing import shard_of
+    from model.sync import parse_name
+
+    events = list(synthetic_events(SyntheticConfig(events=1500, seed=11, malformed_fraction=0, duplicate_fraction=0)))
+    cut = events[len(events) // 3]["event_time_ms"]
+    kept = [e for e in events if shard_of(e["user_id"], SHARDS) == 0 or e["event_time_ms"] <= cut]
+    path = tmp_path / "events.jsonl"
+    path.write_text("".join(json.dumps(e) + "\n" for e in kept))
+    ck, interval_ms = str(tmp_path / "ck"), 60_000
+    # throttled so that the watermark moves during the run, as in a stream
+    finish(job(flink_python, str(path), str(tmp_path / "out"), ck, "--sync_interval_s", str(interval_ms // 1000),
+               "--throttle_ms", "8", "--quiet"))
+    epochs = defaultdict(set)
+    for name in os.listdir(os.path.join(ck, "sync", "run")):
+        parsed = parse_name(name)
+        if parsed is not None:
+            epochs[parsed[1]].add(parsed[0])
+    last_epoch = max(e["event_time_ms"] for e in kept) // interval_ms
+    quiet = sorted(e for e in epochs[1] if e > cut // interval_ms + 1)  # labelled after its last event's epoch
+    # more than the one at the end of the input: the watermark's jumps each told (a label covers those before it)
+    assert len(quiet) >= 3 and quiet[-1] >= last_epoch - 1, (quiet, cut // interval_ms, last_epoch)
+
+
 def test_the_job_without_window_statistics_writes_only_records(flink_python, events_file, tmp_path):
     """--stats_window_s 0: the flush reports (a side output nobody reads then) must not leak into the output."""
     out = str(tmp_path / "out")
