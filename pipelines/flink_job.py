@@ -336,6 +336,10 @@ def make_parser() -> argparse.ArgumentParser:
     ap.add_argument("--checkpoint_interval_ms", type=int, default=1000)
     ap.add_argument("--restore_from", default=None, help="a retained checkpoint (…/chk-N) to resume from")
     ap.add_argument("--snapshot_every", type=int, default=5, help="flushes between snapshots of a shard's learner")
+    ap.add_argument("--bundle_size", type=int, default=5000,
+                    help="elements per bundle of a Python step (Flink's python.fn-execution.bundle.size): larger runs "
+                         "faster, smaller lets a checkpoint barrier through sooner where the Python steps fall behind")
+    ap.add_argument("--bundle_time_ms", type=int, default=1000, help="longest a Python step's bundle stays open")
     ap.add_argument("--throttle_ms", type=float, default=0.0, help="sleep per input record (to stretch a test run)")
     ap.add_argument("--parallelism", type=int, default=1,
                     help="subtasks of every keyed step (shards and key groups spread over them); the source reads on one")
@@ -381,9 +385,10 @@ def main(argv: list[str] | None = None) -> int:
     conf.set_string("execution.checkpointing.checkpoints-after-tasks-finish", "true")
     if not args.cluster:
         conf.set_string("restart-strategy.type", "none")
-    # small Python bundles: checkpoint barriers do not wait behind a large bundle in flight
-    conf.set_string("python.fn-execution.bundle.size", "50")
-    conf.set_string("python.fn-execution.bundle.time", "100")
+    # a bundle is one round trip to the Python worker, and small ones cost more than the steps themselves; but
+    # a checkpoint barrier waits until the Python step has worked through what was sent to it
+    conf.set_string("python.fn-execution.bundle.size", str(args.bundle_size))
+    conf.set_string("python.fn-execution.bundle.time", str(args.bundle_time_ms))
     conf.set_string("python.execution-mode", "process")
     if os.environ.get("FRESHREC_FLINK_PROFILE"):
         conf.set_string("python.profile.enabled", "true")

@@ -119,7 +119,9 @@ def test_killed_job_restored_from_checkpoint_equals_uninterrupted_run(flink_pyth
 
     # run B: slowed down, killed (SIGKILL, whole process group) once a checkpoint is retained mid-stream
     out_b, ck_b = str(tmp_path / "out_b"), str(tmp_path / "ck_b")
-    proc = job(flink_python, events_file, out_b, ck_b, "--throttle_ms", "20", "--no_sync")
+    # small bundles: a checkpoint barrier waits for what the slowed Python steps were sent
+    proc = job(flink_python, events_file, out_b, ck_b, "--throttle_ms", "20", "--bundle_size", "50",
+               "--bundle_time_ms", "100", "--no_sync")
     deadline = time.time() + 180
     chk = None
     while time.time() < deadline and proc.poll() is None:
@@ -180,9 +182,10 @@ def test_a_quiet_shard_of_the_flink_job_publishes_on_event_time(flink_python, tm
     path = tmp_path / "events.jsonl"
     path.write_text("".join(json.dumps(e) + "\n" for e in kept))
     ck, interval_ms = str(tmp_path / "ck"), 60_000
-    # throttled so that the watermark moves during the run, as in a stream
+    # throttled, in small bundles (a step's watermark moves as its bundles end), so that the watermark moves
+    # during the run, as in a stream
     finish(job(flink_python, str(path), str(tmp_path / "out"), ck, "--sync_interval_s", str(interval_ms // 1000),
-               "--throttle_ms", "8", "--quiet"))
+               "--throttle_ms", "8", "--bundle_size", "50", "--bundle_time_ms", "100", "--quiet"))
     epochs = defaultdict(set)
     for name in os.listdir(os.path.join(ck, "sync", "run")):
         parsed = parse_name(name)
