@@ -114,7 +114,8 @@ case "${1:-}" in
   start)
     case "${2:-}" in
       jobmanager) "$FLINK_HOME/bin/jobmanager.sh" start > /dev/null ;;
-      taskmanager) n=$(( $(registered) + 1 )); "$FLINK_HOME/bin/taskmanager.sh" start > /dev/null; wait_for "$n" ;;
+      # by the live PIDs: a TaskManager just killed stays registered until its heartbeat times out
+      taskmanager) n=$(( $(alive "$TM_PIDS" | wc -l) + 1 )); "$FLINK_HOME/bin/taskmanager.sh" start > /dev/null; wait_for "$n" ;;
       *) die "start jobmanager|taskmanager" ;;
     esac
     ;;

@@ -271,3 +271,89 @@ def test_the_job_on_a_standalone_cluster_at_parallelism_2(flink_python, events_f
     dead = lambda rs: sorted((r["reason"], r["raw"]) for r in rs if r["kind"] == "dead_letter")  # noqa: E731
     assert dead(records) == dead(ref)
     assert set(parameters(records)) == set(range(SHARDS))  # every shard's deltas in sequence, none twice
+
+
+class Cluster:
+    """scripts/flink_cluster.sh on free localhost ports, with its work folder under ``base``."""
+
+    def __init__(self, base):
+        prom = free_port()
+        self.env = {**os.environ, "FRESHREC_FLINK_WORK": str(base / "cluster"), "FRESHREC_FLINK_REST_PORT": str(free_port()),
+                    "FRESHREC_FLINK_RPC_PORT": str(free_port()), "FRESHREC_FLINK_PROM_PORTS": f"{prom}-{prom + 2}"}
+        self.script = os.path.join(ROOT, "scripts", "flink_cluster.sh")
+
+    def __call__(self, *args, timeout=180) -> str:
+        done = subprocess.run(["bash", self.script, *args], env=self.env, capture_output=True, text=True, timeout=timeout)
+        assert done.returncode == 0, done.stdout + done.stderr
+        return done.stdout
+
+    def submit(self, events, out, ck, *extra) -> subprocess.Popen:
+        return subprocess.Popen(["bash", self.script, "submit", "--parallelism", "1", "--", "--input", events, "--output", out,
+                                 "--checkpoint_dir", ck, "--shards", str(SHARDS), "--dim", str(DIM), "--batch_size", "16",
+                                 "--checkpoint_interval_ms", "500", "--no_sync", "--quiet", *extra],
+                                env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def wait_for_checkpoint(proc: subprocess.Popen, ck: str, at_least: int, timeout_s: float = 180) -> str:
+    deadline = time.time() + timeout_s
+    while time.time() < deadline and proc.poll() is None:
+        chk = latest_checkpoint(ck)
+        if chk and int(chk.rsplit("-", 1)[1]) >= at_least:
+            return chk
+        time.sleep(0.2)
+    raise AssertionError(f"no checkpoint {at_least} while the job ran (exit {proc.poll()})")
+
+
+def assert_equals_uninterrupted(out: str, uninterrupted_out: str) -> None:
+    a, b = committed(uninterrupted_out), committed(out)
+    assert Counter(r["kind"] for r in b) == Counter(r["kind"] for r in a)
+    timing = ("emit_time_ms", "first_emit_ms", "last_emit_ms", "freshness_lag_ms")
+    key = lambda r: json.dumps({k: v for k, v in r.items() if k not in timing}, sort_keys=True)  # noqa: E731
+    assert sorted(map(key, b)) == sorted(map(key, a)), "outputs differ from the uninterrupted run"
+    assert parameters(b) == parameters(a)
+
+
+def test_a_killed_taskmanager_is_replaced_and_the_job_resumes_from_its_checkpoint(flink_python, events_file,
+                                                                                  uninterrupted, tmp_path):
+    """SIGKILL the only TaskManager mid-stream; a new one starts; the cluster's restart strategy resumes the job
+    from its last checkpoint there, and the committed outputs equal an uninterrupted run's."""
+    cluster, out, ck = Cluster(tmp_path), str(tmp_path / "out"), str(tmp_path / "ck")
+    cluster("up", "--taskmanagers", "1", "--slots", "1")
+    try:
+        # slowed, in small bundles, so that checkpoints complete mid-stream (as the in-process fault test)
+        sub = cluster.submit(events_file, out, ck, "--throttle_ms", "20", "--bundle_size", "50", "--bundle_time_ms", "100")
+        wait_for_checkpoint(sub, ck, 3)
+        assert "killed taskmanager" in cluster("kill", "taskmanager")
+        assert len(committed(out)) < len(committed(uninterrupted[1])), "the kill must happen mid-stream"
+        cluster("start", "taskmanager")
+        log, _ = sub.communicate(timeout=400)
+        assert sub.returncode == 0, log[-3000:]
+    finally:
+        cluster("down", timeout=60)
+    assert_equals_uninterrupted(out, uninterrupted[1])
+
+
+def test_a_killed_jobmanager_restarted_resumes_the_job_from_the_retained_checkpoint(flink_python, events_file,
+                                                                                    uninterrupted, tmp_path):
+    """SIGKILL the JobManager mid-stream (the job dies with it: no high availability here); start a JobManager
+    again, the TaskManager registers with it, and the job resubmitted with --restore_from the retained
+    checkpoint ends with the outputs of an uninterrupted run."""
+    cluster, out, ck = Cluster(tmp_path), str(tmp_path / "out"), str(tmp_path / "ck")
+    cluster("up", "--taskmanagers", "1", "--slots", "1")
+    try:
+        sub = cluster.submit(events_file, out, ck, "--throttle_ms", "20", "--bundle_size", "50", "--bundle_time_ms", "100")
+        wait_for_checkpoint(sub, ck, 3)
+        assert "killed jobmanager" in cluster("kill", "jobmanager")
+        sub.communicate(timeout=120)  # the client loses its job
+        assert len(committed(out)) < len(committed(uninterrupted[1])), "the kill must happen mid-stream"
+        cluster("start", "jobmanager")
+        deadline = time.time() + 120
+        while '"taskmanagers":1' not in cluster("status") and time.time() < deadline:
+            time.sleep(1)
+        chk = latest_checkpoint(ck)
+        assert chk, "no retained checkpoint"
+        log, _ = cluster.submit(events_file, out, ck, "--restore_from", chk).communicate(timeout=400)
+        assert "Job Runtime" in log, log[-3000:]
+    finally:
+        cluster("down", timeout=60)
+    assert_equals_uninterrupted(out, uninterrupted[1])
