@@ -249,7 +249,9 @@ def test_the_job_on_a_standalone_cluster_at_parallelism_2(flink_python, events_f
         out = str(tmp_path / "out")
         sub = subprocess.Popen(["bash", script, "submit", "--", "--input", events_file, "--output", out,
                                 "--checkpoint_dir", str(tmp_path / "ck"), "--shards", str(SHARDS), "--dim", str(DIM),
-                                "--batch_size", "16", "--no_sync", "--quiet"],
+                                "--batch_size", "16", "--no_sync", "--quiet",
+                                # small bundles: the gauges reach the reporters before the (short) run ends
+                                "--bundle_size", "50", "--bundle_time_ms", "100"],
                                env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         scraped = scrape_while_running(sub, range(prom, prom + 3), timeout_s=400)
         log = sub.stdout.read() if sub.stdout else ""
