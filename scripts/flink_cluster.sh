@@ -89,6 +89,11 @@ wait_for() {  # $1 TaskManagers, within 120 s
   die "the cluster did not come up with $1 TaskManager(s) within 120 s: see $FLINK_LOG_DIR"
 }
 
+descendants() {  # every process below $1
+  local c
+  for c in $(ps -o pid= --ppid "$1"); do echo "$c"; descendants "$c"; done
+}
+
 alive() { [ -f "$1" ] && while read -r p; do kill -0 "$p" 2>/dev/null && echo "$p"; done < "$1" || true; }
 
 case "${1:-}" in
@@ -127,7 +132,8 @@ case "${1:-}" in
     esac
     p=$(alive "$f" | tail -n 1)
     [ -n "$p" ] || die "no running $2 of this work folder"
-    kill -9 "$p"
+    # with its Python workers, as when its machine or container dies (else they outlive it, orphaned)
+    kill -9 "$p" $(descendants "$p") 2>/dev/null || true
     grep -vx "$p" "$f" > "$f.tmp" || true; mv "$f.tmp" "$f"
     echo "flink_cluster: killed $2 pid $p"
     ;;
