@@ -7,7 +7,7 @@ Every run reports its prequential AUC and logloss (the pipeline's own summary), 
 ``--candidate_pool`` events of the whole stream, scored by the event's shard before it learns the event,
 as in ``bench/prequential.py``), events/s (events / pipeline time) and the bytes its shards put on the
 sync medium per event. Ratios are against the 1-shard run of the same invocation. ``--jobs 2`` runs two
-runs at a time (each with one torch thread), the longest first: events/s are then those of a shared machine.
+runs at a time (each learner uses one torch thread by default), the longest first: events/s are then those of a shared machine.
 
     python -m bench.sharding --dataset movielens --json bench/results/sharding-movielens.json
     python -m bench.sharding --dataset globo --limit 400000 --json bench/results/sharding-globo.json
@@ -122,15 +122,6 @@ def make_parser() -> argparse.ArgumentParser:
     return ap
 
 
-def _run_in_child(data: str, shards: int, sync: bool, args: argparse.Namespace, probe: RecallProbe,
-                  events: int) -> dict[str, Any]:
-    """``run_one`` in a worker process sharing the machine: one torch thread, so two runs fit two cores."""
-    import torch
-
-    torch.set_num_threads(1)
-    return run_one(data, shards, sync, args, probe, events)
-
-
 def _report(r: dict[str, Any]) -> None:
     print(f"bench.sharding: {r['shards']} shard(s), sync {'on' if r['sync'] else 'off'}: AUC {r['auc']:.4f}  "
           f"logloss {r['logloss']:.4f}  R@10 {r['recall_at_10']:.4f}  {r['events_per_s']:,.0f} events/s  "
@@ -155,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
         from concurrent.futures import ProcessPoolExecutor, as_completed
 
         with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-            futures = {pool.submit(_run_in_child, data, s, on, args, probe, len(stream)): (s, on)
+            futures = {pool.submit(run_one, data, s, on, args, probe, len(stream)): (s, on)
                        for s, on in sorted(plan, key=lambda p: (-p[0], not p[1]))}  # the longest first
             for fut in as_completed(futures):
                 done[futures[fut]] = fut.result()

@@ -199,10 +199,10 @@ class UpdateShardModel(KeyedProcessFunction):
         self.buffer.add(record)
         meta = self.meta.value() or {**new_meta(), "buffered": 0}
         meta["buffered"] += 1
-        sync = self.syncs.get(ctx.get_current_key())
-        self.newest_ms = max(self.newest_ms, ctx.timestamp())
+        sync, event_ms = self.syncs.get(ctx.get_current_key()), ctx.timestamp()
+        self.newest_ms = max(self.newest_ms, event_ms)
         if sync is not None and meta.get("tick_ms") is None:  # the shard's first event: start its epoch ticks
-            meta["tick_ms"] = (sync.cfg.epoch_of(ctx.timestamp()) + 1) * sync.cfg.interval_ms
+            meta["tick_ms"] = (sync.cfg.epoch_of(event_ms) + 1) * sync.cfg.interval_ms
             ctx.timer_service().register_event_time_timer(meta["tick_ms"])
         self.meta.update(meta)
         if meta["buffered"] >= self.batch_size:

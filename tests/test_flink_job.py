@@ -105,6 +105,30 @@ def uninterrupted(flink_python, events_file, tmp_path_factory):
     return finish(job(flink_python, events_file, out, ck, "--progress_s", "1", "--no_sync")), out
 
 
+# a slowed run's checkpoint barrier waits for what its Python steps were sent: small bundles keep that short
+SMALL_BUNDLES = ("--bundle_size", "50", "--bundle_time_ms", "100")
+
+
+def wait_for_checkpoint(proc: subprocess.Popen, ck: str, at_least: int, timeout_s: float = 180) -> str:
+    deadline = time.time() + timeout_s
+    while time.time() < deadline and proc.poll() is None:
+        chk = latest_checkpoint(ck)
+        if chk and int(chk.rsplit("-", 1)[1]) >= at_least:
+            return chk
+        time.sleep(0.2)
+    raise AssertionError(f"no checkpoint {at_least} while the job ran (exit {proc.poll()})")
+
+
+def assert_equals_uninterrupted(out: str, uninterrupted_out: str) -> None:
+    a, b = committed(uninterrupted_out), committed(out)
+    assert Counter(r["kind"] for r in b) == Counter(r["kind"] for r in a)
+    # processing times differ between runs: emit times, and a window's flush times and freshness lag
+    timing = ("emit_time_ms", "first_emit_ms", "last_emit_ms", "freshness_lag_ms")
+    key = lambda r: json.dumps({k: v for k, v in r.items() if k not in timing}, sort_keys=True)  # noqa: E731
+    assert sorted(map(key, b)) == sorted(map(key, a)), "outputs differ from the uninterrupted run"
+    assert parameters(b) == parameters(a)
+
+
 def test_killed_job_restored_from_checkpoint_equals_uninterrupted_run(flink_python, events_file, uninterrupted, tmp_path):
     printed, out_a = uninterrupted
     progress_lines = [line for line in printed.splitlines() if line.startswith("freshrec-flink: ")]
@@ -119,31 +143,15 @@ def test_killed_job_restored_from_checkpoint_equals_uninterrupted_run(flink_pyth
 
     # run B: slowed down, killed (SIGKILL, whole process group) once a checkpoint is retained mid-stream
     out_b, ck_b = str(tmp_path / "out_b"), str(tmp_path / "ck_b")
-    # small bundles: a checkpoint barrier waits for what the slowed Python steps were sent
-    proc = job(flink_python, events_file, out_b, ck_b, "--throttle_ms", "20", "--bundle_size", "50",
-               "--bundle_time_ms", "100", "--no_sync")
-    deadline = time.time() + 180
-    chk = None
-    while time.time() < deadline and proc.poll() is None:
-        chk = latest_checkpoint(ck_b)
-        if chk and int(chk.rsplit("-", 1)[1]) >= 4:
-            break
-        time.sleep(0.2)
-    assert proc.poll() is None, "run B finished before it could be killed mid-stream"
-    assert chk, "no completed checkpoint within 180 s"
+    proc = job(flink_python, events_file, out_b, ck_b, "--throttle_ms", "20", *SMALL_BUNDLES, "--no_sync")
+    wait_for_checkpoint(proc, ck_b, 4)  # fails if run B ends first or no checkpoint completes within 180 s
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait(timeout=30)
     before_restore = Counter(r["kind"] for r in committed(out_b))
     assert sum(before_restore.values()) < sum(kinds_a.values()), "the kill must happen mid-stream"
 
     finish(job(flink_python, events_file, out_b, ck_b, "--restore_from", latest_checkpoint(ck_b), "--no_sync"))
-    b = committed(out_b)
-    assert Counter(r["kind"] for r in b) == kinds_a
-    # processing times differ between runs: emit times, and a window's flush times and freshness lag
-    timing = ("emit_time_ms", "first_emit_ms", "last_emit_ms", "freshness_lag_ms")
-    key = lambda r: json.dumps({k: v for k, v in r.items() if k not in timing}, sort_keys=True)  # noqa: E731
-    assert sorted(map(key, b)) == sorted(map(key, a)), "outputs differ from the uninterrupted run"
-    assert parameters(b) == parameters(a)
+    assert_equals_uninterrupted(out_b, out_a)
 
 
 def served_item_gaps(flink_python, events_file, out: str, ck: str, *extra: str) -> list[float]:
@@ -185,7 +193,7 @@ def test_a_quiet_shard_of_the_flink_job_publishes_on_event_time(flink_python, tm
     # throttled, in small bundles (a step's watermark moves as its bundles end), so that the watermark moves
     # during the run, as in a stream
     finish(job(flink_python, str(path), str(tmp_path / "out"), ck, "--sync_interval_s", str(interval_ms // 1000),
-               "--throttle_ms", "8", "--bundle_size", "50", "--bundle_time_ms", "100", "--quiet"))
+               "--throttle_ms", "8", *SMALL_BUNDLES, "--quiet"))
     epochs = defaultdict(set)
     for name in os.listdir(os.path.join(ck, "sync", "run")):
         parsed = parse_name(name)
@@ -233,53 +241,13 @@ def scrape_while_running(proc: subprocess.Popen, ports: range, timeout_s: float)
     return "\n".join(seen.values())
 
 
-def test_the_job_on_a_standalone_cluster_at_parallelism_2(flink_python, events_file, uninterrupted, tmp_path):
-    """scripts/flink_cluster.sh: a JobManager and two TaskManagers as separate JVMs on localhost; the job
-    submitted at parallelism 2 accounts for every event as the in-process run does (the order in which a
-    keyed step sees two upstream subtasks depends on timing, so parameters may differ; the counts do not)."""
-    prom = free_port()  # the JobManager's and the TaskManagers' Prometheus reporters take the first free of three
-    env = {**os.environ, "FRESHREC_FLINK_WORK": str(tmp_path / "cluster"), "FRESHREC_FLINK_REST_PORT": str(free_port()),
-           "FRESHREC_FLINK_RPC_PORT": str(free_port()), "FRESHREC_FLINK_PROM_PORTS": f"{prom}-{prom + 2}"}
-    script = os.path.join(ROOT, "scripts", "flink_cluster.sh")
-    up = subprocess.run(["bash", script, "up"], env=env, capture_output=True, text=True, timeout=180)
-    try:
-        assert up.returncode == 0, up.stdout + up.stderr
-        jvms = subprocess.run(["bash", script, "status"], env=env, capture_output=True, text=True, timeout=30).stdout
-        assert '"taskmanagers":2' in jvms and '"slots-total":2' in jvms, jvms
-        out = str(tmp_path / "out")
-        sub = subprocess.Popen(["bash", script, "submit", "--", "--input", events_file, "--output", out,
-                                "--checkpoint_dir", str(tmp_path / "ck"), "--shards", str(SHARDS), "--dim", str(DIM),
-                                "--batch_size", "16", "--no_sync", "--quiet",
-                                # small bundles: the gauges reach the reporters before the (short) run ends
-                                "--bundle_size", "50", "--bundle_time_ms", "100"],
-                               env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        scraped = scrape_while_running(sub, range(prom, prom + 3), timeout_s=400)
-        log = sub.stdout.read() if sub.stdout else ""
-        assert sub.returncode == 0, log[-3000:]
-        # the job's own metrics, under the Beam pipeline's names, reach Flink's Prometheus reporter
-        for name in ("freshrec_events_in", "freshrec_events_applied", "freshrec_flushes",
-                     *(f"freshrec_{g}_shard_{s}" for g in ("model_version", "table_rows_item", "table_rows_user")
-                       for s in range(SHARDS))):
-            assert name in scraped, sorted(set(re.findall(r"\w*freshrec\w*", scraped)))[:20]
-    finally:
-        subprocess.run(["bash", script, "down"], env=env, capture_output=True, timeout=60)
-    records = committed(out)
-    ref = committed(uninterrupted[1])
-    windows = lambda rs: sorted((w["window_start_ms"], w["events"], json.dumps(w["dead_letters"], sort_keys=True))  # noqa: E731
-                                for w in rs if w["kind"] == "stats")
-    assert windows(records) == windows(ref) and windows(ref)
-    applied = lambda rs: sum(w["applied"] for w in rs if w["kind"] == "stats")  # noqa: E731
-    assert applied(records) == applied(ref) == sum(w[1] for w in windows(ref))  # each clean event applied once
-    dead = lambda rs: sorted((r["reason"], r["raw"]) for r in rs if r["kind"] == "dead_letter")  # noqa: E731
-    assert dead(records) == dead(ref)
-    assert set(parameters(records)) == set(range(SHARDS))  # every shard's deltas in sequence, none twice
-
-
 class Cluster:
     """scripts/flink_cluster.sh on free localhost ports, with its work folder under ``base``."""
 
     def __init__(self, base):
+        # the JobManager's and the TaskManagers' Prometheus reporters take the first free of three ports
         prom = free_port()
+        self.prom_ports = range(prom, prom + 3)
         self.env = {**os.environ, "FRESHREC_FLINK_WORK": str(base / "cluster"), "FRESHREC_FLINK_REST_PORT": str(free_port()),
                     "FRESHREC_FLINK_RPC_PORT": str(free_port()), "FRESHREC_FLINK_PROM_PORTS": f"{prom}-{prom + 2}"}
         self.script = os.path.join(ROOT, "scripts", "flink_cluster.sh")
@@ -296,23 +264,41 @@ class Cluster:
                                 env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-def wait_for_checkpoint(proc: subprocess.Popen, ck: str, at_least: int, timeout_s: float = 180) -> str:
-    deadline = time.time() + timeout_s
-    while time.time() < deadline and proc.poll() is None:
-        chk = latest_checkpoint(ck)
-        if chk and int(chk.rsplit("-", 1)[1]) >= at_least:
-            return chk
-        time.sleep(0.2)
-    raise AssertionError(f"no checkpoint {at_least} while the job ran (exit {proc.poll()})")
-
-
-def assert_equals_uninterrupted(out: str, uninterrupted_out: str) -> None:
-    a, b = committed(uninterrupted_out), committed(out)
-    assert Counter(r["kind"] for r in b) == Counter(r["kind"] for r in a)
-    timing = ("emit_time_ms", "first_emit_ms", "last_emit_ms", "freshness_lag_ms")
-    key = lambda r: json.dumps({k: v for k, v in r.items() if k not in timing}, sort_keys=True)  # noqa: E731
-    assert sorted(map(key, b)) == sorted(map(key, a)), "outputs differ from the uninterrupted run"
-    assert parameters(b) == parameters(a)
+def test_the_job_on_a_standalone_cluster_at_parallelism_2(flink_python, events_file, uninterrupted, tmp_path):
+    """scripts/flink_cluster.sh: a JobManager and two TaskManagers as separate JVMs on localhost; the job
+    submitted at parallelism 2 accounts for every event as the in-process run does (the order in which a
+    keyed step sees two upstream subtasks depends on timing, so parameters may differ; the counts do not)."""
+    cluster, out = Cluster(tmp_path), str(tmp_path / "out")
+    cluster("up")
+    try:
+        jvms = cluster("status", timeout=30)
+        assert '"taskmanagers":2' in jvms and '"slots-total":2' in jvms, jvms
+        sub = subprocess.Popen(["bash", cluster.script, "submit", "--", "--input", events_file, "--output", out,
+                                "--checkpoint_dir", str(tmp_path / "ck"), "--shards", str(SHARDS), "--dim", str(DIM),
+                                "--batch_size", "16", "--no_sync", "--quiet",
+                                # small bundles: the gauges reach the reporters before the (short) run ends
+                                *SMALL_BUNDLES],
+                               env=cluster.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        scraped = scrape_while_running(sub, cluster.prom_ports, timeout_s=400)
+        log = sub.stdout.read() if sub.stdout else ""
+        assert sub.returncode == 0, log[-3000:]
+        # the job's own metrics, under the Beam pipeline's names, reach Flink's Prometheus reporter
+        for name in ("freshrec_events_in", "freshrec_events_applied", "freshrec_flushes",
+                     *(f"freshrec_{g}_shard_{s}" for g in ("model_version", "table_rows_item", "table_rows_user")
+                       for s in range(SHARDS))):
+            assert name in scraped, sorted(set(re.findall(r"\w*freshrec\w*", scraped)))[:20]
+    finally:
+        cluster("down", timeout=60)
+    records = committed(out)
+    ref = committed(uninterrupted[1])
+    windows = lambda rs: sorted((w["window_start_ms"], w["events"], json.dumps(w["dead_letters"], sort_keys=True))  # noqa: E731
+                                for w in rs if w["kind"] == "stats")
+    assert windows(records) == windows(ref) and windows(ref)
+    applied = lambda rs: sum(w["applied"] for w in rs if w["kind"] == "stats")  # noqa: E731
+    assert applied(records) == applied(ref) == sum(w[1] for w in windows(ref))  # each clean event applied once
+    dead = lambda rs: sorted((r["reason"], r["raw"]) for r in rs if r["kind"] == "dead_letter")  # noqa: E731
+    assert dead(records) == dead(ref)
+    assert set(parameters(records)) == set(range(SHARDS))  # every shard's deltas in sequence, none twice
 
 
 def test_the_job_on_the_cluster_survives_a_killed_taskmanager_and_a_killed_jobmanager(flink_python, events_file,
@@ -326,7 +312,7 @@ def test_the_job_on_the_cluster_survives_a_killed_taskmanager_and_a_killed_jobma
     cluster("up", "--taskmanagers", "1", "--slots", "1")
     try:
         # slowed, in small bundles, so that checkpoints complete mid-stream (as in the in-process fault test)
-        sub = cluster.submit(events_file, out, ck, "--throttle_ms", "20", "--bundle_size", "50", "--bundle_time_ms", "100")
+        sub = cluster.submit(events_file, out, ck, "--throttle_ms", "20", *SMALL_BUNDLES)
         first = int(wait_for_checkpoint(sub, ck, 3).rsplit("-", 1)[1])
         assert "killed taskmanager" in cluster("kill", "taskmanager")
         assert len(committed(out)) < total, "the TaskManager must die mid-stream"
