@@ -23,6 +23,7 @@ import os
 import resource
 import sys
 import time
+from collections.abc import Iterable
 from dataclasses import replace
 from typing import Any
 
@@ -35,11 +36,13 @@ from core.settings import HelpFormatter, add_flags, learner_config, pipeline_con
 from model.batch import event_label
 from model.config import LearnerConfig
 from model.learner import IncrementalLearner
+from model.metrics import BinaryStats
 from transforms.runtime import GC_TUNING_ENV
 
 
-def make_stream(n: int, negatives: int, seed: int) -> list[dict[str, Any]]:
-    """Featurized synthetic events, each followed by ``negatives`` sampled items (the same for all models)."""
+def make_stream(n: int, negatives: int, seed: int, events: Iterable[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+    """Featurized events (``events``, or ``n`` synthetic ones), each followed by ``negatives`` sampled items
+    (the same for all models)."""
     import random
 
     cfg = FeatureConfig()
@@ -50,7 +53,7 @@ def make_stream(n: int, negatives: int, seed: int) -> list[dict[str, Any]]:
     recent: list[str] = []
     out: list[dict[str, Any]] = []
     synth = SyntheticConfig(events=n, users=5_000, items=2_000, malformed_fraction=0, duplicate_fraction=0, seed=seed)
-    for ev in synthetic_events(synth):
+    for ev in synthetic_events(synth) if events is None else events:
         u = us.setdefault(ev["user_id"], uf.new_state())
         i = its.setdefault(ev["item_id"], itf.new_state())
         feats, hist = uf.transform_one(u, ev)
@@ -128,9 +131,11 @@ def plain_tensors(chunk: list[dict[str, Any]], users: dict[str, int], items: dic
         torch.tensor([e["item_features"] for e in chunk]), torch.tensor(y)))
 
 
-def time_plain_loop(stream: list[dict[str, Any]], batch: int, device: str, args: argparse.Namespace) -> float:
+def time_plain_loop(stream: list[dict[str, Any]], batch: int, device: str, args: argparse.Namespace,
+                    stats: BinaryStats | None = None) -> float:
     """Same events, same model form, fixed vocabulary, torch's sparse embeddings + Adagrad; timed from the
-    event dicts (tensorising each micro-batch is inside the loop, as it is for the update core)."""
+    event dicts (tensorising each micro-batch is inside the loop, as it is for the update core). ``stats``:
+    also collect the prequential scores of the timed batches (their cost is then timed too)."""
     users, items = plain_vocab(stream)
     f = FeatureConfig()
     model = PlainModel(len(users), len(items), args.dim, f.user_width, f.item_width).to(device)
@@ -140,12 +145,16 @@ def time_plain_loop(stream: list[dict[str, Any]], batch: int, device: str, args:
     def step(chunk):
         u, i, h, uf, itf, y = plain_tensors(chunk, users, items, device)
         with torch.no_grad():  # prequential: score first
-            model(u, i, h, uf, itf)
+            scores = model(u, i, h, uf, itf)
+        if stats is not None and collect:
+            stats.update(y.tolist(), torch.sigmoid(scores).tolist())
         opt.zero_grad(set_to_none=True)
         lossf(model(u, i, h, uf, itf), y).backward()
         opt.step()
 
+    collect = False
     step(stream[:batch])
+    collect = True
     sync(device)
     t = time.perf_counter()
     for s0 in range(batch, len(stream), batch):

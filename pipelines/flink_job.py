@@ -2,22 +2,24 @@
 
 The same runner-free core as the Beam pipeline, behind thin Flink adapters:
 
-    FileSource (JSONL replay, checkpointed position)
+    FileSource (a JSONL file, or a landing folder watched for new files; checkpointed position)
       -> DecodeAndValidate (ProcessFunction; dead letters to a side output)
-      -> key_by(key group of event_id)  DedupeEvents    (core.keyed_state.GroupStates, TTL)
+      -> key_by(key group of event_id)  DedupeEvents    (lateness gate; core.keyed_state.GroupStates, TTL)
       -> key_by(key group of item_id)   ItemPopularity  (GroupStates, core.featurizers)
       -> key_by(key group of user_id)   UserFeatures    (GroupStates, core.featurizers)
       -> key_by(shard)     UpdateShardModel    (ListState buffer, snapshot + journal state, model.learner)
-      -> FileSink (exactly-once: part files are committed on checkpoints)
-    events, flush reports, dead letters -> window statistics and drift alerts (pipelines/flink_monitor.py)
+      -> FileSinks: scores/ deltas/ rollbacks/ alerts/ dead_letter/ (exactly once: committed on checkpoints)
+    events, flush reports, dead letters -> window statistics and drift alerts (stats/, pipelines/flink_monitor.py)
+    flush reports, dead letters, alerts -> SummarizeRun -> summary.json, printed at the end (pipelines/flink_io.py)
 
 Micro-batches flush on count during the stream and once more when the input ends (an event-time
 timer at the end of time), so batch boundaries, and therefore parameters, do not depend on timing:
 a run killed and restored from its last checkpoint ends with exactly the parameters and outputs of
 an uninterrupted run (tests/test_flink_job.py).
 
-    ./run.sh export --data ../shared/datasets/movielens-100k --output /tmp/events.jsonl
-    .venv-flink/bin/python -m pipelines.flink_job --input /tmp/events.jsonl --output out/flink --checkpoint_dir /tmp/ck
+    .venv-flink/bin/python -m pipelines.flink_job --output out/flink --checkpoint_dir /tmp/ck   # synthetic
+    .venv-flink/bin/python -m pipelines.flink_job --data ../shared/datasets/movielens-100k --output out/flink --checkpoint_dir /tmp/ck
+    .venv-flink/bin/python -m pipelines.flink_job --input landing/ --watch_s 2 --output out/flink --checkpoint_dir /tmp/ck
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from pyflink.common import Configuration, Duration, Encoder, Types, WatermarkStrategy  # noqa: E402
+from pyflink.common import Configuration, Duration, Types, WatermarkStrategy  # noqa: E402
 from pyflink.common.watermark_strategy import TimestampAssigner  # noqa: E402
 from pyflink.datastream import (  # noqa: E402
     CheckpointingMode,
@@ -41,34 +43,36 @@ from pyflink.datastream import (  # noqa: E402
     RuntimeExecutionMode,
     StreamExecutionEnvironment,
 )
-from pyflink.datastream.connectors.file_system import FileSink, FileSource, OutputFileConfig, StreamFormat  # noqa: E402
 from pyflink.datastream.functions import KeyedProcessFunction, ProcessFunction, RuntimeContext  # noqa: E402
-from pyflink.datastream.state import ListStateDescriptor, ValueStateDescriptor  # noqa: E402
+from pyflink.datastream.state import ValueStateDescriptor  # noqa: E402
 
 from core import progress  # noqa: E402  (by module: the worker's own board, not a pickled copy)
-from core.cleaning import CleanConfig, InvalidEvent, decode_event, raw_bytes  # noqa: E402
+from core.cleaning import CleanConfig, InvalidEvent, LatenessTracker, decode_event, raw_bytes  # noqa: E402
 from core.featurizers import ItemPopularity, UserFeaturizer  # noqa: E402
 from core.keyed_state import GroupStates, key_group  # noqa: E402
 from core.medium import FolderMedium, MediumError, check_medium  # noqa: E402
 from core.settings import HelpFormatter, add_flags, pipeline_config, sync_location  # noqa: E402
-from model.config import LearnerConfig  # noqa: E402
 from model.hashing import shard_of  # noqa: E402
-from model.journal import flush_micro_batch, flush_report, new_meta, sync_on_time  # noqa: E402
-from model.learner import IncrementalLearner  # noqa: E402
-from model.metrics import BinaryStats  # noqa: E402
-from model.shard_sync import ShardSync  # noqa: E402
-from model.sync import SyncConfig, parse_name  # noqa: E402
-from monitoring.alerts import SkippedStepsAlarm  # noqa: E402
+from model.sync import parse_name  # noqa: E402
+from pipelines import flink_io  # noqa: E402
+from pipelines.flink_update import (  # noqa: E402
+    ALERT_RECORDS,
+    DELTA_RECORDS,
+    REPORTS,
+    ROLLBACK_RECORDS,
+    UpdateShardModel,
+    metric_group,
+)
+from pipelines.results import ALERTS, DEAD_LETTER, DELTAS, ROLLBACKS, SCORES, STATS  # noqa: E402
 
-DEAD_LETTER = OutputTag("dead-letter", Types.STRING())
-REPORTS = OutputTag("flush-reports", Types.PICKLED_BYTE_ARRAY())
-END_OF_TIME = 2**62
+DEAD = OutputTag("dead-letter", Types.STRING())
 MAX_OUT_OF_ORDERNESS_MS = 60_000  # transforms/sources.py's default
 
 
 def _dead(payload: Any, reason: str, step: str, event: dict[str, Any] | None = None) -> str:
-    return json.dumps({"kind": "dead_letter", "reason": reason, "step": step,
-                       "event_id": None if event is None else event.get("event_id"),
+    """schemas/dead_letter.avsc as a JSON line (``raw`` as text)."""
+    return json.dumps({"reason": reason, "step": step, "event_id": None if event is None else event.get("event_id"),
+                       "event_time_ms": None if event is None else event.get("event_time_ms"),
                        "raw": raw_bytes(payload if event is None else event).decode("utf-8", "replace")})
 
 
@@ -77,12 +81,6 @@ class EventTime(TimestampAssigner):
 
     def extract_timestamp(self, value: dict[str, Any], record_timestamp: int) -> int:
         return int(value["event_time_ms"])
-
-
-def metric_group(ctx: RuntimeContext):
-    """The job's metrics, under the Beam pipeline's namespace and names (transforms/clean.py, transforms/update.py),
-    so Flink's UI and its Prometheus reporter show what Beam's runners show."""
-    return ctx.get_metrics_group().add_group("freshrec")
 
 
 class DecodeAndValidate(ProcessFunction):
@@ -103,14 +101,14 @@ class DecodeAndValidate(ProcessFunction):
         except ValueError:
             progress.BOARD.note_dead()
             self.malformed.inc()
-            yield DEAD_LETTER, _dead(value.encode(), "malformed: not JSON", "DecodeAndValidate")
+            yield DEAD, _dead(value.encode(), "malformed: not JSON", "DecodeAndValidate")
             return
         try:
             yield decode_event(record, self.cfg)
         except InvalidEvent as exc:
             progress.BOARD.note_dead()
             self.malformed.inc()
-            yield DEAD_LETTER, _dead(record, f"malformed: {exc.reason}", "DecodeAndValidate")
+            yield DEAD, _dead(record, f"malformed: {exc.reason}", "DecodeAndValidate")
 
 
 class KeyGroupFunction(KeyedProcessFunction):
@@ -135,16 +133,34 @@ class KeyGroupFunction(KeyedProcessFunction):
 
 
 class DedupeEvents(KeyGroupFunction):
-    """Keyed by key group of the event id; an id is remembered for ``ttl_ms`` of event time."""
+    """Keyed by key group of the event id. Drops late events first (older than the watermark minus the
+    allowed lateness, as the Beam pipeline's ``DropLateEvents``: Flink lets the step read its watermark),
+    then duplicates: an id is remembered for ``ttl_ms`` of event time."""
+
+    def __init__(self, ttl_ms: int, allowed_lateness_ms: int):
+        super().__init__(ttl_ms)
+        self.allowed_lateness_ms = allowed_lateness_ms
 
     def open(self, ctx: RuntimeContext):
         super().open(ctx)
-        self.duplicates = metric_group(ctx).counter("dead_letter_duplicate")
+        group = metric_group(ctx)
+        self.duplicates, self.late = group.counter("dead_letter_duplicate"), group.counter("dead_letter_late")
+
+    def process_element(self, event, ctx):
+        tracker = LatenessTracker(self.allowed_lateness_ms)
+        tracker.advance(ctx.timer_service().current_watermark())
+        if tracker.is_late(event["event_time_ms"]):
+            self.late.inc()
+            behind = tracker.watermark_ms - event["event_time_ms"]
+            yield DEAD, _dead(None, f"late: event time is {behind} ms behind the watermark (allowed lateness "
+                                    f"{self.allowed_lateness_ms} ms)", "DropLateEvents", event)
+            return
+        yield from super().process_element(event, ctx)
 
     def handle(self, group, event):
         if GroupStates.seen(group, event["event_id"], event["event_time_ms"]):
             self.duplicates.inc()
-            return DEAD_LETTER, _dead(None, "duplicate event_id", "DedupeEvents", event)
+            return DEAD, _dead(None, "duplicate event_id", "DedupeEvents", event)
         return event
 
 
@@ -159,179 +175,61 @@ class AnnotateFeatures(KeyGroupFunction):
         return self.featurizer.annotate(group, event)
 
 
-class UpdateShardModel(KeyedProcessFunction):
-    """Keyed by shard; the partition is a snapshot plus a journal of micro-batches in Flink state."""
-
-    def __init__(self, cfg: LearnerConfig, batch_size: int, top_k: int, snapshot_every: int, progress_s: float = 0.0,
-                 sync: SyncConfig | None = None, sync_location: str | None = None, alert_after: int = 3,
-                 reports: bool = True):
-        self.reports = reports  # flush reports to the REPORTS side output (an unread side output joins the main one)
-        self.cfg, self.batch_size, self.top_k, self.snapshot_every = cfg, batch_size, top_k, snapshot_every
-        self.progress_s, self.sync_cfg, self.sync_location = progress_s, sync, sync_location
-        self.alarm = SkippedStepsAlarm(alert_after)
-
-    def close(self):
-        self.printer.stop()
-
-    def open(self, ctx: RuntimeContext):
-        # one printer per Python worker: the steps of a worker share its board (core.progress)
-        self.printer = progress.ProgressPrinter(self.progress_s, prefix="freshrec-flink: ").start()
-        self.buffer = ctx.get_list_state(ListStateDescriptor("buffer", Types.PICKLED_BYTE_ARRAY()))
-        self.snapshot = ctx.get_state(ValueStateDescriptor("snapshot", Types.PICKLED_BYTE_ARRAY()))
-        self.journal = ctx.get_list_state(ListStateDescriptor("journal", Types.PICKLED_BYTE_ARRAY()))
-        self.meta = ctx.get_state(ValueStateDescriptor("meta", Types.PICKLED_BYTE_ARRAY()))
-        self.live: dict[int, tuple[IncrementalLearner, int]] = {}
-        self.newest_ms = 0  # the newest event time this subtask has seen (where ticks stop at the end of input)
-        group = metric_group(ctx)
-        self.counters = {name: group.counter(name) for name in (
-            "events_applied", "flushes", "rollbacks", "learner_restores", "steps_skipped_nonfinite",
-            "sync_epochs_applied", "sync_publications", "alerts")}
-        self.distributions = {name: group.distribution(name)
-                              for name in ("flush_events", "prequential_logloss_micro", "freshness_lag_ms")}
-        self.group, self.gauged = group, {}  # the shards' gauges, registered at their first flush here
-        medium = FolderMedium(self.sync_location) if self.sync_location else None
-        self.syncs = {} if medium is None or self.sync_cfg is None else \
-            {s: ShardSync(self.sync_cfg, medium, s) for s in range(self.sync_cfg.shards)}
-
-    def process_element(self, event, ctx):
-        record = {k: event.get(k) for k in ("event_id", "user_id", "item_id", "event_type", "event_time_ms", "value",
-                                           "context", "user_features", "item_features", "history")}
-        self.buffer.add(record)
-        meta = self.meta.value() or {**new_meta(), "buffered": 0}
-        meta["buffered"] += 1
-        sync, event_ms = self.syncs.get(ctx.get_current_key()), ctx.timestamp()
-        self.newest_ms = max(self.newest_ms, event_ms)
-        if sync is not None and meta.get("tick_ms") is None:  # the shard's first event: start its epoch ticks
-            meta["tick_ms"] = (sync.cfg.epoch_of(event_ms) + 1) * sync.cfg.interval_ms
-            ctx.timer_service().register_event_time_timer(meta["tick_ms"])
-        self.meta.update(meta)
-        if meta["buffered"] >= self.batch_size:
-            yield from self._flush(ctx.get_current_key())
-        else:
-            ctx.timer_service().register_event_time_timer(END_OF_TIME)
-
-    def on_timer(self, timestamp, ctx):
-        if timestamp >= END_OF_TIME:
-            yield from self._flush(ctx.get_current_key())
-        else:
-            self._on_time(ctx.get_current_key(), timestamp, ctx)
-
-    def _on_time(self, shard: int, now_ms: int, ctx) -> None:
-        """Event time left an epoch (the Beam steps' ticks, ``ShardSync.on_time``): the shard publishes what it
-        has pending, or that it has nothing, so a quiet shard does not hold back the others' merges; then it
-        ticks again at the end of the watermark's epoch (at the end of the input: of the newest event's)."""
-        sync, meta = self.syncs.get(shard), self.meta.value()
-        if sync is None or meta is None:
-            return
-        watermark = ctx.timer_service().current_watermark()
-        meta["tick_ms"] = now_ms
-        if watermark < END_OF_TIME or now_ms <= self.newest_ms:
-            horizon = max(now_ms, watermark if watermark < END_OF_TIME else self.newest_ms)
-            meta["tick_ms"] = (sync.cfg.epoch_of(horizon) + 1) * sync.cfg.interval_ms
-            ctx.timer_service().register_event_time_timer(meta["tick_ms"])
-        entry = sync_on_time(self.cfg, shard, now_ms, meta, lambda: (self.snapshot.value(), list(self.journal.get() or [])),
-                             self.live, shard, sync)
-        if entry is not None:
-            self.journal.add(entry)
-            self.counters["sync_publications"].inc()
-        self.meta.update(meta)
-
-    def _gauge_shard(self, shard: int, learner: IncrementalLearner) -> None:
-        """The shard's gauges under the Beam pipeline's names (transforms/update.py): its model version and
-        table rows as of its last flush on this subtask, read by Flink at the end of each bundle."""
-        if shard not in self.gauged:
-            for name in ("model_version", "table_rows_item", "table_rows_user"):
-                self.group.gauge(f"{name}_shard_{shard}", lambda shard=shard, name=name: self.gauged[shard][name])
-        self.gauged[shard] = {"model_version": int(learner.version), "table_rows_item": len(learner.items),
-                              "table_rows_user": len(learner.users)}
-
-    def _flush(self, shard: int):
-        events = list(self.buffer.get() or [])
-        if not events:
-            return
-        self.buffer.clear()
-        meta = self.meta.value()
-        now_ms = int(time.time() * 1000)
-        done = flush_micro_batch(self.cfg, shard, events, meta,
-                                 lambda: (self.snapshot.value(), list(self.journal.get() or [])),
-                                 self.live, shard, self.top_k, self.snapshot_every, emit_time_ms=now_ms,
-                                 sync=self.syncs.get(shard), alarm=self.alarm)
-        report = flush_report(shard, events, done, now_ms)
-        self._gauge_shard(shard, done.learner)
-        self.distributions["freshness_lag_ms"].update(max(0, now_ms - report["max_event_time_ms"]))
-        for name, n in (("events_applied", len(events)), ("flushes", 1), ("rollbacks", report["rollbacks"]),
-                        ("learner_restores", int(done.restored)), ("steps_skipped_nonfinite", report["skipped_nonfinite"]),
-                        ("sync_epochs_applied", len(done.merged_epochs)),
-                        ("sync_publications", int(done.published_epoch is not None)), ("alerts", len(done.alerts))):
-            if n:
-                self.counters[name].inc(n)
-        self.distributions["flush_events"].update(len(events))
-        loss = BinaryStats.from_dict(report["stats"]).logloss()
-        if loss == loss:  # not nan
-            self.distributions["prequential_logloss_micro"].update(int(loss * 1e6))
-        progress.BOARD.note_flush(shard, len(events), done.learner.version, BinaryStats.from_dict(report["stats"]))
-        if self.reports:
-            yield REPORTS, report
-        for record in done.scores:
-            yield json.dumps({"kind": "score", **record})
-        for record in done.deltas:
-            yield json.dumps({"kind": "delta", **record})
-        for record in done.alerts:
-            yield json.dumps({"kind": "alert", **record})
-        if done.snapshot is not None:
-            self.snapshot.update(done.snapshot)
-            self.journal.clear()
-        else:
-            self.journal.add(done.journal_entry)
-        meta["buffered"] = 0
-        self.meta.update(meta)
-
-
-def build(env: StreamExecutionEnvironment, args: argparse.Namespace) -> None:
+def build(env: StreamExecutionEnvironment, args: argparse.Namespace, input_path: str, paths: dict[str, str]) -> None:
     cfg = pipeline_config(args)
     shards, groups = cfg.sharding.shards, cfg.sharding.key_groups
-    source = FileSource.for_record_stream_format(StreamFormat.text_line_format(), args.input).build()
+    source = flink_io.source(input_path, args.watch_s)
     # one reader and one decoder: the keyed steps see the input in its order, whatever their parallelism
     lines = env.from_source(source, WatermarkStrategy.no_watermarks(), "ReplayEvents").uid("replay-source").set_parallelism(1)
     progress_s = 0.0 if args.quiet else args.progress_s
     events = (lines.process(DecodeAndValidate(cfg.clean, args.throttle_ms), output_type=Types.PICKLED_BYTE_ARRAY())
-              .uid("decode").set_parallelism(1))
+              .uid("decode").name("DecodeAndValidate").set_parallelism(1))
     # event time from the decoded events (a Python assigner given to from_source is not applied)
     watermarks = (WatermarkStrategy.for_bounded_out_of_orderness(Duration.of_millis(MAX_OUT_OF_ORDERNESS_MS))
                   .with_timestamp_assigner(EventTime()))
     stamped = events.assign_timestamps_and_watermarks(watermarks).uid("event-time").set_parallelism(1)
     unique = (stamped.key_by(lambda e: key_group(e["event_id"], groups), key_type=Types.INT())
-              .process(DedupeEvents(cfg.dedupe_ttl_ms), output_type=Types.PICKLED_BYTE_ARRAY()).uid("dedupe"))
+              .process(DedupeEvents(cfg.dedupe_ttl_ms, cfg.allowed_lateness_ms), output_type=Types.PICKLED_BYTE_ARRAY())
+              .uid("dedupe").name("DropLateAndDuplicateEvents"))
     with_items = (unique.key_by(lambda e: key_group(e["item_id"], groups), key_type=Types.INT())
                   .process(AnnotateFeatures(ItemPopularity(cfg.feature), cfg.state_ttl_ms), output_type=Types.PICKLED_BYTE_ARRAY())
-                  .uid("item-features"))
+                  .uid("item-features").name("ItemPopularity"))
     with_users = (with_items.key_by(lambda e: key_group(e["user_id"], groups), key_type=Types.INT())
                   .process(AnnotateFeatures(UserFeaturizer(cfg.feature), cfg.state_ttl_ms), output_type=Types.PICKLED_BYTE_ARRAY())
-                  .uid("user-features"))
-    outputs = (with_users.key_by(lambda e: shard_of(e["user_id"], shards), key_type=Types.INT())
-               .process(UpdateShardModel(cfg.learner, cfg.update.shard_batch_size, cfg.update.top_k, args.snapshot_every,
-                                         progress_s, cfg.sharding.sync, cfg.sharding.sync_location,
-                                         cfg.update.alert_skipped_flushes, reports=bool(cfg.stats_window_s)),
-                        output_type=Types.STRING())
-               .uid("update-shard-model"))
-    dead = (events.get_side_output(DEAD_LETTER)
-            .union(unique.get_side_output(DEAD_LETTER)))
-    sink = (FileSink.for_row_format(args.output, Encoder.simple_string_encoder())
-            .with_output_file_config(OutputFileConfig.builder().with_part_prefix("part").with_part_suffix(".jsonl").build())
-            .build())
+                  .uid("user-features").name("UserFeatures"))
+    flush_s = cfg.update.flush_interval_s or (5.0 if args.watch_s else 0.0)  # a stream's partial batches, as Beam's
+    scores = (with_users.key_by(lambda e: shard_of(e["user_id"], shards), key_type=Types.INT())
+              .process(UpdateShardModel(cfg.learner, cfg.update.shard_batch_size, cfg.update.top_k, args.snapshot_every,
+                                        progress_s, cfg.sharding.sync, cfg.sharding.sync_location,
+                                        cfg.update.alert_skipped_flushes, int(flush_s * 1000)),
+                       output_type=Types.STRING())
+              .uid("update-shard-model").name("UpdateShardModel"))
+    dead = events.get_side_output(DEAD).union(unique.get_side_output(DEAD))
+    reports = scores.get_side_output(REPORTS)
+    alerts, drift_alerts = scores.get_side_output(ALERT_RECORDS), None
     if cfg.stats_window_s:  # window statistics and drift alerts (pipelines/flink_monitor.py)
         from pipelines.flink_monitor import monitor_stream
 
-        monitored = monitor_stream(unique, outputs.get_side_output(REPORTS), dead, cfg.stats_window_s)
-        outputs = outputs.union(monitored)
-    outputs.union(dead).sink_to(sink).uid("file-sink")
+        stats, drift_alerts = monitor_stream(unique, reports, dead, cfg.stats_window_s)
+        flink_io.sink_to_folder(stats, paths[STATS], STATS)
+        alerts = alerts.union(drift_alerts)
+    for name, stream in ((SCORES, scores), (DELTAS, scores.get_side_output(DELTA_RECORDS)),
+                         (ROLLBACKS, scores.get_side_output(ROLLBACK_RECORDS)), (ALERTS, alerts), (DEAD_LETTER, dead),
+                         (flink_io.SUMMARY_PARTS, flink_io.summarize(reports, dead, drift_alerts))):
+        flink_io.sink_to_folder(stream, paths[name], name)
 
 
 def make_parser() -> argparse.ArgumentParser:
     """This entry point's flags (tests/test_settings.py compares their defaults with core.settings)."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    ap.add_argument("--input", required=True, help="time-ordered JSONL of raw events (freshrec export writes one from any dataset)")
-    ap.add_argument("--output", required=True)
+    ap.add_argument("--input", default=None,
+                    help="time-ordered JSONL of raw events (freshrec export writes one), or a landing folder of such "
+                         "files (see --watch_s); without it: --data, or the synthetic stream")
+    ap.add_argument("--watch_s", type=float, default=0.0,
+                    help="watch the --input folder: list it every this many seconds and read new files as they land "
+                         "(an unbounded run: stop it with Ctrl-C or flink cancel; 0: read what is there and end)")
+    ap.add_argument("--output", required=True, help="folder of the outputs: scores/ deltas/ rollbacks/ alerts/ "
+                    "dead_letter/ stats/ (JSON lines of the Avro records) and summary.json")
     ap.add_argument("--checkpoint_dir", required=True)
     ap.add_argument("--checkpoint_interval_ms", type=int, default=1000)
     ap.add_argument("--restore_from", default=None, help="a retained checkpoint (…/chk-N) to resume from")
@@ -346,8 +244,9 @@ def make_parser() -> argparse.ArgumentParser:
     ap.add_argument("--cluster", action="store_true",
                     help="submitted to a standing cluster (scripts/flink_cluster.sh submit): its restart strategy "
                          "and Python settings apply; without it the job runs on an in-process mini-cluster, no restarts")
-    # the Beam pipeline's flags and defaults; this job does not implement lateness or processing-time flushes yet
-    add_flags(ap, ("model", "stability", "state", "sharding"), skip=("flush_interval_s", "allowed_lateness_s"))
+    # the Beam pipeline's flags and defaults
+    add_flags(ap, ("input",), only=("data", "data_format", "columns", "time_unit", "limit", "synthetic_events"))
+    add_flags(ap, ("model", "stability", "state", "sharding"))
     add_flags(ap, ("run",), only=("progress_s", "quiet"))
     add_flags(ap, ("outputs",), only=("stats_window_s",))
     return ap
@@ -376,9 +275,14 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     try:
         sync_medium(args)
+        input_path = flink_io.prepare_input(args)
     except SystemExit as exc:
         print(exc, file=sys.stderr)
         return 2
+    except (ValueError, OSError) as exc:
+        print(f"flink_job: {exc}", file=sys.stderr)
+        return 2
+    paths = flink_io.start_outputs(args)
     conf = Configuration()
     conf.set_string("execution.checkpointing.dir", "file://" + os.path.abspath(args.checkpoint_dir))
     conf.set_string("execution.checkpointing.externalized-checkpoint-retention", "RETAIN_ON_CANCELLATION")
@@ -401,9 +305,9 @@ def main(argv: list[str] | None = None) -> int:
     env.set_runtime_mode(RuntimeExecutionMode.STREAMING)
     env.set_parallelism(args.parallelism)
     env.enable_checkpointing(args.checkpoint_interval_ms, CheckpointingMode.EXACTLY_ONCE)
-    build(env, args)
+    build(env, args, input_path, paths)
     env.execute("freshrec")
-    return 0
+    return flink_io.finish_run(paths, input_path, args.quiet)
 
 
 if __name__ == "__main__":

@@ -7,8 +7,8 @@ over the same runner-free core (``monitoring.window_stats``, ``monitoring.drift`
       -> key_by(0)             DetectDriftFunction  (the run's DriftMonitor in ValueState; the newest window
                                                      waits for the next or for the end of the input)
 
-Both emit JSON lines into the job's output: ``{"kind": "stats", ...window_stats record}`` and
-``{"kind": "alert", ...alert record}``, which ``freshrec report`` reads.
+Two streams of JSON lines: window_stats records and alert records (``schemas/``), which the job writes to
+``stats/`` and ``alerts/`` and ``freshrec report`` reads.
 """
 
 from __future__ import annotations
@@ -18,13 +18,15 @@ import time
 from typing import Any
 
 from pyflink.common import Types
+from pyflink.datastream import OutputTag
 from pyflink.datastream.functions import KeyedProcessFunction, ProcessFunction, RuntimeContext
 from pyflink.datastream.state import ListStateDescriptor, ValueStateDescriptor
 
 from monitoring.drift import DriftMonitor
 from monitoring.window_stats import WindowStats
+from pipelines.flink_io import END_OF_TIME
 
-END_OF_TIME = 2**62
+DRIFT_ALERTS = OutputTag("drift-alerts", Types.STRING())
 
 
 class TagByWindow(ProcessFunction):
@@ -83,7 +85,7 @@ class DetectDriftFunction(KeyedProcessFunction):
         drift = self.monitor.value() or DriftMonitor()
         now_ms = int(time.time() * 1000)
         for alert in drift.update(record, last=last):
-            yield json.dumps({"kind": "alert", **alert.to_record(now_ms)})
+            yield DRIFT_ALERTS, json.dumps(alert.to_record(now_ms))
         self.monitor.update(drift)
 
     def process_element(self, record, ctx):
@@ -91,7 +93,7 @@ class DetectDriftFunction(KeyedProcessFunction):
         if waiting is not None:
             yield from self._judge(waiting, last=False)
         self.newest.update(record)
-        yield json.dumps({"kind": "stats", **record})
+        yield json.dumps(record)
         ctx.timer_service().register_event_time_timer(END_OF_TIME)
 
     def on_timer(self, timestamp, ctx):
@@ -102,12 +104,13 @@ class DetectDriftFunction(KeyedProcessFunction):
 
 
 def monitor_stream(events, reports, dead, window_s: int):
-    """The job's streams -> JSON lines of window statistics and drift alerts."""
+    """The job's streams -> (JSON lines of window statistics, JSON lines of drift alerts)."""
     window_ms = window_s * 1000
     tagged = [s.process(TagByWindow(kind, window_ms), output_type=Types.PICKLED_BYTE_ARRAY()).uid(f"window-{kind}")
               for kind, s in (("event", events), ("report", reports), ("dead", dead))]
     merged = tagged[0].union(tagged[1], tagged[2])
     stats = (merged.key_by(lambda kv: kv[0], key_type=Types.LONG())
              .process(WindowStatsFunction(window_ms), output_type=Types.PICKLED_BYTE_ARRAY()).uid("window-stats"))
-    return (stats.key_by(lambda r: 0, key_type=Types.INT())
-            .process(DetectDriftFunction(), output_type=Types.STRING()).uid("detect-drift"))
+    judged = (stats.key_by(lambda r: 0, key_type=Types.INT())
+              .process(DetectDriftFunction(), output_type=Types.STRING()).uid("detect-drift").name("DetectDrift"))
+    return judged, judged.get_side_output(DRIFT_ALERTS)

@@ -1,7 +1,7 @@
 """``freshrec report OUT``: one self-contained HTML page of what a run did, over event time.
 
 It reads what the run wrote under OUT (``stats/``: one ``window_stats`` record per ``--stats_window_s``;
-``alerts/``, ``summary.json``; or the PyFlink job's JSON lines of kinds ``stats`` and ``alert``) and draws, with matplotlib, the charts
+``alerts/``, ``summary.json``; Avro files of the Beam pipeline or JSON lines of the PyFlink job) and draws, with matplotlib, the charts
 a person watching a self-updating model needs: prequential AUC and logloss (overall and per shard), traffic
 and distinct users, processing rate and freshness lag, dead letters and late events by reason, embedding
 table sizes and evictions per shard, rollbacks and alerts on the time axis, and the top items over time.
@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import base64
 import datetime as dt
-import glob
 import html
 import io
 import json
@@ -238,29 +237,16 @@ def model_lines(title: str, ylabel: str, lines: dict[str, list[tuple[float, floa
     return fig
 
 
-def flink_records(out_dir: str, kind: str) -> list[dict[str, Any]]:
-    """The ``kind`` records of a PyFlink job's output folder (its committed JSON-lines part files)."""
-    out = []
-    for path in sorted(glob.glob(os.path.join(out_dir, "*", "part-*")) + glob.glob(os.path.join(out_dir, "part-*"))):
-        with open(path, encoding="utf-8") as fh:
-            for line in fh:
-                if f'"kind": "{kind}"' in line:
-                    record = json.loads(line)
-                    record.pop("kind")
-                    out.append(record)
-    return out
-
-
 def run_report(out_dir: str) -> str:
     """The HTML of the run under ``out_dir`` (the Beam pipeline's --output_dir or the PyFlink job's --output);
     ValueError when it wrote no window statistics."""
     paths = output_paths(out_dir)
-    found = list(records(paths[STATS])) if os.path.isdir(paths[STATS]) else flink_records(out_dir, "stats")
+    found = list(records(paths[STATS])) if os.path.isdir(paths[STATS]) else []
     stats = sorted((r for r in found if r["events"] or r["applied"]), key=lambda r: r["window_start_ms"])
     if not stats:
         raise ValueError(f"{paths[STATS]} holds no window statistics: run the pipeline with --stats_window_s > 0 "
                          f"and --output_dir {out_dir}")
-    alerts = sorted(records(paths[ALERTS]) if os.path.isdir(paths[STATS]) else flink_records(out_dir, "alert"),
+    alerts = sorted(records(paths[ALERTS]) if os.path.isdir(paths[ALERTS]) else [],
                     key=lambda a: a["window_start_ms"])
     summary = load_summary(out_dir) or {}
     pre = summary.get("prequential") or {}

@@ -57,9 +57,14 @@ def remove_temp_dirs(paths: dict[str, str]) -> None:
 
 
 def records(directory: str) -> Iterator[dict[str, Any]]:
+    """The records under an output folder: the Beam pipeline's Avro files, or the PyFlink job's committed
+    JSON-lines part files (``BUCKET/part-*``; in-progress ones are hidden, ``.part-*``)."""
     for path in sorted(glob.glob(os.path.join(directory, "*.avro"))):
         with open(path, "rb") as fh:
             yield from fastavro.reader(fh)  # type: ignore[misc]
+    for path in sorted(glob.glob(os.path.join(directory, "*", "part-*"))):
+        with open(path, encoding="utf-8") as fh:
+            yield from (json.loads(line) for line in fh if line.strip())
 
 
 def window_totals(directory: str) -> dict[str, Any]:

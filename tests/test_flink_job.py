@@ -64,12 +64,20 @@ def finish(proc, timeout=240) -> str:
     return out.decode(errors="replace")
 
 
+# the job's output folders (the Beam pipeline's names) and the kind of record each holds
+FOLDERS = {"scores": "score", "deltas": "delta", "rollbacks": "rollback", "alerts": "alert",
+           "dead_letter": "dead_letter", "stats": "stats", "summary_parts": "summary"}
+
+
 def committed(out_dir):
-    """Records of committed part files only (in-progress files are hidden: '.part-…')."""
+    """Records of committed part files only (in-progress files are hidden: '.part-…'), each with the kind
+    of its folder."""
     recs = []
-    for f in sorted(glob.glob(os.path.join(out_dir, "*", "part-*"))):
-        with open(f) as fh:
-            recs.extend(json.loads(line) for line in fh if line.strip())
+    for folder, kind in FOLDERS.items():
+        for f in sorted(glob.glob(os.path.join(out_dir, folder, "*", "part-*"))):
+            with open(f) as fh:
+                recs.extend({"kind": kind, **json.loads(line)} for line in fh if line.strip())
+    assert not glob.glob(os.path.join(out_dir, "*", "part-*")), "part files outside the output folders"
     return recs
 
 
@@ -205,12 +213,85 @@ def test_a_quiet_shard_of_the_flink_job_publishes_on_event_time(flink_python, tm
     assert len(quiet) >= 3 and quiet[-1] >= last_epoch - 1, (quiet, cut // interval_ms, last_epoch)
 
 
-def test_the_job_without_window_statistics_writes_only_records(flink_python, events_file, tmp_path):
-    """--stats_window_s 0: the flush reports (a side output nobody reads then) must not leak into the output."""
+def test_the_job_reads_a_dataset_and_without_window_statistics_writes_only_records(flink_python, tmp_path):
+    """--data (any dataset the CLI reads; here a CSV) is exported as freshrec export does and read;
+    --stats_window_s 0: the flush reports must not leak into the outputs, and the summary still accounts."""
+    rows = [e for e in synthetic_events(SyntheticConfig(events=600, seed=3, malformed_fraction=0, duplicate_fraction=0))
+            if e["event_type"] != "rating"]  # (a rating needs its value column)
+    data = tmp_path / "ratings.csv"
+    data.write_text("user_id,item_id,event_type,event_time_ms\n" + "".join(
+        f"{e['user_id']},{e['item_id']},{e['event_type']},{e['event_time_ms']}\n" for e in rows))
     out = str(tmp_path / "out")
-    finish(job(flink_python, events_file, out, str(tmp_path / "ck"), "--no_sync", "--stats_window_s", "0", "--quiet"))
+    cmd = [flink_python, "-m", "pipelines.flink_job", "--data", str(data), "--output", out, "--checkpoint_dir",
+           str(tmp_path / "ck"), "--shards", str(SHARDS), "--dim", str(DIM), "--batch_size", "16", "--no_sync",
+           "--stats_window_s", "0", "--quiet"]
+    finish(subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
     kinds = Counter(r["kind"] for r in committed(out))
-    assert set(kinds) <= {"score", "delta", "dead_letter", "alert"} and kinds["score"] > 0 and kinds["delta"] > 0
+    assert set(kinds) <= {"score", "delta", "dead_letter", "alert", "rollback", "summary"}
+    assert kinds["score"] > 0 and kinds["delta"] > 0 and kinds["summary"] == 1
+    with open(os.path.join(out, "summary.json")) as fh:
+        summary = json.load(fh)
+    assert summary["events_in"] == summary["events_accounted"] == summary["events_applied"] == len(rows)
+
+
+def test_late_events_are_dead_lettered_and_the_summary_accounts_for_every_input(flink_python, events_file, tmp_path):
+    """An event older than the watermark by more than --allowed_lateness_s goes to dead_letter/ as late (the
+    Beam pipeline's DropLateEvents); the run ends with summary.json: applied + dead-lettered = lines in,
+    which `freshrec show` prints."""
+    with open(events_file) as fh:
+        lines = fh.read().splitlines()
+    first = min(e["event_time_ms"] for e in map(json.loads, lines) if isinstance(e.get("event_time_ms"), int))
+    late = {"event_id": "late-1", "user_id": "u1", "item_id": "i1", "event_type": "click", "event_time_ms": first}
+    path = tmp_path / "events.jsonl"
+    path.write_text("\n".join([*lines, json.dumps(late), ""]) + "\n")  # and one blank line, dead-lettered
+    out = str(tmp_path / "out")
+    # throttled in small bundles, so that the watermark reaches the dedupe step before the late event does
+    finish(job(flink_python, str(path), out, str(tmp_path / "ck"), "--allowed_lateness_s", "300", "--no_sync",
+               "--throttle_ms", "3", *SMALL_BUNDLES, "--quiet"))
+    dead = [r for r in committed(out) if r["kind"] == "dead_letter"]
+    late_letters = [r for r in dead if r["reason"].startswith("late:")]
+    assert [(r["event_id"], r["step"]) for r in late_letters] == [("late-1", "DropLateEvents")]
+    with open(os.path.join(out, "summary.json")) as fh:
+        summary = json.load(fh)
+    assert summary["events_in"] == len(lines) + 2 == summary["events_accounted"]
+    assert summary["events_dead_lettered"] == len(dead) and summary["dead_letter_by_reason"]["late"] == 1
+    shown = subprocess.run([os.path.join(ROOT, ".venv", "bin", "python"), "-m", "pipelines.cli", "show", out],
+                           cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert shown.returncode == 0 and "events_accounted" in shown.stdout and "late" in shown.stdout, shown.stderr
+
+
+def test_the_job_watches_a_landing_folder(flink_python, tmp_path):
+    """--watch_s: an unbounded run over a landing folder; a file that lands while it runs is read, and its
+    user's scores are committed (flushed on processing time, as a stream's partial batches are)."""
+    landing, out = tmp_path / "landing", str(tmp_path / "out")
+    landing.mkdir()
+    events = list(synthetic_events(SyntheticConfig(events=300, seed=5, malformed_fraction=0, duplicate_fraction=0)))
+
+    def land(name, rows):  # written aside, then renamed in: a reader never sees half a file
+        (landing / f".{name}").write_text("".join(json.dumps(e) + "\n" for e in rows))
+        os.rename(landing / f".{name}", landing / name)
+
+    def scored(user):
+        return [r for r in committed(out) if r["kind"] == "score" and r["user_id"] == user]
+
+    land("a.jsonl", events)
+    proc = job(flink_python, str(landing), out, str(tmp_path / "ck"), "--watch_s", "0.5", "--flush_interval_s", "1",
+               "--no_sync", "--quiet")
+    try:
+        deadline = time.time() + 150
+        while not scored(events[0]["user_id"]) and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.5)
+        assert scored(events[0]["user_id"]), f"the first file was not scored (exit {proc.poll()})"
+        t = events[-1]["event_time_ms"]
+        land("b.jsonl", [{"event_id": f"new-{k}", "user_id": "landing-user", "item_id": events[k]["item_id"],
+                          "event_type": "click", "event_time_ms": t + 1000 * (k + 1)} for k in range(3)])
+        while not scored("landing-user") and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.5)
+        assert scored("landing-user"), f"the landed file was not scored (exit {proc.poll()})"
+        assert proc.poll() is None, "a watched folder is an unbounded input: the job keeps running"
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
 
 
 def free_port() -> int:

@@ -1,0 +1,269 @@
+"""Engines benchmark: the same events through the Beam pipeline on the DirectRunner, the native PyFlink job on
+a standalone Flink cluster (separate JobManager and TaskManager JVMs on localhost, scripts/flink_cluster.sh)
+at parallelism 1 and 2, and a plain single-thread torch loop, in one invocation.
+
+Every engine reads one JSON-lines file of raw events (the synthetic stream, or ``--data`` exported as
+``freshrec export`` does) with the same model flags. events/s = input events / the engine's own run time: the
+DirectRunner pipeline's (``freshrec: pipeline finished in``, construction included), the Flink job's ``Job
+Runtime`` (cluster start-up is reported apart, as ``cluster_start_s``), the plain loop's training loop. AUC is
+each run's prequential AUC (score a micro-batch, then learn it). Peak RSS: the DirectRunner process's own peak;
+for Flink, the sampled peak of the summed resident memory of the cluster's JVMs, their Python workers and the
+submitting client; the plain loop runs in this process (its peak is this process's).
+
+The plain loop is ``bench/throughput.py``'s: the same model form on nn.Embedding tables with a vocabulary
+known in advance, Adagrad, micro-batches of ``--batch_size`` events each with ``--negatives`` sampled
+negatives, no state, deltas, gate or checkpoints. Sync of the shards is off in every engine (the DirectRunner
+turns it off for a bounded run itself): ``--sync`` turns it on in the Beam pipeline (run as a stream) and the
+Flink job, whose ticks then differ in timing, so their AUCs are not expected to match.
+
+    python -m bench.engines --events 20000 --json bench/results/engines.json
+    python -m bench.engines --data ../shared/datasets/movielens-100k --limit 20000 --json /tmp/engines-ml.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import replace
+from typing import Any
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MAIN_PY = os.path.join(ROOT, ".venv", "bin", "python")
+CLUSTER = os.path.join(ROOT, "scripts", "flink_cluster.sh")
+
+
+def write_events(args: argparse.Namespace, path: str) -> int:
+    """The run's input, as JSON lines; the number of lines."""
+    if args.data:
+        from pipelines.export import export
+
+        return export(argparse.Namespace(data=args.data, data_format=None, columns=None, time_unit=None,
+                                         limit=args.limit), path)[0]
+    from core.readers import SyntheticConfig, synthetic_events
+
+    with open(path, "w") as fh:
+        for event in synthetic_events(replace(SyntheticConfig(), events=args.events, seed=7 + args.seed)):
+            fh.write(json.dumps(event) + "\n")
+    return args.events
+
+
+def tree_rss_mb(roots: list[int]) -> float:
+    """Summed VmRSS of ``roots`` and all their descendants (from /proc)."""
+    children: dict[int, list[int]] = {}
+    rss: dict[int, int] = {}
+    for status in glob.glob("/proc/[0-9]*/status"):
+        try:
+            with open(status) as fh:
+                text = fh.read()
+        except OSError:
+            continue
+        pid, ppid = int(re.search(r"^Pid:\s+(\d+)", text, re.M)[1]), int(re.search(r"^PPid:\s+(\d+)", text, re.M)[1])
+        children.setdefault(ppid, []).append(pid)
+        found = re.search(r"^VmRSS:\s+(\d+) kB", text, re.M)
+        rss[pid] = int(found[1]) if found else 0
+    total, todo, seen = 0, list(roots), set()
+    while todo:
+        pid = todo.pop()
+        if pid in seen:
+            continue
+        seen.add(pid)
+        total += rss.get(pid, 0)
+        todo.extend(children.get(pid, []))
+    return total / 1024.0
+
+
+class PeakRss(threading.Thread):
+    """Samples ``tree_rss_mb(pids())`` every ``every_s`` until stopped; ``peak`` holds the largest."""
+
+    def __init__(self, pids, every_s: float = 0.25):
+        super().__init__(daemon=True)
+        self.pids, self.every_s, self.peak, self.done = pids, every_s, 0.0, threading.Event()
+
+    def run(self) -> None:
+        while not self.done.is_set():
+            self.peak = max(self.peak, tree_rss_mb(self.pids()))
+            self.done.wait(self.every_s)
+
+
+def model_flags(args: argparse.Namespace) -> list[str]:
+    flags = ["--shards", str(args.shards), "--batch_size", str(args.batch_size), "--negatives", str(args.negatives)]
+    return flags if args.sync else [*flags, "--no_sync"]
+
+
+def run_direct(args: argparse.Namespace, events: str, work: str) -> dict[str, Any]:
+    out = os.path.join(work, "direct")
+    cmd = [MAIN_PY, "-m", "pipelines.cli", "--data", events, "--output_dir", out, "--progress_s", "0",
+           *model_flags(args), *(["--streaming"] if args.sync else [])]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    printed = proc.stdout.read() if proc.stdout else ""
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    seconds = re.search(r"pipeline finished in ([\d.]+)s", printed)
+    if proc.returncode or seconds is None:
+        raise RuntimeError(f"DirectRunner run failed ({proc.returncode}):\n{printed[-2000:]}")
+    return {"engine": "direct", "seconds": float(seconds[1]), "peak_rss_mb": usage.ru_maxrss / 1024.0,
+            **summary_of(out)}
+
+
+def summary_of(out: str) -> dict[str, Any]:
+    with open(os.path.join(out, "summary.json")) as fh:
+        summary = json.load(fh)
+    return {"auc": summary["prequential"]["auc"], "applied": summary["events_applied"],
+            "dead_lettered": summary["events_dead_lettered"]}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+class FlinkCluster:
+    """scripts/flink_cluster.sh with its work folder under ``work`` and free localhost ports."""
+
+    def __init__(self, work: str):
+        prom = free_port()
+        self.work = os.path.join(work, "cluster")
+        self.env = {**os.environ, "FRESHREC_FLINK_WORK": self.work, "FRESHREC_FLINK_REST_PORT": str(free_port()),
+                    "FRESHREC_FLINK_RPC_PORT": str(free_port()), "FRESHREC_FLINK_PROM_PORTS": f"{prom}-{prom + 3}"}
+
+    def __call__(self, *args: str) -> str:
+        done = subprocess.run(["bash", CLUSTER, *args], env=self.env, capture_output=True, text=True, timeout=300)
+        if done.returncode:
+            raise RuntimeError(f"flink_cluster.sh {' '.join(args)} failed:\n{done.stdout}{done.stderr}")
+        return done.stdout
+
+    def daemon_pids(self) -> list[int]:
+        pids = []
+        for path in glob.glob(os.path.join(self.work, "pid", "*.pid")):
+            with open(path) as fh:
+                pids.extend(int(x) for x in fh.read().split())
+        return pids
+
+
+def run_flink(args: argparse.Namespace, cluster: FlinkCluster, parallelism: int, events: str, work: str) -> dict[str, Any]:
+    out, ck = os.path.join(work, f"flink-p{parallelism}"), os.path.join(work, f"ck-p{parallelism}")
+    cmd = ["bash", CLUSTER, "submit", "--parallelism", str(parallelism), "--", "--input", events, "--output", out,
+           "--checkpoint_dir", ck, "--quiet", *model_flags(args)]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=cluster.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    sampler = PeakRss(lambda: [*cluster.daemon_pids(), proc.pid])
+    sampler.start()
+    printed, _ = proc.communicate(timeout=3600)
+    sampler.done.set()
+    sampler.join()
+    runtime = re.search(r"Job Runtime: (\d+) ms", printed)
+    if proc.returncode or runtime is None:
+        raise RuntimeError(f"Flink run at parallelism {parallelism} failed ({proc.returncode}):\n{printed[-3000:]}")
+    return {"engine": f"flink-p{parallelism}", "seconds": int(runtime[1]) / 1000.0, "peak_rss_mb": sampler.peak,
+            **summary_of(out)}
+
+
+def run_plain(args: argparse.Namespace, events: str) -> dict[str, Any]:
+    """The plain torch loop over the valid, distinct events of the file (featurized and given negatives up
+    front, as in bench/throughput.py), with its prequential AUC."""
+    import resource
+
+    import torch
+
+    from bench.throughput import make_stream, time_plain_loop
+    from core.cleaning import InvalidEvent, validate_event
+    from model.metrics import BinaryStats
+
+    torch.set_num_threads(1)
+    valid, seen = [], set()
+    with open(events) as fh:
+        for line in fh:
+            try:
+                event = validate_event(json.loads(line))
+            except (InvalidEvent, ValueError):
+                continue
+            if event["event_id"] not in seen:
+                seen.add(event["event_id"])
+                valid.append(event)
+    stream = make_stream(len(valid), args.negatives, seed=1, events=valid)
+    stats = BinaryStats()
+    loop_args = argparse.Namespace(dim=args.dim, lr=args.lr)
+    seconds = time_plain_loop(stream, args.batch_size * (1 + args.negatives), "cpu", loop_args, stats)
+    n = len(valid) * (1 - args.batch_size / max(1, len(valid)))  # the first batch warms up, untimed
+    return {"engine": "plain_torch", "seconds": seconds * len(valid) / n, "auc": round(stats.auc(), 5),
+            "applied": len(valid), "dead_lettered": 0,
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0}
+
+
+def make_parser() -> argparse.ArgumentParser:
+    from core.settings import DEFAULTS, HelpFormatter
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    ap.add_argument("--events", type=int, default=20_000, help="synthetic events (without --data)")
+    ap.add_argument("--data", default=None, help="a dataset the CLI reads, instead of the synthetic stream")
+    ap.add_argument("--limit", type=int, default=None, help="with --data: its first N events in time order")
+    ap.add_argument("--engines", default="direct,flink-p1,flink-p2,plain_torch")
+    ap.add_argument("--shards", type=int, default=DEFAULTS["shards"])
+    ap.add_argument("--batch_size", type=int, default=DEFAULTS["batch_size"])
+    ap.add_argument("--negatives", type=int, default=DEFAULTS["negatives"])
+    ap.add_argument("--dim", type=int, default=DEFAULTS["dim"])
+    ap.add_argument("--lr", type=float, default=DEFAULTS["lr"])
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--sync", action="store_true", help="shards sync their shared rows (Beam then runs as a stream)")
+    ap.add_argument("--json", default=None)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = make_parser().parse_args(argv)
+    engines = [e.strip() for e in args.engines.split(",") if e.strip()]
+    work = tempfile.mkdtemp(prefix="freshrec-engines-")
+    events = os.path.join(work, "events.jsonl")
+    n = write_events(args, events)
+    print(f"{n} events ({args.data or 'synthetic'}), {args.shards} shards, batch {args.batch_size} events "
+          f"(+{args.negatives} negatives each), sync {'on' if args.sync else 'off'}; work folder {work}", flush=True)
+    result: dict[str, Any] = {"events": n, "shards": args.shards, "batch_size": args.batch_size,
+                              "negatives": args.negatives, "sync": args.sync, "cpus": os.cpu_count(), "runs": []}
+    if "direct" in engines:
+        result["runs"].append(run_direct(args, events, work))
+    flinks = [e for e in engines if e.startswith("flink-p")]
+    if flinks:
+        cluster = FlinkCluster(work)
+        t = time.perf_counter()
+        cluster("up", "--taskmanagers", "2", "--slots", "1")
+        result["cluster_start_s"] = round(time.perf_counter() - t, 1)
+        print(f"standalone cluster (1 JobManager, 2 TaskManagers x 1 slot) up in {result['cluster_start_s']} s", flush=True)
+        try:
+            for engine in flinks:
+                result["runs"].append(run_flink(args, cluster, int(engine[len("flink-p"):]), events, work))
+        finally:
+            cluster("down")
+    if "plain_torch" in engines:
+        result["runs"].append(run_plain(args, events))
+    report(result, n)
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(result, fh, indent=1)
+    return 0
+
+
+def report(result: dict[str, Any], n: int) -> None:
+    runs = result["runs"]
+    for run in runs:
+        run["events_per_s"] = round(n / run["seconds"], 1)
+    by = {r["engine"]: r for r in runs}
+    for run in runs:
+        ratios = " | ".join(f"{run['events_per_s'] / by[b]['events_per_s']:.2f}x {b}" for b in ("plain_torch", "direct")
+                            if b in by and b != run["engine"])
+        auc = f"AUC {run['auc']:.4f}" if run["auc"] is not None else "AUC n/a"
+        auc_vs = f" ({run['auc'] / by['direct']['auc']:.3f}x direct)" if "direct" in by and run["auc"] and by["direct"]["auc"] else ""
+        print(f"  {run['engine']:12s} {run['events_per_s']:9.0f} events/s  {ratios:32s} {auc}{auc_vs}  "
+              f"peak RSS {run['peak_rss_mb']:.0f} MB  ({run['seconds']:.1f} s; applied {run['applied']})")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,169 @@
+"""The PyFlink job's learning step: ``UpdateShardModel``, keyed by shard, a thin adapter over
+``model.journal`` (the Beam pipeline's ``transforms/update.py`` runs the same core).
+
+Its partition is a snapshot plus a journal of micro-batches in Flink state. Main output: score records; side
+outputs: deltas, rollbacks and the shard's alerts (JSON lines of the Avro records), flush reports (dicts).
+Every side output must be read downstream: PyFlink joins an unread one to the main output.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+from pyflink.common import Types
+from pyflink.datastream import OutputTag, TimeDomain
+from pyflink.datastream.functions import KeyedProcessFunction, RuntimeContext
+from pyflink.datastream.state import ListStateDescriptor, ValueStateDescriptor
+
+from core import progress  # by module: the worker's own board, not a pickled copy
+from core.medium import FolderMedium
+from model.config import LearnerConfig
+from model.journal import flush_micro_batch, flush_report, new_meta, sync_on_time
+from model.learner import IncrementalLearner
+from model.metrics import BinaryStats
+from model.shard_sync import ShardSync
+from model.sync import SyncConfig
+from monitoring.alerts import SkippedStepsAlarm
+from pipelines.flink_io import END_OF_TIME
+from pipelines.results import ALERTS, DELTAS, ROLLBACKS
+
+REPORTS = OutputTag("flush-reports", Types.PICKLED_BYTE_ARRAY())
+DELTA_RECORDS, ROLLBACK_RECORDS, ALERT_RECORDS = (OutputTag(name, Types.STRING()) for name in (DELTAS, ROLLBACKS, ALERTS))
+
+
+def metric_group(ctx: RuntimeContext):
+    """The job's metrics, under the Beam pipeline's namespace and names (transforms/clean.py, transforms/update.py),
+    so Flink's UI and its Prometheus reporter show what Beam's runners show."""
+    return ctx.get_metrics_group().add_group("freshrec")
+
+
+class UpdateShardModel(KeyedProcessFunction):
+    """Keyed by shard; the partition is a snapshot plus a journal of micro-batches in Flink state."""
+
+    def __init__(self, cfg: LearnerConfig, batch_size: int, top_k: int, snapshot_every: int, progress_s: float = 0.0,
+                 sync: SyncConfig | None = None, sync_location: str | None = None, alert_after: int = 3,
+                 flush_interval_ms: int = 0):
+        self.flush_interval_ms = flush_interval_ms  # also flush this long (processing time) after a buffer's first event
+        self.cfg, self.batch_size, self.top_k, self.snapshot_every = cfg, batch_size, top_k, snapshot_every
+        self.progress_s, self.sync_cfg, self.sync_location = progress_s, sync, sync_location
+        self.alarm = SkippedStepsAlarm(alert_after)
+
+    def close(self):
+        self.printer.stop()
+
+    def open(self, ctx: RuntimeContext):
+        # one printer per Python worker: the steps of a worker share its board (core.progress)
+        self.printer = progress.ProgressPrinter(self.progress_s, prefix="freshrec-flink: ").start()
+        self.buffer = ctx.get_list_state(ListStateDescriptor("buffer", Types.PICKLED_BYTE_ARRAY()))
+        self.snapshot = ctx.get_state(ValueStateDescriptor("snapshot", Types.PICKLED_BYTE_ARRAY()))
+        self.journal = ctx.get_list_state(ListStateDescriptor("journal", Types.PICKLED_BYTE_ARRAY()))
+        self.meta = ctx.get_state(ValueStateDescriptor("meta", Types.PICKLED_BYTE_ARRAY()))
+        self.live: dict[int, tuple[IncrementalLearner, int]] = {}
+        self.newest_ms = 0  # the newest event time this subtask has seen (where ticks stop at the end of input)
+        group = metric_group(ctx)
+        self.counters = {name: group.counter(name) for name in (
+            "events_applied", "flushes", "rollbacks", "learner_restores", "steps_skipped_nonfinite",
+            "sync_epochs_applied", "sync_publications", "alerts")}
+        self.distributions = {name: group.distribution(name)
+                              for name in ("flush_events", "prequential_logloss_micro", "freshness_lag_ms")}
+        self.group, self.gauged = group, {}  # the shards' gauges, registered at their first flush here
+        medium = FolderMedium(self.sync_location) if self.sync_location else None
+        self.syncs = {} if medium is None or self.sync_cfg is None else \
+            {s: ShardSync(self.sync_cfg, medium, s) for s in range(self.sync_cfg.shards)}
+
+    def process_element(self, event, ctx):
+        record = {k: event.get(k) for k in ("event_id", "user_id", "item_id", "event_type", "event_time_ms", "value",
+                                           "context", "user_features", "item_features", "history")}
+        self.buffer.add(record)
+        meta = self.meta.value() or {**new_meta(), "buffered": 0}
+        meta["buffered"] += 1
+        sync, event_ms = self.syncs.get(ctx.get_current_key()), ctx.timestamp()
+        self.newest_ms = max(self.newest_ms, event_ms)
+        if sync is not None and meta.get("tick_ms") is None:  # the shard's first event: start its epoch ticks
+            meta["tick_ms"] = (sync.cfg.epoch_of(event_ms) + 1) * sync.cfg.interval_ms
+            ctx.timer_service().register_event_time_timer(meta["tick_ms"])
+        self.meta.update(meta)
+        if meta["buffered"] >= self.batch_size:
+            yield from self._flush(ctx.get_current_key())
+        else:
+            ctx.timer_service().register_event_time_timer(END_OF_TIME)
+            if meta["buffered"] == 1 and self.flush_interval_ms:
+                ctx.timer_service().register_processing_time_timer(int(time.time() * 1000) + self.flush_interval_ms)
+
+    def on_timer(self, timestamp, ctx):
+        if timestamp >= END_OF_TIME or ctx.time_domain() == TimeDomain.PROCESSING_TIME:
+            yield from self._flush(ctx.get_current_key())
+        else:
+            self._on_time(ctx.get_current_key(), timestamp, ctx)
+
+    def _on_time(self, shard: int, now_ms: int, ctx) -> None:
+        """Event time left an epoch (the Beam steps' ticks, ``ShardSync.on_time``): the shard publishes what it
+        has pending, or that it has nothing, so a quiet shard does not hold back the others' merges; then it
+        ticks again at the end of the watermark's epoch (at the end of the input: of the newest event's)."""
+        sync, meta = self.syncs.get(shard), self.meta.value()
+        if sync is None or meta is None:
+            return
+        watermark = ctx.timer_service().current_watermark()
+        meta["tick_ms"] = now_ms
+        if watermark < END_OF_TIME or now_ms <= self.newest_ms:
+            horizon = max(now_ms, watermark if watermark < END_OF_TIME else self.newest_ms)
+            meta["tick_ms"] = (sync.cfg.epoch_of(horizon) + 1) * sync.cfg.interval_ms
+            ctx.timer_service().register_event_time_timer(meta["tick_ms"])
+        entry = sync_on_time(self.cfg, shard, now_ms, meta, lambda: (self.snapshot.value(), list(self.journal.get() or [])),
+                             self.live, shard, sync)
+        if entry is not None:
+            self.journal.add(entry)
+            self.counters["sync_publications"].inc()
+        self.meta.update(meta)
+
+    def _gauge_shard(self, shard: int, learner: IncrementalLearner) -> None:
+        """The shard's gauges under the Beam pipeline's names (transforms/update.py): its model version and
+        table rows as of its last flush on this subtask, read by Flink at the end of each bundle."""
+        if shard not in self.gauged:
+            for name in ("model_version", "table_rows_item", "table_rows_user"):
+                self.group.gauge(f"{name}_shard_{shard}", lambda shard=shard, name=name: self.gauged[shard][name])
+        self.gauged[shard] = {"model_version": int(learner.version), "table_rows_item": len(learner.items),
+                              "table_rows_user": len(learner.users)}
+
+    def _flush(self, shard: int):
+        events = list(self.buffer.get() or [])
+        if not events:
+            return
+        self.buffer.clear()
+        meta = self.meta.value()
+        now_ms = int(time.time() * 1000)
+        done = flush_micro_batch(self.cfg, shard, events, meta,
+                                 lambda: (self.snapshot.value(), list(self.journal.get() or [])),
+                                 self.live, shard, self.top_k, self.snapshot_every, emit_time_ms=now_ms,
+                                 sync=self.syncs.get(shard), alarm=self.alarm)
+        report = flush_report(shard, events, done, now_ms)
+        self._gauge_shard(shard, done.learner)
+        self.distributions["freshness_lag_ms"].update(max(0, now_ms - report["max_event_time_ms"]))
+        for name, n in (("events_applied", len(events)), ("flushes", 1), ("rollbacks", report["rollbacks"]),
+                        ("learner_restores", int(done.restored)), ("steps_skipped_nonfinite", report["skipped_nonfinite"]),
+                        ("sync_epochs_applied", len(done.merged_epochs)),
+                        ("sync_publications", int(done.published_epoch is not None)), ("alerts", len(done.alerts))):
+            if n:
+                self.counters[name].inc(n)
+        self.distributions["flush_events"].update(len(events))
+        loss = BinaryStats.from_dict(report["stats"]).logloss()
+        if loss == loss:  # not nan
+            self.distributions["prequential_logloss_micro"].update(int(loss * 1e6))
+        progress.BOARD.note_flush(shard, len(events), done.learner.version, BinaryStats.from_dict(report["stats"]))
+        yield REPORTS, report
+        for record in done.scores:
+            yield json.dumps(record)
+        for record in done.deltas:
+            yield DELTA_RECORDS, json.dumps(record)
+        for rollback in done.result.rollbacks:
+            yield ROLLBACK_RECORDS, json.dumps(rollback.to_record())
+        for record in done.alerts:
+            yield ALERT_RECORDS, json.dumps(record)
+        if done.snapshot is not None:
+            self.snapshot.update(done.snapshot)
+            self.journal.clear()
+        else:
+            self.journal.add(done.journal_entry)
+        meta["buffered"] = 0
+        self.meta.update(meta)
