@@ -143,6 +143,17 @@ def decode_event(payload: Any, cfg: CleanConfig = CleanConfig()) -> dict[str, An
     return validate_event(record, cfg)
 
 
+def dead_letter(payload: Any, reason: str, step: str, event: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A record for ``schemas/dead_letter.avsc``."""
+    return {
+        "raw": raw_bytes(payload if event is None else event),
+        "reason": reason,
+        "step": step,
+        "event_id": None if event is None else event.get("event_id"),
+        "event_time_ms": None if event is None else event.get("event_time_ms"),
+    }
+
+
 @dataclass
 class LatenessTracker:
     """Conservative lateness test from a lower bound on the watermark.
@@ -161,3 +172,8 @@ class LatenessTracker:
 
     def is_late(self, event_time_ms: int) -> bool:
         return event_time_ms < self.watermark_ms - self.allowed_lateness_ms
+
+    def late_reason(self, event_time_ms: int) -> str:
+        """The dead letter's reason for a late event."""
+        return (f"late: event time is {self.watermark_ms - event_time_ms} ms behind the watermark "
+                f"(allowed lateness {self.allowed_lateness_ms} ms)")

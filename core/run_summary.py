@@ -11,7 +11,9 @@ and the PyFlink job's ``SummarizeRun`` (pipelines/flink_job.py) are thin adapter
 
 from __future__ import annotations
 
+import json
 import math
+import os
 from collections.abc import Iterable
 from typing import Any
 
@@ -122,3 +124,12 @@ def extract(acc: dict[str, Any]) -> dict[str, Any]:
         "sync": {"epochs_applied": acc["sync"]["merged"], "publications": acc["sync"]["published"],
                  "bytes_published": acc["sync"]["bytes_out"], "max_lag_epochs": acc["sync"]["max_lag_epochs"]},
     }
+
+
+def write_summary(summary: dict[str, Any], path: str) -> str:
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as fh:
+        json.dump(summary, fh, indent=2, sort_keys=True)
+    os.replace(tmp, path)
+    return path

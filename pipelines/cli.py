@@ -298,10 +298,10 @@ def prepare(argv: list[str]) -> tuple[argparse.Namespace, Any]:
 def run(ns: argparse.Namespace, opts: Any, probe: Any = None) -> int:
     import apache_beam as beam
 
+    from core.run_summary import write_summary
     from pipelines.freshrec_pipeline import build_pipeline
     from pipelines.pubsub_read import drain_on_signals
     from pipelines.runner_metrics import counter_accounting, distributions_and_gauges, metric_counters
-    from transforms.sinks import write_summary
 
     paths = output_paths(ns.output_dir)
     clear_outputs(paths)

@@ -28,7 +28,18 @@ from pyflink.datastream.state import ValueStateDescriptor
 
 from core import run_summary
 from core.readers import SyntheticConfig, synthetic_events
-from pipelines.results import ALERTS, DEAD_LETTER, DELTAS, ROLLBACKS, SCORES, STATS, clear_outputs, output_paths
+from core.run_summary import write_summary
+from pipelines.results import (
+    ALERTS,
+    DEAD_LETTER,
+    DELTAS,
+    ROLLBACKS,
+    SCORES,
+    STATS,
+    clear_outputs,
+    output_paths,
+    records,
+)
 
 END_OF_TIME = 2**62
 SUMMARY_PARTS = "summary_parts"  # the summary record's committed part file; summary.json is written from it
@@ -134,21 +145,14 @@ def count_lines(path: str) -> int:
 def finish_run(paths: dict[str, str], input_path: str, quiet: bool) -> int:
     """After a bounded run: ``summary.json`` from the committed summary record, with ``events_in`` (the
     input's lines, counted here), printed; 1 on an accounting mismatch (applied + dead-lettered != in)."""
-    parts = sorted(glob.glob(os.path.join(paths[SUMMARY_PARTS], "*", "part-*")))
-    lines = []
-    for part in parts:
-        with open(part, encoding="utf-8") as fh:
-            lines.extend(line for line in fh if line.strip())
-    if len(lines) != 1:
-        print(f"flink_job: expected one committed summary record under {paths[SUMMARY_PARTS]}, found {len(lines)}",
+    found = list(records(paths[SUMMARY_PARTS]))
+    if len(found) != 1:
+        print(f"flink_job: expected one committed summary record under {paths[SUMMARY_PARTS]}, found {len(found)}",
               file=sys.stderr)
         return 1
-    summary: dict[str, Any] = json.loads(lines[0])
+    summary: dict[str, Any] = found[0]
     summary["events_in"] = count_lines(input_path)
-    tmp = paths["summary"] + ".tmp"
-    with open(tmp, "w") as fh:
-        json.dump(summary, fh, indent=2, sort_keys=True)
-    os.replace(tmp, paths["summary"])
+    write_summary(summary, paths["summary"])
     if not quiet:
         print(json.dumps(summary, indent=2, sort_keys=True))
     if summary["events_in"] != summary["events_accounted"]:

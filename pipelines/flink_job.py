@@ -47,7 +47,7 @@ from pyflink.datastream.functions import KeyedProcessFunction, ProcessFunction, 
 from pyflink.datastream.state import ValueStateDescriptor  # noqa: E402
 
 from core import progress  # noqa: E402  (by module: the worker's own board, not a pickled copy)
-from core.cleaning import CleanConfig, InvalidEvent, LatenessTracker, decode_event, raw_bytes  # noqa: E402
+from core.cleaning import CleanConfig, InvalidEvent, LatenessTracker, dead_letter, decode_event  # noqa: E402
 from core.featurizers import ItemPopularity, UserFeaturizer  # noqa: E402
 from core.keyed_state import GroupStates, key_group  # noqa: E402
 from core.medium import FolderMedium, MediumError, check_medium  # noqa: E402
@@ -71,9 +71,8 @@ MAX_OUT_OF_ORDERNESS_MS = 60_000  # transforms/sources.py's default
 
 def _dead(payload: Any, reason: str, step: str, event: dict[str, Any] | None = None) -> str:
     """schemas/dead_letter.avsc as a JSON line (``raw`` as text)."""
-    return json.dumps({"reason": reason, "step": step, "event_id": None if event is None else event.get("event_id"),
-                       "event_time_ms": None if event is None else event.get("event_time_ms"),
-                       "raw": raw_bytes(payload if event is None else event).decode("utf-8", "replace")})
+    record = dead_letter(payload, reason, step, event)
+    return json.dumps({**record, "raw": record["raw"].decode("utf-8", "replace")})
 
 
 class EventTime(TimestampAssigner):
@@ -151,9 +150,7 @@ class DedupeEvents(KeyGroupFunction):
         tracker.advance(ctx.timer_service().current_watermark())
         if tracker.is_late(event["event_time_ms"]):
             self.late.inc()
-            behind = tracker.watermark_ms - event["event_time_ms"]
-            yield DEAD, _dead(None, f"late: event time is {behind} ms behind the watermark (allowed lateness "
-                                    f"{self.allowed_lateness_ms} ms)", "DropLateEvents", event)
+            yield DEAD, _dead(None, tracker.late_reason(event["event_time_ms"]), "DropLateEvents", event)
             return
         yield from super().process_element(event, ctx)
 

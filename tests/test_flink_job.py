@@ -27,6 +27,7 @@ from core.settings import learner_config
 from model.deltas import ModelDelta
 from model.learner import IncrementalLearner
 from pipelines.report import main as report_main
+from pipelines.results import records
 
 pytestmark = pytest.mark.flink
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -74,9 +75,7 @@ def committed(out_dir):
     of its folder."""
     recs = []
     for folder, kind in FOLDERS.items():
-        for f in sorted(glob.glob(os.path.join(out_dir, folder, "*", "part-*"))):
-            with open(f) as fh:
-                recs.extend({"kind": kind, **json.loads(line)} for line in fh if line.strip())
+        recs.extend({"kind": kind, **r} for r in records(os.path.join(out_dir, folder)))
     assert not glob.glob(os.path.join(out_dir, "*", "part-*")), "part files outside the output folders"
     return recs
 

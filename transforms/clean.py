@@ -14,7 +14,7 @@ from apache_beam.transforms.userstate import ReadModifyWriteStateSpec, TimerSpec
 from apache_beam.transforms.window import TimestampedValue
 from apache_beam.utils.timestamp import Timestamp
 
-from core.cleaning import CleanConfig, InvalidEvent, LatenessTracker, decode_event, raw_bytes
+from core.cleaning import CleanConfig, InvalidEvent, LatenessTracker, dead_letter, decode_event
 from core.keyed_state import GroupStates, key_group
 from core.progress import BOARD
 from model.hashing import shard_of
@@ -23,17 +23,6 @@ from transforms.runtime import tune_worker
 
 __all__ = ["DEAD_LETTER", "CleanEvents", "DecodeAndValidate", "DedupeEvents", "DropLateEvents", "dead_letter"]
 NAMESPACE = "freshrec"
-
-
-def dead_letter(payload: Any, reason: str, step: str, event: dict[str, Any] | None = None) -> dict[str, Any]:
-    """A record for ``schemas/dead_letter.avsc``."""
-    return {
-        "raw": raw_bytes(payload if event is None else event),
-        "reason": reason,
-        "step": step,
-        "event_id": None if event is None else event.get("event_id"),
-        "event_time_ms": None if event is None else event.get("event_time_ms"),
-    }
 
 
 def ts_ms(ts: Timestamp) -> int:
@@ -99,9 +88,7 @@ class DropLateEvents(beam.DoFn):
             if tracker.is_late(event_ms):
                 self.late.inc()
                 BOARD.note_dead()
-                behind = tracker.watermark_ms - event_ms
-                reason = (f"late: event time is {behind} ms behind the watermark "
-                          f"(allowed lateness {self.allowed_lateness_ms} ms)")
+                reason = tracker.late_reason(event_ms)
                 yield TaggedOutput(DEAD_LETTER, TimestampedValue(dead_letter(None, reason, self.STEP, event), event_ms / 1000))
                 continue
             if latest is None or event_ms > latest:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Any
 
@@ -18,6 +17,7 @@ from apache_beam.utils.windowed_value import WindowedValue
 
 import schemas
 from core import run_summary
+from core.run_summary import write_summary
 
 
 class AvroFileSink(fileio.FileSink):
@@ -73,15 +73,6 @@ class SummaryFn(beam.CombineFn):
 
     def extract_output(self, acc):
         return run_summary.extract(acc)
-
-
-def write_summary(summary: dict[str, Any], path: str) -> str:
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as fh:
-        json.dump(summary, fh, indent=2, sort_keys=True)
-    os.replace(tmp, path)
-    return path
 
 
 class WriteWindowSummary(beam.DoFn):
