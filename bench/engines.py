@@ -27,18 +27,17 @@ import glob
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-from dataclasses import replace
 from typing import Any
+
+from pipelines.flink_cluster import FlinkCluster
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MAIN_PY = os.path.join(ROOT, ".venv", "bin", "python")
-CLUSTER = os.path.join(ROOT, "scripts", "flink_cluster.sh")
 
 
 def write_events(args: argparse.Namespace, path: str) -> int:
@@ -48,12 +47,10 @@ def write_events(args: argparse.Namespace, path: str) -> int:
 
         return export(argparse.Namespace(data=args.data, data_format=None, columns=None, time_unit=None,
                                          limit=args.limit), path)[0]
-    from core.readers import SyntheticConfig, synthetic_events
+    from core.readers import embedded_stream, synthetic_events
+    from pipelines.export import write_jsonl
 
-    with open(path, "w") as fh:
-        for event in synthetic_events(replace(SyntheticConfig(), events=args.events, seed=7 + args.seed)):
-            fh.write(json.dumps(event) + "\n")
-    return args.events
+    return write_jsonl(synthetic_events(embedded_stream(args.events, args.seed)), path)
 
 
 def tree_rss_mb(roots: list[int]) -> float:
@@ -121,38 +118,9 @@ def summary_of(out: str) -> dict[str, Any]:
             "dead_lettered": summary["events_dead_lettered"]}
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        return s.getsockname()[1]
-
-
-class FlinkCluster:
-    """scripts/flink_cluster.sh with its work folder under ``work`` and free localhost ports."""
-
-    def __init__(self, work: str):
-        prom = free_port()
-        self.work = os.path.join(work, "cluster")
-        self.env = {**os.environ, "FRESHREC_FLINK_WORK": self.work, "FRESHREC_FLINK_REST_PORT": str(free_port()),
-                    "FRESHREC_FLINK_RPC_PORT": str(free_port()), "FRESHREC_FLINK_PROM_PORTS": f"{prom}-{prom + 3}"}
-
-    def __call__(self, *args: str) -> str:
-        done = subprocess.run(["bash", CLUSTER, *args], env=self.env, capture_output=True, text=True, timeout=300)
-        if done.returncode:
-            raise RuntimeError(f"flink_cluster.sh {' '.join(args)} failed:\n{done.stdout}{done.stderr}")
-        return done.stdout
-
-    def daemon_pids(self) -> list[int]:
-        pids = []
-        for path in glob.glob(os.path.join(self.work, "pid", "*.pid")):
-            with open(path) as fh:
-                pids.extend(int(x) for x in fh.read().split())
-        return pids
-
-
 def run_flink(args: argparse.Namespace, cluster: FlinkCluster, parallelism: int, events: str, work: str) -> dict[str, Any]:
     out, ck = os.path.join(work, f"flink-p{parallelism}"), os.path.join(work, f"ck-p{parallelism}")
-    cmd = ["bash", CLUSTER, "submit", "--parallelism", str(parallelism), "--", "--input", events, "--output", out,
+    cmd = ["bash", cluster.script, "submit", "--parallelism", str(parallelism), "--", "--input", events, "--output", out,
            "--checkpoint_dir", ck, "--quiet", *model_flags(args)]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=cluster.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     sampler = PeakRss(lambda: [*cluster.daemon_pids(), proc.pid])

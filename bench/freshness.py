@@ -3,7 +3,8 @@
 For each of ``--rates`` it starts the pipeline (the CLI, DirectRunner, streaming) on a fresh subscription of
 the local Pub/Sub emulator, with scores and deltas going to topics, and publishes synthetic events at that
 rate for ``--seconds`` from another process, each stamped with its publication time as event time. This
-process plays the serving side: a ``DeltaConsumer`` applies the deltas as they arrive, and a refreshed score
+process plays the serving side: a ``DeltaConsumer`` applies the deltas as they arrive (streaming pull, as
+``pipelines.consumer`` subscribes), and a refreshed score
 (a scored-output record: user, shard, model version, the publication time of the newest event behind it)
 counts as visible once the consumer holds that shard at that version. Lag = visible - published.
 
@@ -91,37 +92,36 @@ def run_rate(rate: float, args: argparse.Namespace, host: str) -> dict[str, Any]
     waiting: list[tuple[int, int, int]] = []  # (shard, version, published ms) not yet visible
     lags: list[float] = []
     emitted: list[float] = []  # the pipeline's part: publication to the score's emission
-    stop = threading.Event()
+    lock, stop = threading.Lock(), threading.Event()
 
-    def serve() -> None:
+    def on_delta(message: Any) -> None:  # streaming pull, as the consumer's own command line subscribes
+        with lock:
+            consumer.handle_message(message.data, message.message_id)
+        message.ack()
+
+    def on_score(message: Any) -> None:
+        rec = schemas.decode(schemas.SCORED_OUTPUT, message.data)
+        with lock:
+            waiting.append((rec["shard"], rec["model_version"], rec["event_time_ms"]))
+            emitted.append(rec["emit_time_ms"] - rec["event_time_ms"])
+        message.ack()
+
+    def watch() -> None:
+        """A score is visible once the consumer holds its shard at its version (checked every 20 ms)."""
         while not stop.is_set():
-            got = 0
-            for name in ("deltas", "scores"):
-                resp = subscriber.pull(request={"subscription": sub(name), "max_messages": 1000}, timeout=10)
-                if not resp.received_messages:
-                    continue
-                got += len(resp.received_messages)
-                subscriber.acknowledge(request={"subscription": sub(name),
-                                                "ack_ids": [m.ack_id for m in resp.received_messages]})
-                for m in resp.received_messages:
-                    if name == "deltas":
-                        consumer.handle_message(m.message.data, m.message.message_id)
+            with lock:
+                now = time.time() * 1000
+                still = []
+                for shard, version, published in waiting:
+                    if consumer.version(shard) >= version:
+                        lags.append(now - published)
                     else:
-                        rec = schemas.decode(schemas.SCORED_OUTPUT, m.message.data)
-                        waiting.append((rec["shard"], rec["model_version"], rec["event_time_ms"]))
-                        emitted.append(rec["emit_time_ms"] - rec["event_time_ms"])
-            now = time.time() * 1000
-            still = []
-            for shard, version, published in waiting:
-                if consumer.version(shard) >= version:
-                    lags.append(now - published)
-                else:
-                    still.append((shard, version, published))
-            waiting[:] = still
-            if not got:
-                time.sleep(0.05)
+                        still.append((shard, version, published))
+                waiting[:] = still
+            time.sleep(0.02)
 
-    server = threading.Thread(target=serve, daemon=True)
+    pulls = [subscriber.subscribe(sub("deltas"), on_delta), subscriber.subscribe(sub("scores"), on_score)]
+    server = threading.Thread(target=watch, daemon=True)
     server.start()
     child = multiprocessing.get_context("spawn").Process(target=_publish_at, args=(topic("events"), rate, args.seconds, tag, host))
     child.start()
@@ -141,10 +141,12 @@ def run_rate(rate: float, args: argparse.Namespace, host: str) -> dict[str, Any]
     time.sleep(2)  # the last deltas reach the consumer
     stop.set()
     server.join(timeout=15)
+    for pull in pulls:
+        pull.cancel()
     proc.send_signal(signal.SIGTERM)
     try:
         stdout, _ = proc.communicate(timeout=120)
-        totals = json.loads(stdout[stdout.index("{"):]).get("windows", {})
+        totals = json.loads(stdout[stdout.index("{"):])  # the run's ledger (summary.json)
         accounted = (totals.get("events_applied", accounted[0]), totals.get("events_dead_lettered", accounted[1]))
     except (subprocess.TimeoutExpired, ValueError):
         proc.kill()

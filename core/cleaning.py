@@ -143,6 +143,10 @@ def decode_event(payload: Any, cfg: CleanConfig = CleanConfig()) -> dict[str, An
     return validate_event(record, cfg)
 
 
+# a resumed Pub/Sub run's refusal of an event its checkpoints hold as applied (Pub/Sub redelivered it): not bad input
+REDELIVERED = "already applied: redelivered after a restart"
+
+
 def dead_letter(payload: Any, reason: str, step: str, event: dict[str, Any] | None = None) -> dict[str, Any]:
     """A record for ``schemas/dead_letter.avsc``."""
     return {

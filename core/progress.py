@@ -32,6 +32,8 @@ class ProgressBoard:
 
     def reset(self) -> None:
         self.read = self.dead = self.applied = self.flushes = self.emitted = 0
+        self.durable = 0  # applied events that survive a crash: in a checkpoint (or applied, where none is written)
+        self.acks = 0  # times a source acknowledged everything it had read (its ack epoch)
         self.versions: dict[int, int] = {}
         self.stats = BinaryStats()
         self.started = time.monotonic()
@@ -43,6 +45,19 @@ class ProgressBoard:
     def in_flight(self) -> int:
         """Events a source emitted that are neither applied nor dead-lettered yet."""
         return self.emitted - self.applied - self.dead
+
+    def settled(self) -> bool:
+        """Every event a source emitted is durable (``note_durable``) or dead-lettered: what it read may be
+        acknowledged."""
+        return self.durable + self.dead >= self.emitted
+
+    def note_durable(self, n: int) -> None:
+        """``n`` applied events are now in a checkpoint on disk (or were applied, where the run writes none)."""
+        self.durable += n
+
+    def note_acked(self) -> None:
+        """A source acknowledged everything it had read: a new ack epoch (``acks``) begins."""
+        self.acks += 1
 
     def note_read(self, n: int = 1) -> None:
         self.read += n

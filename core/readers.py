@@ -10,7 +10,7 @@ import math
 import os
 import random
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from itertools import accumulate
 from operator import itemgetter
@@ -258,6 +258,12 @@ class SyntheticConfig:
             raise ValueError("SyntheticConfig: users, items, topics and events must be >= 1")
         if not 0 <= self.malformed_fraction < 1 or not 0 <= self.duplicate_fraction < 1:
             raise ValueError("SyntheticConfig: fractions must be in [0, 1)")
+
+
+def embedded_stream(events: int, seed: int) -> SyntheticConfig:
+    """The synthetic stream a run reads without ``--data``: ``--synthetic_events`` events, drawn with
+    ``--seed`` (offset by the stream's own default seed, 7), the same for every entry point."""
+    return replace(SyntheticConfig(), events=events, seed=SyntheticConfig.seed + seed)
 
 
 def synthetic_events(cfg: SyntheticConfig) -> Iterator[dict[str, Any]]:

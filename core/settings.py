@@ -32,6 +32,7 @@ from model.config import MODES, OPTIMIZERS, LearnerConfig, TableConfig
 from model.sync import SHARABLE, SyncConfig
 
 DAY_MS = 86_400_000
+STREAM_FLUSH_INTERVAL_S = 5.0  # an unbounded input's partial batches flush after this, unless --flush_interval_s says
 
 
 @dataclass(frozen=True)
@@ -69,12 +70,16 @@ FLAGS: tuple[Flag, ...] = (
     Flag("replay_rate", "input", None, "pace the replay at this many events/s of processing time (streaming runs)", float, bound=">0"),
     Flag("synthetic_events", "input", 20_000, "events in the embedded synthetic stream", int, bound=">=1"),
     Flag("events_subscription", "input", None, "read Avro events from this Pub/Sub subscription (projects/P/subscriptions/S); implies --streaming"),
+    Flag("ack_every_s", "input", 30.0, "a Pub/Sub run on the DirectRunner acknowledges what it read once all of it "
+         "is applied (with --checkpoint_dir: in a checkpoint) or dead-lettered, at most this often; a pull "
+         "unacknowledged this long pauses the reading until it is", float, bound=">0"),
     # model
     Flag("mode", "model", "incremental", "online: one step per event; incremental: one step per micro-batch", choices=MODES),
     Flag("batch_size", "model", 256, "events per micro-batch of the whole stream: each of N shards steps every "
          "ceil(batch_size/N) of its own events, so more shards do not make the model staler (online mode: 1)", int, bound=">=1"),
     Flag("accumulate_steps", "model", 1, "micro-batches whose gradients are summed before one optimizer step", int, bound=">=1"),
-    Flag("flush_interval_s", "model", 0.0, "also flush a non-empty buffer after this many seconds of processing time (0: off)", float, bound=">=0"),
+    Flag("flush_interval_s", "model", 0.0, "also flush a non-empty buffer after this many seconds of processing time "
+         f"(0: off; on Pub/Sub or a watched folder: {STREAM_FLUSH_INTERVAL_S:g})", float, bound=">=0"),
     Flag("optimizer", "model", "adagrad", "row-wise optimizer of the embedding tables", choices=OPTIMIZERS),
     Flag("lr", "model", 0.05, "learning rate of the embedding tables", float, bound=">0"),
     Flag("dim", "model", 16, "embedding width", int, bound=">=1"),
@@ -121,7 +126,8 @@ FLAGS: tuple[Flag, ...] = (
     Flag("alerts_topic", "outputs", None, "publish alert records (schemas/alert.avsc) to this topic"),
     Flag("dead_letter_topic", "outputs", None, "publish dead letters to this topic"),
     Flag("checkpoint_dir", "outputs", None, "also write atomic model checkpoints here"),
-    Flag("checkpoint_every", "outputs", 0, "flushes between checkpoint files (0: none)", int, bound=">=0"),
+    Flag("checkpoint_every", "outputs", 0, "flushes between checkpoint files (0: none; a Pub/Sub run on the "
+         "DirectRunner with --checkpoint_dir: 1, whatever is given, so that what it acknowledges is on disk)", int, bound=">=0"),
     Flag("run_id", "outputs", None, "names this run's checkpoints, which sort after earlier runs' (default: its start time)"),
     Flag("checkpoint_keep", "outputs", 5, "checkpoint files of this run kept per shard (older ones are deleted; "
          "other runs' stay)", int, bound=">=1"),
@@ -223,6 +229,10 @@ class UpdateConfig:
     run_id: str | None = None
     resume_from: str | None = None  # a run id whose checkpoints the shards start from
     alert_skipped_flushes: int = DEFAULTS["alert_skipped_flushes"]
+    # a Pub/Sub run with checkpoints: each shard's checkpoint also lists the ids of the events it applied since
+    # the read last acknowledged, which a resumed run's dedupe step refuses when they are redelivered; those a
+    # resumed run carries over are kept this long (the dedupe TTL, event time). 0: no list
+    remember_unacked_ms: int = 0
 
     shards: int = 1  # the shards the stream's micro-batch is split over
 

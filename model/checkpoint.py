@@ -12,7 +12,7 @@ import os
 import re
 import tempfile
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -144,7 +144,41 @@ def resume_shard(directory: str | os.PathLike[str], shard: int, run_id: str, cfg
     learner.sync.restart()
     meta["delta_seq"] = int(saved.get("delta_sequence", 0))
     meta["score_seq"] = int(saved.get("score_sequence", 0))
+    meta["applied"] = int(saved.get("events_applied", 0))
+    meta["carried_ids"] = {str(i): int(t) for i, t in dict(saved.get("unacked_event_ids") or {}).items()}
     return learner.to_bytes()
+
+
+def remember_unacked(meta: dict[str, Any], events: Sequence[dict[str, Any]], ack_epoch: int, ttl_ms: int) -> None:
+    """Note in a shard's ``meta`` the ids (and event times) of the ``events`` it applied, for its next checkpoint
+    (``unacked_in``): those applied since the Pub/Sub read last acknowledged everything it had read (``ack_epoch``
+    changed: the earlier ones are acknowledged and forgotten), and those a resumed run carried over from its
+    checkpoint, until they are ``ttl_ms`` of event time older than the newest event applied."""
+    if meta.get("ack_epoch") != ack_epoch:
+        meta["ack_epoch"], meta["unacked_ids"] = ack_epoch, {}
+    ids = meta["unacked_ids"]
+    for e in events:
+        ids[str(e["event_id"])] = int(e["event_time_ms"])
+    if meta.get("carried_ids"):
+        horizon = max(int(e["event_time_ms"]) for e in events) - ttl_ms
+        meta["carried_ids"] = {i: t for i, t in meta["carried_ids"].items() if t >= horizon}
+
+
+def unacked_in(meta: dict[str, Any]) -> dict[str, int]:
+    """The ids (-> event time) a checkpoint lists as applied but maybe not acknowledged (``remember_unacked``)."""
+    return {**meta.get("carried_ids", {}), **meta.get("unacked_ids", {})}
+
+
+def unacked_event_ids(directory: str | os.PathLike[str], run_id: str, shards: int, cfg: LearnerConfig) -> frozenset[str]:
+    """The ids of the events that run ``run_id``'s shards had applied, in the checkpoints a resumed run starts
+    from (``resume_shard``), that its Pub/Sub read may not have acknowledged: Pub/Sub redelivers them, and the
+    resumed run's dedupe step refuses them instead of applying them twice."""
+    ids: set[str] = set()
+    for shard in range(shards):
+        found = resume_state(directory, shard, run_id, cfg)
+        if found is not None:
+            ids.update(str(i) for i in dict(found[1].get("unacked_event_ids") or {}))
+    return frozenset(ids)
 
 
 def verified_state(path: str | os.PathLike[str]) -> dict[str, Any]:

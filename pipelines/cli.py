@@ -32,8 +32,8 @@ from core.progress import ProgressPrinter
 from core.settings import HelpFormatter, add_flags, check_flags, pipeline_config, sync_location
 from pipelines.results import (
     DEAD_LETTER,
+    check_dead_letter_fraction,
     clear_outputs,
-    dead_letter_examples,
     output_paths,
     remove_temp_dirs,
     window_totals,
@@ -331,15 +331,17 @@ def run(ns: argparse.Namespace, opts: Any, probe: Any = None) -> int:
     if os.path.exists(paths["summary"]):
         with open(paths["summary"]) as fh:
             summary = json.load(fh)
+        received = counter_accounting(counters)
         if counters:
             summary["counters"] = counters
             summary["runner_metrics"] = distributions_and_gauges(result)
-            summary["events_in"] = counters.get("events_in")
-            write_summary(summary, paths["summary"])
+            summary["events_in"] = None if received is None else received[0]
+        if os.path.isdir(paths["summaries"]):  # a windowed run: the windows' own summaries count what was on time
+            summary["windows"] = window_totals(paths["summaries"])
+        write_summary(summary, paths["summary"])
         print(json.dumps(summary, indent=2, sort_keys=True))
-        events_in = counters.get("events_in")
-        if events_in is not None and events_in != summary["events_accounted"]:
-            print(f"freshrec: ACCOUNTING MISMATCH: {events_in} in, {summary['events_accounted']} accounted", file=sys.stderr)
+        if received is not None and received[0] != summary["events_accounted"]:
+            print(f"freshrec: ACCOUNTING MISMATCH: {received[0]} in, {summary['events_accounted']} accounted", file=sys.stderr)
             return 1
     else:  # windowed outputs: a summary per window; totals from those, checked against the counters
         summary = window_totals(paths["summaries"])
@@ -350,17 +352,6 @@ def run(ns: argparse.Namespace, opts: Any, probe: Any = None) -> int:
                   f"(window summaries)", file=sys.stderr)
             return 1
     return check_dead_letter_fraction(summary, ns.max_dead_letter_fraction, paths[DEAD_LETTER])
-
-
-def check_dead_letter_fraction(summary: dict[str, Any], limit: float, dead_dir: str) -> int:
-    total, dead = summary.get("events_accounted", 0), summary.get("events_dead_lettered", 0)
-    if not total or dead / total <= limit:
-        return 0
-    print(f"freshrec: {dead / total:.1%} of {total:,} events were dead-lettered (more than "
-          f"--max_dead_letter_fraction {limit}); the most frequent reasons:", file=sys.stderr)
-    for reason, n, raw in dead_letter_examples(dead_dir) if os.path.isdir(dead_dir) else []:
-        print(f"  {n:>8,}  {reason}  e.g. {raw}", file=sys.stderr)
-    return 1
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -12,6 +12,8 @@ import argparse
 import json
 import os
 import sys
+from collections.abc import Iterable
+from typing import Any
 
 import fastavro
 
@@ -39,25 +41,30 @@ def export(data_args: argparse.Namespace, output: str) -> tuple[int, int]:
         raise ValueError("--data is required (a dataset file or folder)")
     print(f"freshrec export: reading {data_args.data} as {layout.described}", file=sys.stderr)
     events = read_replay(data_args.data, layout.mapping, data_args.limit)
-    tmp = output + ".tmp"
-    refused = 0
     if output.endswith(".jsonl"):
-        with open(tmp, "w") as fh:
-            for e in events:
-                fh.write(json.dumps(e, default=str) + "\n")
-        written = len(events)
-    else:
-        valid = []
-        for e in events:
-            try:
-                valid.append(validate_event(e))
-            except InvalidEvent:
-                refused += 1
-        with open(tmp, "wb") as fh:
-            fastavro.writer(fh, schemas.load_schema(schemas.RAW_EVENT), valid)
-        written = len(valid)
+        return write_jsonl(events, output), 0
+    valid, refused = [], 0
+    for e in events:
+        try:
+            valid.append(validate_event(e))
+        except InvalidEvent:
+            refused += 1
+    tmp = output + ".tmp"
+    with open(tmp, "wb") as fh:
+        fastavro.writer(fh, schemas.load_schema(schemas.RAW_EVENT), valid)
     os.replace(tmp, output)
-    return written, refused
+    return len(valid), refused
+
+
+def write_jsonl(events: Iterable[dict[str, Any]], output: str) -> int:
+    """``events`` as JSON lines at ``output`` (written to a temp file, then renamed); how many."""
+    tmp, n = output + ".tmp", 0
+    with open(tmp, "w") as fh:
+        for e in events:
+            fh.write(json.dumps(e, default=str) + "\n")
+            n += 1
+    os.replace(tmp, output)
+    return n
 
 
 def export_main(argv: list[str]) -> int:

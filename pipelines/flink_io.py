@@ -12,7 +12,6 @@ import glob
 import json
 import os
 import sys
-from dataclasses import replace
 from typing import Any
 
 from pyflink.common import Duration, Encoder, Types
@@ -27,7 +26,7 @@ from pyflink.datastream.functions import KeyedProcessFunction, RuntimeContext
 from pyflink.datastream.state import ValueStateDescriptor
 
 from core import run_summary
-from core.readers import SyntheticConfig, synthetic_events
+from core.readers import embedded_stream, synthetic_events
 from core.run_summary import write_summary
 from pipelines.results import (
     ALERTS,
@@ -62,17 +61,12 @@ def prepare_input(args: argparse.Namespace) -> str:
     if args.restore_from and os.path.exists(path):
         return path
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    if args.data:
-        from pipelines.export import export
+    from pipelines.export import export, write_jsonl
 
+    if args.data:
         export(args, path)
     else:
-        cfg = replace(SyntheticConfig(), events=args.synthetic_events, seed=7 + args.seed)
-        tmp = path + ".tmp"
-        with open(tmp, "w") as fh:
-            for event in synthetic_events(cfg):
-                fh.write(json.dumps(event) + "\n")
-        os.replace(tmp, path)
+        write_jsonl(synthetic_events(embedded_stream(args.synthetic_events, args.seed)), path)
     return path
 
 

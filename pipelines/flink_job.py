@@ -51,7 +51,7 @@ from core.cleaning import CleanConfig, InvalidEvent, LatenessTracker, dead_lette
 from core.featurizers import ItemPopularity, UserFeaturizer  # noqa: E402
 from core.keyed_state import GroupStates, key_group  # noqa: E402
 from core.medium import FolderMedium, MediumError, check_medium  # noqa: E402
-from core.settings import HelpFormatter, add_flags, pipeline_config, sync_location  # noqa: E402
+from core.settings import STREAM_FLUSH_INTERVAL_S, HelpFormatter, add_flags, pipeline_config, sync_location  # noqa: E402
 from model.hashing import shard_of  # noqa: E402
 from model.sync import parse_name  # noqa: E402
 from pipelines import flink_io  # noqa: E402
@@ -194,7 +194,7 @@ def build(env: StreamExecutionEnvironment, args: argparse.Namespace, input_path:
     with_users = (with_items.key_by(lambda e: key_group(e["user_id"], groups), key_type=Types.INT())
                   .process(AnnotateFeatures(UserFeaturizer(cfg.feature), cfg.state_ttl_ms), output_type=Types.PICKLED_BYTE_ARRAY())
                   .uid("user-features").name("UserFeatures"))
-    flush_s = cfg.update.flush_interval_s or (5.0 if args.watch_s else 0.0)  # a stream's partial batches, as Beam's
+    flush_s = cfg.update.flush_interval_s or (STREAM_FLUSH_INTERVAL_S if args.watch_s else 0.0)
     scores = (with_users.key_by(lambda e: shard_of(e["user_id"], shards), key_type=Types.INT())
               .process(UpdateShardModel(cfg.learner, cfg.update.shard_batch_size, cfg.update.top_k, args.snapshot_every,
                                         progress_s, cfg.sharding.sync, cfg.sharding.sync_location,

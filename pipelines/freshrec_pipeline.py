@@ -13,8 +13,9 @@ from apache_beam.transforms.window import GlobalWindows
 
 import schemas
 from core.layout import Layout
-from core.readers import SyntheticConfig
-from core.settings import PipelineConfig, add_flags, pipeline_config
+from core.readers import embedded_stream
+from core.settings import STREAM_FLUSH_INTERVAL_S, PipelineConfig, add_flags, pipeline_config
+from model.checkpoint import unacked_event_ids
 from pipelines.results import STATS, output_paths
 from transforms.clean import DEAD_LETTER, CleanEvents
 from transforms.featurize import FeaturizeEvents
@@ -27,6 +28,8 @@ from transforms.runtime import (
 from transforms.sinks import SummarizeRun, WriteAvroRecords
 from transforms.sources import FlowControl, ReplayEvents, SyntheticEvents
 from transforms.update import ALERTS, DELTAS, REPORTS, ROLLBACKS, SCORES, UpdateShardModels
+
+LEDGER_EVERY_S = 10.0  # a Pub/Sub run rewrites its summary.json (the ledger so far) this often
 
 
 class FreshrecOptions(PipelineOptions):
@@ -46,9 +49,13 @@ class RefreshModels(beam.PTransform):
         self.cfg, self.clock, self.probe = cfg, clock, probe
 
     def expand(self, payloads):
-        cfg = self.cfg
+        cfg, update = self.cfg, self.cfg.update
         shards, groups = cfg.sharding.shards, cfg.sharding.key_groups
-        clean = payloads | "CleanEvents" >> CleanEvents(shards, cfg.allowed_lateness_ms, cfg.dedupe_ttl_ms, cfg.clean, groups)
+        applied_before = frozenset()
+        if update.remember_unacked_ms and update.resume_from and update.checkpoint_dir:
+            applied_before = unacked_event_ids(update.checkpoint_dir, update.resume_from, shards, cfg.learner)
+        clean = payloads | "CleanEvents" >> CleanEvents(shards, cfg.allowed_lateness_ms, cfg.dedupe_ttl_ms, cfg.clean,
+                                                         groups, applied_before)
         featurized = clean["events"] | "FeaturizeEvents" >> FeaturizeEvents(cfg.feature, cfg.state_ttl_ms, groups)
         updated = featurized | "UpdateShardModels" >> UpdateShardModels(
             cfg.learner, cfg.update, shards, self.clock, cfg.sharding.sync, cfg.sharding.sync_location, self.probe)
@@ -68,8 +75,7 @@ class ReadEvents(beam.PTransform):
         if layout is not None:
             return pbegin | "ReplayDataset" >> ReplayEvents(o.data, layout.mapping, o.limit, rate=o.replay_rate,
                                                              max_bytes=o.max_event_bytes, flow=flow)
-        synth = replace(SyntheticConfig(), events=o.synthetic_events, seed=7 + o.seed)
-        return pbegin | "SyntheticDriftingStream" >> SyntheticEvents(synth, flow)
+        return pbegin | "SyntheticDriftingStream" >> SyntheticEvents(embedded_stream(o.synthetic_events, o.seed), flow)
 
 
 def one_process_streaming(opts: PipelineOptions) -> bool:
@@ -78,10 +84,20 @@ def one_process_streaming(opts: PipelineOptions) -> bool:
     return bool(std.streaming) and str(std.runner or "DirectRunner").split(".")[-1] in ("DirectRunner", "BundleBasedDirectRunner")
 
 
+def acknowledging_durably(cfg: PipelineConfig) -> PipelineConfig:
+    """``cfg`` for a Pub/Sub run on the DirectRunner with ``--checkpoint_dir``, whose read acknowledges only
+    what is in a checkpoint (``pipelines.pubsub_read``): each shard checkpoints every flush, and lists there
+    the ids it applied that the read has not acknowledged yet, kept over restarts for the dedupe TTL."""
+    update = replace(cfg.update, checkpoint_every=1, remember_unacked_ms=cfg.dedupe_ttl_ms)
+    return replace(cfg, update=update)
+
+
 def build_pipeline(p: beam.Pipeline, opts: FreshrecOptions, clock: Callable[[], float] = time.time,
                    probe: Any = None) -> dict[str, Any]:
     o = opts.view_as(FreshrecOptions)
     cfg = pipeline_config(o)
+    if o.events_subscription and o.checkpoint_dir and one_process_streaming(opts):
+        cfg = acknowledging_durably(cfg)
     paths = output_paths(cfg.output_dir)
     keep_runner_metrics_bounded()  # the DirectRunner's engine: bounded metrics, and gauges that report their last value
     count_every_bundle_on_the_streaming_direct_runner()
@@ -91,7 +107,7 @@ def build_pipeline(p: beam.Pipeline, opts: FreshrecOptions, clock: Callable[[], 
         from pipelines.pubsub_read import use_batched_pubsub_reads
 
         if one_process_streaming(opts):
-            use_batched_pubsub_reads()
+            use_batched_pubsub_reads(o.ack_every_s)
 
         payloads, bad_messages = p | "ReadEventsFromPubSub" >> ReadEventsFromPubSub(o.events_subscription)
     else:
@@ -121,8 +137,9 @@ def build_pipeline(p: beam.Pipeline, opts: FreshrecOptions, clock: Callable[[], 
         else:
             outputs[tag] | f"Write{label}" >> WriteAvroRecords(paths[tag], schema_of[tag], w)
     ledger_inputs = (outputs[REPORTS], outputs[DEAD_LETTER]) + ((drift_alerts,) if drift_alerts is not None else ())
-    ledger_inputs | "SummarizeRun" >> SummarizeRun(
-        None if w else paths["summary"], w, paths["summaries"], ledger=bool(opts.view_as(StandardOptions).streaming))
+    streaming = bool(opts.view_as(StandardOptions).streaming)
+    ledger_inputs | "SummarizeRun" >> SummarizeRun(paths["summary"] if streaming or not w else None, w, paths["summaries"],
+                                                   ledger=streaming, ledger_every_s=LEDGER_EVERY_S if o.events_subscription else 0)
     return {"outputs": outputs, "paths": paths, "config": cfg}
 
 
@@ -136,5 +153,5 @@ def make_options(argv: list[str] | None) -> FreshrecOptions:
         if not fr.output_window_s:
             fr.output_window_s = 60
         if not fr.flush_interval_s:
-            fr.flush_interval_s = 5.0
+            fr.flush_interval_s = STREAM_FLUSH_INTERVAL_S
     return fr

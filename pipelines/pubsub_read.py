@@ -18,15 +18,19 @@ evaluator-override hook), for every ``ReadFromPubSub`` of the process:
   is missing or bad: the parse step dead-letters it), and the watermark trails the newest event time by
   ``MAX_OUT_OF_ORDERNESS_S``. While the subscription is idle it advances with the wall clock from the
   newest event, so windows and flushes still fire when traffic pauses.
-* **Acknowledge after accounting.** A pull's ack ids are held until the run has applied or dead-lettered
-  as many events as had been read by the end of that pull (``core.progress.BOARD``, this process's
-  ledger), and their ack deadlines are extended meanwhile. A crash before that leaves them unacknowledged
-  and Pub/Sub redelivers them; the dedupe step drops redeliveries by event id. The ledger counts events,
-  not identities: with several shards one shard may still buffer an event of an acknowledged pull while
-  another has applied later ones.
+* **Acknowledge what is durable.** Pulls' ack ids are held, their ack deadlines extended, until every event
+  the run has read is durable or dead-lettered (``core.progress.BOARD.settled``: durable means in a
+  checkpoint on disk with ``--checkpoint_dir``, else applied); then all of them are acknowledged at once,
+  at most every ``ACK_EVERY_S`` (``--ack_every_s``). The board counts events, not identities, so only
+  "everything read" is a safe point: with several shards one may still buffer an event of an early pull
+  while another has applied later ones. A pull held ``ACK_EVERY_S`` pauses the reading until the shards'
+  interval flushes reach that point (at most ``FlowControl.max_wait_s``: a shard that accumulates gradients
+  checkpoints only after its step, and then only the next safe point acknowledges). A crash before it leaves the held pulls unacknowledged and Pub/Sub
+  redelivers them: the dedupe step refuses the ids a resumed run's checkpoints list as applied
+  (``model.checkpoint.remember_unacked``) and the rest are applied, so each event is applied once.
 * **Drain.** Once ``DRAIN`` is set (the command line sets it on SIGTERM or SIGINT) the reader stops
-  pulling, waits (at most ``FlowControl.max_wait_s``) for what it read to be accounted for, acknowledges
-  it and ends: the watermark reaches the end of time, open windows fire and the run prints its totals.
+  pulling, waits (at most ``FlowControl.max_wait_s``) until all it read is durable or dead-lettered,
+  acknowledges it and ends: the watermark reaches the end of time, open windows fire and the run prints its totals.
 
 Dataflow implements ``ReadFromPubSub`` itself and is not affected; Beam's portable runners (Flink) have no
 Python ``ReadFromPubSub``.
@@ -54,7 +58,8 @@ CHUNK = 2_000
 MAX_MESSAGES = 1_000
 PULL_TIMEOUT_S = 0.5
 PULL_INTERVAL_S = 0.5  # at most one pulling bundle per interval: each bundle costs every downstream step
-ACK_EXTENSION_S = 60
+ACK_EXTENSION_S = 30
+ACK_EVERY_S = 30.0  # --ack_every_s (use_batched_pubsub_reads)
 MAX_OUT_OF_ORDERNESS_S = 60.0  # as the file replay's
 FLOW = FlowControl()
 
@@ -63,7 +68,7 @@ FLOW = FlowControl()
 class _Reader:
     """What one subscription's reader keeps between bundles."""
 
-    pending: list[tuple[int, list[str]]] = field(default_factory=list)  # (events read by then, ack ids)
+    pending: list[tuple[float, list[str]]] = field(default_factory=list)  # (pulled at, monotonic; its ack ids)
     extended: float = field(default_factory=time.monotonic)
     newest: Timestamp | None = None  # the newest event time read
     newest_at: float = 0.0  # when it was read (wall clock)
@@ -71,14 +76,20 @@ class _Reader:
     pulled_at: float = 0.0  # when the last pulling bundle began (monotonic)
     drain_deadline: float | None = None
 
-    def hold(self, read_by: int, ack_ids: list[str]) -> None:
-        self.pending.append((read_by, ack_ids))
+    def hold(self, ack_ids: list[str]) -> None:
+        self.pending.append((time.monotonic(), ack_ids))
 
-    def accounted(self, accounted: int) -> list[str]:
-        """Ack ids of the pulls the ledger has accounted for (no longer held)."""
-        done = [ids for read_by, ids in self.pending if read_by <= accounted]
-        self.pending = [p for p in self.pending if p[0] > accounted]
-        return [i for ids in done for i in ids]
+    def held_s(self) -> float:
+        """How long the oldest held pull has waited for its acknowledgement (0: none held)."""
+        return time.monotonic() - self.pending[0][0] if self.pending else 0.0
+
+    def release(self, settled: bool, draining: bool) -> list[str]:
+        """Every held ack id, once everything read is ``settled`` and the oldest was held ``ACK_EVERY_S`` (or
+        the run drains); else none."""
+        if not (self.pending and settled and (draining or self.held_s() >= ACK_EVERY_S)):
+            return []
+        done, self.pending = self.pending, []
+        return [i for _, ids in done for i in ids]
 
     def waiting(self) -> list[str]:
         return [i for _, ids in self.pending for i in ids]
@@ -142,10 +153,12 @@ def _evaluator_class() -> type:
             self.source, self._sub_name = applied_ptransform.transform._source, name
 
         def _settle(self, client: Any, reader: _Reader) -> None:
-            ready = reader.accounted(BOARD.applied + BOARD.dead)
+            ready = reader.release(BOARD.settled(), DRAIN.is_set())
             for ids in _chunked(ready):
                 client.acknowledge(subscription=self._sub_name, ack_ids=ids)
-            acked.inc(len(ready))
+            if ready:
+                BOARD.note_acked()
+                acked.inc(len(ready))
             waiting = reader.waiting()
             if waiting and time.monotonic() - reader.extended > ACK_EXTENSION_S / 4:
                 for ids in _chunked(waiting):
@@ -156,7 +169,9 @@ def _evaluator_class() -> type:
         def _pull(self, client: Any, reader: _Reader) -> list[tuple[Timestamp, Any]]:
             from google.api_core.exceptions import DeadlineExceeded
 
-            if BOARD.in_flight() > FLOW.max_in_flight or time.monotonic() - reader.pulled_at < PULL_INTERVAL_S:
+            held = reader.held_s()
+            if BOARD.in_flight() > FLOW.max_in_flight or time.monotonic() - reader.pulled_at < PULL_INTERVAL_S \
+                    or ACK_EVERY_S <= held < ACK_EVERY_S + FLOW.max_wait_s:  # pause until all read is durable (a while)
                 time.sleep(0.005)
                 return []
             reader.pulled_at = time.monotonic()
@@ -176,7 +191,7 @@ def _evaluator_class() -> type:
                     reader.stamp(ts)
                     out.append((ts, PubsubMessage(msg.data, attrs, msg.message_id)))
                 BOARD.note_emitted(len(received))
-                reader.hold(BOARD.emitted, [rm.ack_id for rm in received])
+                reader.hold([rm.ack_id for rm in received])
                 if len(received) < MAX_MESSAGES:  # no backlog: hand the runner's one worker thread back
                     break
             pulled.inc(len(out))
@@ -197,7 +212,7 @@ def _evaluator_class() -> type:
             if DRAIN.is_set():
                 if reader.drain_deadline is None:
                     reader.drain_deadline = time.monotonic() + FLOW.max_wait_s
-                if BOARD.in_flight() <= 0 or time.monotonic() > reader.drain_deadline:
+                if BOARD.settled() or time.monotonic() > reader.drain_deadline:
                     self._settle(client, reader)
                     _READERS.pop(self._sub_name, None)
                     return TransformResult(self, bundles, [], None, {None: MAX_TIMESTAMP})
@@ -211,8 +226,11 @@ def _evaluator_class() -> type:
     return PullInBatchesEvaluator
 
 
-def use_batched_pubsub_reads() -> None:
-    """Register ``PullInBatchesEvaluator`` for the DirectRunner's Pub/Sub reads. Idempotent; per process."""
+def use_batched_pubsub_reads(ack_every_s: float = ACK_EVERY_S) -> None:
+    """Register ``PullInBatchesEvaluator`` for the DirectRunner's Pub/Sub reads, acknowledging at most every
+    ``ack_every_s``. Idempotent; per process."""
+    global ACK_EVERY_S
+    ACK_EVERY_S = ack_every_s
     from apache_beam.runners.direct.direct_runner import _DirectReadFromPubSub
     from apache_beam.runners.direct.transform_evaluator import TransformEvaluatorRegistry
 

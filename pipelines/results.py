@@ -14,12 +14,14 @@ import glob
 import json
 import os
 import shutil
+import sys
 from collections import Counter
 from collections.abc import Iterator
 from typing import Any
 
 import fastavro
 
+from core.cleaning import REDELIVERED
 from core.settings import HelpFormatter
 
 SCORES, DELTAS, ROLLBACKS, ALERTS, DEAD_LETTER, STATS = "scores", "deltas", "rollbacks", "alerts", "dead_letter", "stats"
@@ -162,3 +164,17 @@ def show_main(argv: list[str]) -> int:
     ap.add_argument("--shard", type=int, default=None, help="only this shard's versions and rollbacks")
     args = ap.parse_args(argv)
     return show(args.output_dir, args.user, args.shard)
+
+
+def check_dead_letter_fraction(summary: dict[str, Any], limit: float, dead_dir: str) -> int:
+    """1 (and the most frequent reasons) if more than ``limit`` of the events were dead-lettered as bad input:
+    the redeliveries a resumed run refuses as already applied are not."""
+    redelivered = summary.get("dead_letter_by_reason", {}).get(REDELIVERED.split(":")[0], 0)
+    total, dead = summary.get("events_accounted", 0) - redelivered, summary.get("events_dead_lettered", 0) - redelivered
+    if not total or dead / total <= limit:
+        return 0
+    print(f"freshrec: {dead / total:.1%} of {total:,} events were dead-lettered (more than "
+          f"--max_dead_letter_fraction {limit}); the most frequent reasons:", file=sys.stderr)
+    for reason, n, raw in dead_letter_examples(dead_dir) if os.path.isdir(dead_dir) else []:
+        print(f"  {n:>8,}  {reason}  e.g. {raw}", file=sys.stderr)
+    return 1

@@ -89,7 +89,7 @@ def up(args: argparse.Namespace) -> int:
             py, "-m", "pipelines.cli", "--events_subscription", sub("events-pipeline"),
             "--scores_topic", topic("scores"), "--deltas_topic", topic("deltas"), "--rollbacks_topic", topic("rollbacks"),
             "--alerts_topic", topic("alerts"), "--dead_letter_topic", topic("dead-letter"),
-            "--checkpoint_dir", os.path.join(stack_dir, "checkpoints"), "--checkpoint_every", "20",
+            "--checkpoint_dir", os.path.join(stack_dir, "checkpoints"),
             "--sync_dir", os.path.join(stack_dir, "sync"), "--output_dir", os.path.join(stack_dir, "out"),
             "--flush_interval_s", "1", "--sync_interval_s", "10", *model, *args.pipeline_flags], stack_dir, env)
         port = args.port or free_port()

@@ -14,7 +14,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import time
 import urllib.request
@@ -26,6 +25,7 @@ from core.readers import SyntheticConfig, synthetic_events
 from core.settings import learner_config
 from model.deltas import ModelDelta
 from model.learner import IncrementalLearner
+from pipelines.flink_cluster import FlinkCluster
 from pipelines.report import main as report_main
 from pipelines.results import records
 
@@ -54,7 +54,8 @@ def events_file(tmp_path_factory):
 
 
 def job(python, events, out, ck, *extra):
-    cmd = [python, "-m", "pipelines.flink_job", "--input", events, "--output", out, "--checkpoint_dir", ck,
+    """The job in-process on ``events`` (a JSON-lines file; None: the input is in ``extra``)."""
+    cmd = [python, "-m", "pipelines.flink_job", *(["--input", events] if events else []), "--output", out, "--checkpoint_dir", ck,
            "--shards", str(SHARDS), "--dim", str(DIM), "--batch_size", "16", "--checkpoint_interval_ms", "500", *extra]
     return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
 
@@ -221,10 +222,8 @@ def test_the_job_reads_a_dataset_and_without_window_statistics_writes_only_recor
     data.write_text("user_id,item_id,event_type,event_time_ms\n" + "".join(
         f"{e['user_id']},{e['item_id']},{e['event_type']},{e['event_time_ms']}\n" for e in rows))
     out = str(tmp_path / "out")
-    cmd = [flink_python, "-m", "pipelines.flink_job", "--data", str(data), "--output", out, "--checkpoint_dir",
-           str(tmp_path / "ck"), "--shards", str(SHARDS), "--dim", str(DIM), "--batch_size", "16", "--no_sync",
-           "--stats_window_s", "0", "--quiet"]
-    finish(subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
+    finish(job(flink_python, None, out, str(tmp_path / "ck"), "--data", str(data), "--no_sync", "--stats_window_s", "0",
+               "--quiet"))
     kinds = Counter(r["kind"] for r in committed(out))
     assert set(kinds) <= {"score", "delta", "dead_letter", "alert", "rollback", "summary"}
     assert kinds["score"] > 0 and kinds["delta"] > 0 and kinds["summary"] == 1
@@ -293,12 +292,6 @@ def test_the_job_watches_a_landing_folder(flink_python, tmp_path):
         proc.wait(timeout=30)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        return s.getsockname()[1]
-
-
 def scrape_while_running(proc: subprocess.Popen, ports: range, timeout_s: float) -> str:
     """The freshrec lines the Prometheus reporters on ``ports`` showed while ``proc`` ran (a finished job's
     operators leave the registry, so the scrape happens during the run)."""
@@ -321,21 +314,8 @@ def scrape_while_running(proc: subprocess.Popen, ports: range, timeout_s: float)
     return "\n".join(seen.values())
 
 
-class Cluster:
-    """scripts/flink_cluster.sh on free localhost ports, with its work folder under ``base``."""
-
-    def __init__(self, base):
-        # the JobManager's and the TaskManagers' Prometheus reporters take the first free of three ports
-        prom = free_port()
-        self.prom_ports = range(prom, prom + 3)
-        self.env = {**os.environ, "FRESHREC_FLINK_WORK": str(base / "cluster"), "FRESHREC_FLINK_REST_PORT": str(free_port()),
-                    "FRESHREC_FLINK_RPC_PORT": str(free_port()), "FRESHREC_FLINK_PROM_PORTS": f"{prom}-{prom + 2}"}
-        self.script = os.path.join(ROOT, "scripts", "flink_cluster.sh")
-
-    def __call__(self, *args, timeout=180) -> str:
-        done = subprocess.run(["bash", self.script, *args], env=self.env, capture_output=True, text=True, timeout=timeout)
-        assert done.returncode == 0, done.stdout + done.stderr
-        return done.stdout
+class Cluster(FlinkCluster):
+    """``pipelines.flink_cluster.FlinkCluster`` with the test's job submission."""
 
     def submit(self, events, out, ck, *extra) -> subprocess.Popen:
         return subprocess.Popen(["bash", self.script, "submit", "--parallelism", "1", "--", "--input", events, "--output", out,

@@ -195,3 +195,29 @@ def test_checkpoints_are_pruned_to_the_newest_few_with_their_checksums(tmp_path)
     assert all(int(p.name[12:24]) < int(k.name[12:24]) for p in removed for k in kept)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([k.name for k in kept] + [k.name + ".sha256" for k in kept])
     assert load_checkpoint(kept[0]).version == learner.version
+
+
+def test_a_checkpoint_lists_the_unacknowledged_ids_and_a_resumed_run_carries_them_for_the_dedupe_ttl(tmp_path):
+    """``remember_unacked``: the ids applied since the read last acknowledged (a new ack epoch forgets the
+    earlier ones); a resumed shard carries its checkpoint's list over until those events are ``ttl_ms`` of
+    event time older than the newest it applied, and ``unacked_event_ids`` reads the list back."""
+    from model.checkpoint import remember_unacked, resume_shard, unacked_event_ids, unacked_in
+
+    ev = lambda i, t: {"event_id": f"e{i}", "event_time_ms": t}  # noqa: E731
+    meta: dict = {}
+    remember_unacked(meta, [ev(1, 1_000), ev(2, 2_000)], ack_epoch=0, ttl_ms=10_000)
+    assert unacked_in(meta) == {"e1": 1_000, "e2": 2_000}
+    remember_unacked(meta, [ev(3, 3_000)], ack_epoch=1, ttl_ms=10_000)  # e1, e2 were acknowledged
+    assert unacked_in(meta) == {"e3": 3_000}
+
+    learner = IncrementalLearner(cfg(), shard=0)
+    save_checkpoint(learner, tmp_path, {"delta_sequence": 4, "score_sequence": 9, "events_applied": 3,
+                                        "unacked_event_ids": unacked_in(meta)}, run_id="r1")
+    assert unacked_event_ids(tmp_path, "r1", shards=2, cfg=cfg()) == {"e3"}
+    resumed: dict = {}
+    assert resume_shard(tmp_path, 0, "r1", cfg(), resumed) is not None
+    assert (resumed["delta_seq"], resumed["score_seq"], resumed["applied"]) == (4, 9, 3)
+    remember_unacked(resumed, [ev(4, 12_000)], ack_epoch=0, ttl_ms=10_000)
+    assert unacked_in(resumed) == {"e3": 3_000, "e4": 12_000}  # carried over, whatever the new epoch
+    remember_unacked(resumed, [ev(5, 13_001)], ack_epoch=0, ttl_ms=10_000)
+    assert unacked_in(resumed) == {"e4": 12_000, "e5": 13_001}  # e3 is over the TTL behind

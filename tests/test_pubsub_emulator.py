@@ -164,62 +164,155 @@ def test_pubsub_end_to_end_with_consumer(emulator, tmp_path):
         assert consumer.version(shard) == consumer2.version(shard)
 
 
+class _Cli:
+    """``freshrec`` on a subscription in a subprocess, its progress lines read as they come (one reader per
+    pipe: communicate() would race the progress reader for stderr)."""
+
+    def __init__(self, emulator: str, args: list[str]):
+        import os
+        import subprocess
+        import sys
+
+        self.proc = subprocess.Popen([sys.executable, "-m", "pipelines.cli", *args], stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, text=True, env={**os.environ, "PUBSUB_EMULATOR_HOST": emulator})
+        self.progress: list[str] = []
+        self.outputs: list[str] = []
+        self.readers = [threading.Thread(target=lambda: self.progress.extend(self.proc.stderr), daemon=True),
+                        threading.Thread(target=lambda: self.outputs.extend(self.proc.stdout), daemon=True)]
+        for r in self.readers:
+            r.start()
+        self.started = time.time()
+
+    def counts(self) -> tuple[int, int, int]:
+        """(read, applied, dead-lettered) of the newest progress line."""
+        import re
+
+        for line in reversed(self.progress):
+            m = re.search(r"([\d,]+) read, ([\d,]+) applied, ([\d,]+) dead-lettered", line)
+            if m:
+                return tuple(int(g.replace(",", "")) for g in m.groups())  # type: ignore[return-value]
+        return 0, 0, 0
+
+    def wait_for(self, done, timeout_s: float) -> float | None:
+        """Seconds until ``done(read, applied, dead)`` held; None: the timeout passed or the run ended first."""
+        while time.time() - self.started < timeout_s and self.proc.poll() is None:
+            if done(*self.counts()):
+                return time.time() - self.started
+            time.sleep(0.5)
+        return None
+
+    def stop(self, signum: int) -> str:
+        """Send ``signum``, wait for the exit; its stdout."""
+        try:
+            if self.proc.poll() is None:
+                self.proc.send_signal(signum)
+            self.proc.wait(timeout=120)
+        finally:
+            if self.proc.poll() is None:
+                self.proc.kill()
+        for r in self.readers:
+            r.join(timeout=5)
+        return "".join(self.outputs)
+
+    def log(self) -> str:
+        return "".join(self.progress)[-2000:]
+
+
+def _backlog(name: str, n: int, bad: int = 0) -> int:
+    """Publish ``n`` events (ids ``{name}{i}``, 50 users) and ``bad`` messages without a schema to a new topic
+    with a subscription, both called ``name``."""
+    from google.cloud import pubsub_v1
+
+    publisher, subscriber = pubsub_v1.PublisherClient(), pubsub_v1.SubscriberClient()
+    publisher.create_topic(request={"name": _topic(name)})
+    subscriber.create_subscription(request={"name": _sub(name), "topic": _topic(name)})
+    start = int(time.time() * 1000) - 60_000
+    events = [{"event_id": f"{name}{i}", "user_id": f"u{i % 50}", "item_id": f"i{i % 37}", "event_type": "click",
+               "event_time_ms": start + i * 20, "value": None, "context": {}} for i in range(n)]
+    messages = list(prepare(events, retime=False, speedup=1.0, start_ms=start))
+    messages += [(b"whatever", {"event_time_ms": str(start)})] * bad  # no schema fingerprint: dead-lettered
+    return publish(_topic(name), messages, rate=0, publisher=publisher)
+
+
 def test_a_pubsub_run_reads_a_backlog_in_large_pulls_and_sigterm_drains_it_with_every_event_accounted(emulator, tmp_path):
     """The CLI on a subscription with a backlog (``pipelines.pubsub_read``): it reads it in large pulls (the
     DirectRunner's own read took one 10-message pull per second), and SIGTERM stops it the way a drain
     does: no more pulls, buffers flushed, open windows fired, totals printed, every message accounted for
     as applied or dead-lettered, and the runner's own counters agree (the streaming DirectRunner counted
     only each worker thread's first bundle of a step: ``transforms.runtime``)."""
-    import os
     import signal
-    import subprocess
-    import sys
 
-    from google.cloud import pubsub_v1
-
-    publisher, subscriber = pubsub_v1.PublisherClient(), pubsub_v1.SubscriberClient()
-    publisher.create_topic(request={"name": _topic("backlog")})
-    subscriber.create_subscription(request={"name": _sub("backlog"), "topic": _topic("backlog")})
-    n, start = 1_500, int(time.time() * 1000) - 60_000
-    events = [{"event_id": f"b{i}", "user_id": f"u{i % 50}", "item_id": f"i{i % 37}", "event_type": "click",
-               "event_time_ms": start + i * 20, "value": None, "context": {}} for i in range(n)]
-    messages = list(prepare(events, retime=False, speedup=1.0, start_ms=start))
-    messages.append((b"whatever", {"event_time_ms": str(start)}))  # no schema fingerprint: dead-lettered
-    assert publish(_topic("backlog"), messages, rate=0, publisher=publisher) == n + 1
-
-    out = tmp_path / "out"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "pipelines.cli", "--events_subscription", _sub("backlog"), "--output_dir", str(out),
-         "--dim", "8", "--allowed_lateness_s", "3600", "--progress_s", "1"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "PUBSUB_EMULATOR_HOST": emulator})
-    progress: list[str] = []
-    outputs: list[str] = []  # one reader per pipe: communicate() would race the progress reader for stderr
-    reader = threading.Thread(target=lambda: progress.extend(proc.stderr), daemon=True)
-    out_reader = threading.Thread(target=lambda: outputs.extend(proc.stdout), daemon=True)
-    reader.start()
-    out_reader.start()
-    started, read_all_s = time.time(), None
-    try:
-        while time.time() - started < 240 and proc.poll() is None:
-            time.sleep(0.5)
-            lines = [line for line in progress if " read, " in line]
-            if read_all_s is None and lines and f"{n + 1:,} read" in lines[-1]:
-                read_all_s = time.time() - started
-            if lines and f"{n:,} applied, 1 dead-lettered" in lines[-1]:
-                break
-        assert proc.poll() is None, "".join(progress)[-2000:]
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    reader.join(timeout=5)
-    out_reader.join(timeout=5)
-    stdout = "".join(outputs)
-    assert read_all_s is not None and read_all_s < 120, "".join(progress)[-2000:]
-    assert any("SIGTERM: draining" in line for line in progress)
+    n = 1_500
+    assert _backlog("backlog", n, bad=1) == n + 1
+    cli = _Cli(emulator, ["--events_subscription", _sub("backlog"), "--output_dir", str(tmp_path / "out"), "--dim", "8",
+                          "--allowed_lateness_s", "3600", "--progress_s", "1"])
+    read_all_s = cli.wait_for(lambda read, applied, dead: read == n + 1, 240)
+    cli.wait_for(lambda read, applied, dead: applied == n and dead == 1, 240)
+    assert cli.proc.poll() is None, cli.log()
+    stdout = cli.stop(signal.SIGTERM)
+    assert read_all_s is not None and read_all_s < 120, cli.log()
+    assert "SIGTERM: draining" in cli.log()
     assert "pipeline finished" in stdout, stdout[-2000:]
-    assert proc.returncode == 0, "".join(progress)[-2000:]  # the runner's counters agree with the ledger
-    totals = json.loads(stdout[stdout.index("{"):])["windows"]
-    assert totals["events_accounted"] == n + 1
+    assert cli.proc.returncode == 0, cli.log()  # the runner's counters agree with the ledger
+    totals = json.loads(stdout[stdout.index("{"):])
+    assert totals["events_accounted"] == n + 1 and totals["events_in"] == n + 1
     assert totals["events_applied"] == n and totals["events_dead_lettered"] == 1
+
+
+def test_a_pubsub_run_killed_mid_stream_and_resumed_applies_every_event_exactly_once(emulator, tmp_path):
+    """SIGKILL a run with checkpoints mid-stream, start it again on the same subscription and checkpoint folder
+    with ``--resume_from latest``: nothing it had read was acknowledged (``--ack_every_s`` is long here), so
+    Pub/Sub redelivers everything; the resumed run refuses the ids its checkpoints hold as applied and applies
+    the rest, so the shards' checkpoints account for every published event exactly once, and versions and
+    delta sequences continue from the killed run's."""
+    import signal
+
+    from core.cleaning import REDELIVERED
+    from model.checkpoint import checkpoint_index, checkpoints, verified_state
+    from pipelines.results import records
+
+    n, ck = 1_200, tmp_path / "ck"
+    assert _backlog("restart", n) == n
+    args = ["--events_subscription", _sub("restart"), "--checkpoint_dir", str(ck), "--shards", "2", "--batch_size", "64",
+            "--flush_interval_s", "1", "--dim", "8", "--allowed_lateness_s", "3600", "--progress_s", "1"]
+
+    def newest(run: str) -> dict[int, dict]:
+        return {s: verified_state(checkpoints(ck, s, run)[0]) for s in (0, 1)}
+
+    first = _Cli(emulator, [*args, "--output_dir", str(tmp_path / "out1"), "--ack_every_s", "600"])
+    assert first.wait_for(lambda read, applied, dead: applied >= n // 3, 180) is not None, first.log()
+    first.stop(signal.SIGKILL)
+    (run1,) = checkpoint_index(ck)
+    killed = newest(run1)
+    durable = sum(sd["meta"]["events_applied"] for sd in killed.values())
+    assert 0 < durable < n
+
+    second = _Cli(emulator, [*args, "--output_dir", str(tmp_path / "out2"), "--resume_from", "latest"])
+    assert second.wait_for(lambda read, applied, dead: applied + dead >= n, 180) is not None, second.log()
+
+    def ledger() -> dict:
+        try:
+            return json.loads((tmp_path / "out2" / "summary.json").read_text())
+        except (OSError, ValueError):
+            return {}
+
+    deadline = time.time() + 30  # the running ledger is rewritten every 10 s of processing time
+    while time.time() < deadline and ledger().get("events_accounted") != n:
+        time.sleep(0.5)
+    assert ledger().get("running") is True and ledger()["events_accounted"] == n, ledger()
+    stdout = second.stop(signal.SIGTERM)
+    assert second.proc.returncode == 0, second.log()
+    summary = json.loads(stdout[stdout.index("{"):])
+    assert "running" not in summary  # the drain's final ledger
+    assert summary["events_applied"] == n - durable, summary
+    assert summary["dead_letter_by_reason"] == {"already applied": durable}, summary  # not counted as bad input
+    reasons = [r["reason"] for r in records(str(tmp_path / "out2" / "dead_letter"))]
+    assert reasons == [REDELIVERED] * durable
+
+    (run2,) = set(checkpoint_index(ck)) - {run1}
+    resumed = newest(run2)
+    assert sum(sd["meta"]["events_applied"] for sd in resumed.values()) == n  # each event applied once
+    for shard, sd in resumed.items():
+        assert sd["version"] > killed[shard]["version"]
+        seqs = [d["sequence"] for d in records(str(tmp_path / "out2" / "deltas")) if d["shard"] == shard]
+        assert min(seqs) == killed[shard]["meta"]["delta_sequence"] + 1

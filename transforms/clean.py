@@ -14,7 +14,7 @@ from apache_beam.transforms.userstate import ReadModifyWriteStateSpec, TimerSpec
 from apache_beam.transforms.window import TimestampedValue
 from apache_beam.utils.timestamp import Timestamp
 
-from core.cleaning import CleanConfig, InvalidEvent, LatenessTracker, dead_letter, decode_event
+from core.cleaning import REDELIVERED, CleanConfig, InvalidEvent, LatenessTracker, dead_letter, decode_event
 from core.keyed_state import GroupStates, key_group
 from core.progress import BOARD
 from model.hashing import shard_of
@@ -119,22 +119,26 @@ class DropLateEvents(beam.DoFn):
 
 class DedupeEvents(KeyGroupStep):
     """Keyed by key group of the event id, on micro-batches; remembers an id for ``ttl_ms`` of event time
-    after its event (see ``GroupStates.sweep``)."""
+    after its event (see ``GroupStates.sweep``). ``applied_before``: ids a resumed run's checkpoints hold as
+    applied (``model.checkpoint.unacked_event_ids``), refused when Pub/Sub redelivers them."""
 
     STEP = "DedupeEvents"
 
-    def __init__(self, ttl_ms: int):
+    def __init__(self, ttl_ms: int, applied_before: frozenset[str] = frozenset()):
         super().__init__(ttl_ms)
+        self.applied_before = applied_before
         self.duplicates = Metrics.counter(NAMESPACE, "dead_letter_duplicate")
 
     def handle_batch(self, group, events, dead):
-        seen = GroupStates.seen
+        seen, before = GroupStates.seen, self.applied_before
         kept = []
         for event in events:
-            if seen(group, event["event_id"], event["event_time_ms"]):
+            duplicate = seen(group, event["event_id"], event["event_time_ms"])
+            if duplicate or event["event_id"] in before:
                 self.duplicates.inc()
                 BOARD.note_dead()
-                dead.append(dead_letter(None, "duplicate event_id", self.STEP, event))
+                reason = "duplicate event_id" if duplicate else REDELIVERED
+                dead.append(dead_letter(None, reason, self.STEP, event))
                 continue
             kept.append(event)
         return kept
@@ -143,13 +147,13 @@ class DedupeEvents(KeyGroupStep):
 class CleanEvents(beam.PTransform):
     """Raw payloads -> valid, on-time, unique events (main output, as micro-batches: lists of events)
     + dead letters (``DEAD_LETTER``, one record each) + ``arrivals``: the decoded events one by one, in the order
-    they arrived (before the late and duplicate ones are refused)."""
+    they arrived (before the late and duplicate ones are refused). ``applied_before``: see ``DedupeEvents``."""
 
     def __init__(self, shards: int, allowed_lateness_ms: int, dedupe_ttl_ms: int, cfg: CleanConfig = CleanConfig(),
-                 key_groups: int = 1024):
+                 key_groups: int = 1024, applied_before: frozenset[str] = frozenset()):
         super().__init__()
         self.shards, self.allowed_lateness_ms, self.dedupe_ttl_ms, self.cfg = shards, allowed_lateness_ms, dedupe_ttl_ms, cfg
-        self.key_groups = key_groups
+        self.key_groups, self.applied_before = key_groups, applied_before
 
     def expand(self, payloads):
         decoded = payloads | "DecodeAndValidate" >> beam.ParDo(DecodeAndValidate(self.cfg)).with_outputs(
@@ -164,7 +168,7 @@ class CleanEvents(beam.PTransform):
         unique = (
             on_time.events
             | "BatchByEventIdGroup" >> rebatch_by(lambda e: key_group(e["event_id"], groups), "BatchByEventIdGroup")
-            | "DedupeEvents" >> beam.ParDo(DedupeEvents(self.dedupe_ttl_ms)).with_outputs(DEAD_LETTER, main="events")
+            | "DedupeEvents" >> beam.ParDo(DedupeEvents(self.dedupe_ttl_ms, self.applied_before)).with_outputs(DEAD_LETTER, main="events")
         )
         dead = (decoded[DEAD_LETTER], on_time[DEAD_LETTER], unique[DEAD_LETTER]) | "FlattenCleanDeadLetters" >> beam.Flatten()
         return {"events": unique.events, DEAD_LETTER: dead, "arrivals": decoded.events}

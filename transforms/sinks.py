@@ -106,9 +106,10 @@ class _SummarizeBundle(beam.DoFn):
 
 
 class _Ledger(beam.DoFn):
-    """The run's one summary accumulator in keyed state (one key), emitted when the watermark passes the end
-    of the global window: a streaming run's summary holds one accumulator, however long it runs (a global
-    combine would keep every bundle's partial until the end)."""
+    """The run's one summary accumulator in keyed state (one key), in the global window: a streaming run's
+    summary holds one accumulator, however long it runs (a global combine would keep every bundle's partial
+    until the end), and counts every report and dead letter whenever it comes (no event-time window closes
+    on it). Emitted when the watermark passes the end of the window (the input ended, or the run drained)."""
 
     ACC = ReadModifyWriteStateSpec("summary", FastPrimitivesCoder())
     END = TimerSpec("end_of_input", TimeDomain.WATERMARK)
@@ -128,14 +129,44 @@ class _Ledger(beam.DoFn):
         acc.clear()
 
 
-class SummarizeRun(beam.PTransform):
-    """Reports + dead letters (+ drift alerts) -> the run summary: one file at ``path`` for a bounded run, or with
-    ``window_s`` one per fixed event-time window under ``window_dir``. With ``ledger`` (streaming runs
-    without windows) the summary is kept in one keyed accumulator (``_Ledger``) instead of a global combine."""
+class _RunningLedger(_Ledger):
+    """Also emitted, marked ``"running": true``, every ``every_s`` of processing time while the run goes on (after
+    the end of input it finds the accumulator cleared and emits nothing). Processing-time timers keep the
+    DirectRunner off its faster engine: for runs that are on the other anyway (Pub/Sub)."""
 
-    def __init__(self, path: str | None, window_s: int = 0, window_dir: str | None = None, ledger: bool = False):
+    ARMED = ReadModifyWriteStateSpec("armed", FastPrimitivesCoder())
+    EVERY = TimerSpec("every", TimeDomain.REAL_TIME)
+
+    def __init__(self, every_s: float):
+        self.every_s = every_s
+
+    def process(self, element, acc=beam.DoFn.StateParam(_Ledger.ACC), end=beam.DoFn.TimerParam(_Ledger.END),
+                window=beam.DoFn.WindowParam, armed=beam.DoFn.StateParam(ARMED), every=beam.DoFn.TimerParam(EVERY)):
+        super().process(element, acc, end, window)
+        if not armed.read():  # set once a period: reset on each element, it would never fire
+            every.set(Timestamp.now() + self.every_s)
+            armed.write(True)
+
+    @on_timer(EVERY)
+    def emit_running(self, acc=beam.DoFn.StateParam(_Ledger.ACC), armed=beam.DoFn.StateParam(ARMED)):
+        armed.clear()
+        current = acc.read()
+        if current is not None:
+            yield {**SummaryFn().extract_output(current), "running": True}
+
+
+class SummarizeRun(beam.PTransform):
+    """Reports + dead letters (+ drift alerts) -> the run summary at ``path``, and with ``window_s`` also one per
+    fixed event-time window under ``window_dir`` (what arrives after its window closed is in the run summary
+    only). With ``ledger`` (streaming runs) the run summary is kept in one keyed accumulator (``_Ledger``,
+    written every ``ledger_every_s`` while the run goes on) instead of a global combine, and written even
+    with windows."""
+
+    def __init__(self, path: str | None, window_s: int = 0, window_dir: str | None = None, ledger: bool = False,
+                 ledger_every_s: float = 0.0):
         super().__init__()
         self.path, self.window_s, self.window_dir, self.ledger = path, window_s, window_dir, ledger
+        self.ledger_every_s = ledger_every_s
 
     def expand(self, pcolls):
         reports, dead, *alerts = pcolls  # alerts: the drift alerts, when the run watches for drift
@@ -144,17 +175,17 @@ class SummarizeRun(beam.PTransform):
         if alerts:
             parts.append(alerts[0] | "TagAlerts" >> beam.Map(lambda r: ("alert", r)))
         tagged = tuple(parts) | "FlattenLedger" >> beam.Flatten()
+        windowed = total = None
         if self.window_s:
-            tagged = tagged | "WindowSummary" >> beam.WindowInto(window.FixedWindows(self.window_s))
-            summary = tagged | "CombineSummary" >> beam.CombineGlobally(SummaryFn()).without_defaults()
-        elif self.ledger:
-            summary = (tagged | "SummarizeBundles" >> beam.ParDo(_SummarizeBundle()).with_output_types(tuple[int, Any])
-                       | "KeepLedger" >> beam.ParDo(_Ledger()))
-        else:
-            summary = tagged | "CombineSummary" >> beam.CombineGlobally(SummaryFn())
-        if self.path:
-            path = self.path
-            summary | "WriteSummary" >> beam.Map(write_summary, path)
-        if self.window_s and self.window_dir:
-            summary | "WriteWindowSummaries" >> beam.ParDo(WriteWindowSummary(self.window_dir))
-        return summary
+            windowed = (tagged | "WindowSummary" >> beam.WindowInto(window.FixedWindows(self.window_s))
+                        | "CombineSummary" >> beam.CombineGlobally(SummaryFn()).without_defaults())
+            if self.window_dir:
+                windowed | "WriteWindowSummaries" >> beam.ParDo(WriteWindowSummary(self.window_dir))
+        if self.ledger:
+            total = (tagged | "SummarizeBundles" >> beam.ParDo(_SummarizeBundle()).with_output_types(tuple[int, Any])
+                     | "KeepLedger" >> beam.ParDo(_RunningLedger(self.ledger_every_s) if self.ledger_every_s else _Ledger()))
+        elif not self.window_s:
+            total = tagged | "CombineSummary" >> beam.CombineGlobally(SummaryFn())
+        if self.path and total is not None:
+            total | "WriteSummary" >> beam.Map(write_summary, self.path)
+        return total if total is not None else windowed

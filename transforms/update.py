@@ -42,6 +42,7 @@ import schemas
 from core.keyed_state import in_time_order
 from core.progress import BOARD
 from core.settings import UpdateConfig
+from model.checkpoint import prune_checkpoints, remember_unacked, resume_shard, save_checkpoint, unacked_in
 from model.config import LearnerConfig
 from model.hashing import shard_of
 from model.journal import flush_micro_batch, flush_report, new_meta, sync_on_time
@@ -205,8 +206,6 @@ class UpdateShardModel(beam.DoFn):
         """One micro-batch through the learner; updates ``state`` (the shard's meta) in place."""
         now_ms = int(self.clock() * 1000)
         if self.cfg.resume_from and state["flushes"] == 0 and snapshot.read() is None:  # --resume_from: its checkpoint first
-            from model.checkpoint import resume_shard
-
             resumed = resume_shard(self.cfg.checkpoint_dir, shard, self.cfg.resume_from, self.learner_cfg, state)
             if resumed is not None:
                 snapshot.write(resumed)
@@ -250,13 +249,29 @@ class UpdateShardModel(beam.DoFn):
         else:
             journal.add(done.journal_entry)
         state["buffer_newest_ms"] = None
-        if self.cfg.checkpoint_dir and self.cfg.checkpoint_every and state["flushes"] % self.cfg.checkpoint_every == 0 \
-                and not learner.accumulating:
-            from model.checkpoint import prune_checkpoints, save_checkpoint
-            save_checkpoint(learner, self.cfg.checkpoint_dir, {"delta_sequence": state["delta_seq"],
-                                                               "score_sequence": state["score_seq"],
-                                                               "shards": self.shards}, self.cfg.run_id)
-            prune_checkpoints(self.cfg.checkpoint_dir, shard, self.cfg.checkpoint_keep, self.cfg.run_id)
+        self._keep(shard, learner, events, state)
+
+    def _keep(self, shard: int, learner: IncrementalLearner, events: list[dict[str, Any]], state: dict[str, Any]) -> None:
+        """Checkpoint every ``checkpoint_every`` flushes, and tell the board which applied events are durable (in
+        a checkpoint; or applied, where the run writes none): a Pub/Sub read acknowledges only those. With
+        ``remember_unacked_ms`` the checkpoint lists the ids applied since the read last acknowledged
+        (``model.checkpoint.remember_unacked``), which a resumed run refuses when Pub/Sub redelivers them."""
+        cfg = self.cfg
+        state["applied"] = state.get("applied", 0) + len(events)
+        if cfg.remember_unacked_ms:
+            remember_unacked(state, events, BOARD.acks, cfg.remember_unacked_ms)
+        if not (cfg.checkpoint_dir and cfg.checkpoint_every):
+            BOARD.note_durable(len(events))
+            return
+        state["unsaved"] = state.get("unsaved", 0) + len(events)
+        if state["flushes"] % cfg.checkpoint_every or learner.accumulating:
+            return
+        save_checkpoint(learner, cfg.checkpoint_dir, {
+            "delta_sequence": state["delta_seq"], "score_sequence": state["score_seq"], "shards": self.shards,
+            "events_applied": state["applied"], "unacked_event_ids": unacked_in(state)}, cfg.run_id)
+        prune_checkpoints(cfg.checkpoint_dir, shard, cfg.checkpoint_keep, cfg.run_id)
+        BOARD.note_durable(state["unsaved"])
+        state["unsaved"] = 0
 
 
     def _report_metrics(self, shard: int, learner: IncrementalLearner, stats: BinaryStats, lag_ms: int, n: int) -> None:
