@@ -118,8 +118,10 @@ def resume_state(directory: str | os.PathLike[str], shard: int, run_id: str,
                  cfg: LearnerConfig | None = None) -> tuple[IncrementalLearner, dict[str, Any], Path] | None:
     """The newest checkpoint of run ``run_id`` for ``shard`` that reads back (checksum, format and, with
     ``cfg``, this model's shapes), as (its learner, its meta, its path); older ones are tried when the
-    newest is unreadable. None: the run left no readable one."""
-    for path in checkpoints(directory, shard, run_id):
+    newest is unreadable, then the runs before ``run_id``, newest first: a resumed run that got no event of a
+    shard leaves no checkpoint of it, and the shard's state is still its predecessor's. None: no readable one."""
+    found = sorted((f for f in _found(directory, shard) if f[0][0] <= run_id), reverse=True)
+    for _, path in found:
         try:
             sd = verified_state(path)
             meta = dict(sd.pop("meta", {}) or {})

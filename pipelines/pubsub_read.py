@@ -10,7 +10,9 @@ evaluator-override hook), for every ``ReadFromPubSub`` of the process:
 
 * **Large pulls.** Each bundle pulls up to ``MAX_MESSAGES`` messages, and pulls again (up to ``CHUNK``,
   within ``PULL_TIMEOUT_S``) only while full pulls show a backlog: the runner has one worker thread, which
-  the downstream steps wait for. A pulling bundle starts at most every ``PULL_INTERVAL_S``: on the
+  the downstream steps wait for. "Full" is the largest pull seen so far, not ``MAX_MESSAGES``: a server
+  may return less however long the backlog (the emulator returns at most 100 messages a pull, and
+  stopping at its first pull capped the read at about 200 events/s). A pulling bundle starts at most every ``PULL_INTERVAL_S``: on the
   DirectRunner a bundle costs every downstream step a fixed overhead, so fewer, larger bundles keep up
   with more events. It pulls only while the run holds fewer than ``FlowControl.max_in_flight``
   unaccounted events.
@@ -74,6 +76,7 @@ class _Reader:
     newest_at: float = 0.0  # when it was read (wall clock)
     watermark: Timestamp = MIN_TIMESTAMP
     pulled_at: float = 0.0  # when the last pulling bundle began (monotonic)
+    page: int = 1  # the most messages one pull has returned: a pull of fewer means no backlog
     drain_deadline: float | None = None
 
     def hold(self, ack_ids: list[str]) -> None:
@@ -192,7 +195,8 @@ def _evaluator_class() -> type:
                     out.append((ts, PubsubMessage(msg.data, attrs, msg.message_id)))
                 BOARD.note_emitted(len(received))
                 reader.hold([rm.ack_id for rm in received])
-                if len(received) < MAX_MESSAGES:  # no backlog: hand the runner's one worker thread back
+                reader.page = max(reader.page, len(received))
+                if len(received) < reader.page:  # no backlog: hand the runner's one worker thread back
                     break
             pulled.inc(len(out))
             return out

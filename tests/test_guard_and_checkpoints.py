@@ -221,3 +221,17 @@ def test_a_checkpoint_lists_the_unacknowledged_ids_and_a_resumed_run_carries_the
     assert unacked_in(resumed) == {"e3": 3_000, "e4": 12_000}  # carried over, whatever the new epoch
     remember_unacked(resumed, [ev(5, 13_001)], ack_epoch=0, ttl_ms=10_000)
     assert unacked_in(resumed) == {"e4": 12_000, "e5": 13_001}  # e3 is over the TTL behind
+
+
+def test_a_shard_the_resumed_run_left_no_checkpoint_of_resumes_from_the_run_before(tmp_path):
+    """A resumed run that got none of a shard's events writes no checkpoint of it: resuming from that run
+    starts the shard from the newest earlier run's checkpoint, not afresh."""
+    from model.checkpoint import resume_state
+
+    learner = IncrementalLearner(cfg(), shard=1)
+    learner.learn(topic_stream(16, seed=1))
+    save_checkpoint(learner, tmp_path, {"events_applied": 16}, run_id="20261206T000000-aaaa")
+    save_checkpoint(IncrementalLearner(cfg(), shard=0), tmp_path, {}, run_id="20261206T010000-bbbb")
+    found = resume_state(tmp_path, 1, "20261206T010000-bbbb")
+    assert found is not None and found[0].version == learner.version and found[1]["events_applied"] == 16
+    assert resume_state(tmp_path, 1, "20261205T000000-cccc") is None  # a later run's is never an earlier one's
