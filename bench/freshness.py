@@ -145,7 +145,8 @@ def run_rate(rate: float, args: argparse.Namespace, host: str) -> dict[str, Any]
         pull.cancel()
     proc.send_signal(signal.SIGTERM)
     try:
-        stdout, _ = proc.communicate(timeout=120)
+        proc.wait(timeout=120)  # stderr is the progress reader's; the summary on stdout fits the pipe
+        stdout = proc.stdout.read() if proc.stdout else ""
         totals = json.loads(stdout[stdout.index("{"):])  # the run's ledger (summary.json)
         accounted = (totals.get("events_applied", accounted[0]), totals.get("events_dead_lettered", accounted[1]))
     except (subprocess.TimeoutExpired, ValueError):
