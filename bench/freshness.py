@@ -24,7 +24,6 @@ import argparse
 import json
 import multiprocessing
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -34,6 +33,7 @@ from typing import Any
 
 import numpy as np
 
+from core.progress import newest_counts
 from core.settings import HelpFormatter, add_flags
 from pipelines.emulator import EmulatorUnavailable, start_emulator
 
@@ -130,13 +130,9 @@ def run_rate(rate: float, args: argparse.Namespace, host: str) -> dict[str, Any]
     deadline = time.time() + args.drain_timeout_s
     accounted = (0, 0)
     while time.time() < deadline and proc.poll() is None:
-        lines = [line for line in progress if " applied, " in line]
-        if lines:
-            m = re.search(r"([\d,]+) applied, ([\d,]+) dead-lettered", lines[-1])
-            if m:
-                accounted = (int(m.group(1).replace(",", "")), int(m.group(2).replace(",", "")))
-                if sum(accounted) >= published:
-                    break
+        accounted = newest_counts(progress)[1:]
+        if sum(accounted) >= published:
+            break
         time.sleep(0.5)
     time.sleep(2)  # the last deltas reach the consumer
     stop.set()

@@ -12,13 +12,17 @@ runner's own metrics (Beam counters, Flink metric groups) are what shows progres
 >>> board.note_flush(shard=0, events=2, version=1, stats=stats)
 >>> board.line(elapsed_s=2.0)
 '2 s: 3 read, 2 applied, 1 dead-lettered, 1 events/s applied, 1 flushes, versions 0:1, running AUC 1.000'
+>>> newest_counts(["starting", board.line(elapsed_s=2.0)])
+(3, 2, 1)
 """
 
 from __future__ import annotations
 
+import re
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from typing import TextIO
 
 from model.metrics import BinaryStats
@@ -82,6 +86,17 @@ class ProgressBoard:
 
 
 BOARD = ProgressBoard()
+_COUNTS = re.compile(r"([\d,]+) read, ([\d,]+) applied, ([\d,]+) dead-lettered")
+
+
+def newest_counts(lines: Sequence[str]) -> tuple[int, int, int]:
+    """(read, applied, dead-lettered) of the newest progress line (``ProgressBoard.line``) among a run's output
+    lines, for programs that watch a run from outside; zeros before the first."""
+    for line in reversed(lines):
+        if m := _COUNTS.search(line):
+            read, applied, dead = (int(g.replace(",", "")) for g in m.groups())
+            return read, applied, dead
+    return 0, 0, 0
 
 
 class ProgressPrinter:

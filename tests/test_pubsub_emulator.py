@@ -183,20 +183,12 @@ class _Cli:
             r.start()
         self.started = time.time()
 
-    def counts(self) -> tuple[int, int, int]:
-        """(read, applied, dead-lettered) of the newest progress line."""
-        import re
-
-        for line in reversed(self.progress):
-            m = re.search(r"([\d,]+) read, ([\d,]+) applied, ([\d,]+) dead-lettered", line)
-            if m:
-                return tuple(int(g.replace(",", "")) for g in m.groups())  # type: ignore[return-value]
-        return 0, 0, 0
-
     def wait_for(self, done, timeout_s: float) -> float | None:
         """Seconds until ``done(read, applied, dead)`` held; None: the timeout passed or the run ended first."""
+        from core.progress import newest_counts
+
         while time.time() - self.started < timeout_s and self.proc.poll() is None:
-            if done(*self.counts()):
+            if done(*newest_counts(self.progress)):
                 return time.time() - self.started
             time.sleep(0.5)
         return None
