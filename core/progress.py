@@ -38,6 +38,7 @@ class ProgressBoard:
         self.read = self.dead = self.applied = self.flushes = self.emitted = 0
         self.durable = 0  # applied events that survive a crash: in a checkpoint (or applied, where none is written)
         self.acks = 0  # times a source acknowledged everything it had read (its ack epoch)
+        self.flush_requested = False  # a source waits to acknowledge: steps that buffer flush what they get now
         self.versions: dict[int, int] = {}
         self.stats = BinaryStats()
         self.started = time.monotonic()
@@ -60,8 +61,16 @@ class ProgressBoard:
         self.durable += n
 
     def note_acked(self) -> None:
-        """A source acknowledged everything it had read: a new ack epoch (``acks``) begins."""
+        """A source acknowledged everything it had read: a new ack epoch (``acks``) begins, and any flush
+        request ends."""
         self.acks += 1
+        self.flush_requested = False
+
+    def request_flush(self, requested: bool = True) -> None:
+        """A source is about to wait until what it read is durable (``settled``): the steps that buffer
+        events flush each input as it comes (``flush_requested``) until the source acknowledges or gives up
+        (``requested=False``), so the wait is one pass through the pipeline, not a flush interval."""
+        self.flush_requested = requested
 
     def note_read(self, n: int = 1) -> None:
         self.read += n

@@ -16,15 +16,13 @@ from core.layout import Layout
 from core.readers import embedded_stream
 from core.settings import STREAM_FLUSH_INTERVAL_S, PipelineConfig, add_flags, pipeline_config
 from model.checkpoint import unacked_event_ids
+from model.learner import IncrementalLearner
 from pipelines.results import STATS, output_paths
 from transforms.clean import DEAD_LETTER, CleanEvents
+from transforms.direct_runner import tune_streaming_direct_runner
 from transforms.featurize import FeaturizeEvents
 from transforms.monitor import MonitorStream
-from transforms.runtime import (
-    count_every_bundle_on_the_streaming_direct_runner,
-    inspect_each_dofn_class_once,
-    keep_runner_metrics_bounded,
-)
+from transforms.runtime import keep_runner_metrics_bounded
 from transforms.sinks import SummarizeRun, WriteAvroRecords
 from transforms.sources import FlowControl, ReplayEvents, SyntheticEvents
 from transforms.update import ALERTS, DELTAS, REPORTS, ROLLBACKS, SCORES, UpdateShardModels
@@ -100,8 +98,9 @@ def build_pipeline(p: beam.Pipeline, opts: FreshrecOptions, clock: Callable[[], 
         cfg = acknowledging_durably(cfg)
     paths = output_paths(cfg.output_dir)
     keep_runner_metrics_bounded()  # the DirectRunner's engine: bounded metrics, and gauges that report their last value
-    count_every_bundle_on_the_streaming_direct_runner()
-    inspect_each_dofn_class_once()
+    tune_streaming_direct_runner()
+    if one_process_streaming(opts):  # the steps set up at their first bundle, in this process: import what a
+        IncrementalLearner(cfg.learner)  # learner needs (torch.optim loads torch._dynamo, ~2 s) before events wait
     if o.events_subscription:
         from pipelines.pubsub import ReadEventsFromPubSub
         from pipelines.pubsub_read import use_batched_pubsub_reads

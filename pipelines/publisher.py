@@ -39,27 +39,49 @@ def prepare(records: Iterable[dict[str, Any]], retime: bool, speedup: float, sta
         yield event_message(event)
 
 
+PUBLISH_TICK_S = 0.01  # a throttled publisher sends what is due at most this often, in one request
+
+
 def publish(topic: str, messages: Iterable[tuple[bytes, dict[str, str]]], rate: float, publisher: Any = None) -> int:
-    """Publish at ``rate`` messages/s (0 = as fast as possible); returns the count published."""
+    """Publish at ``rate`` messages/s (0 = as fast as possible); returns the count published. Messages due
+    within ``PUBLISH_TICK_S`` of each other go in one request (``pipelines.pubsub.publish_batch``), and each
+    is taken from ``messages`` when it is due, so a stamp made there is its publication time (to a tick)."""
     from google.cloud import pubsub_v1
 
+    from pipelines.pubsub import MAX_REQUEST_MESSAGES, publish_batch
+
     client = publisher or pubsub_v1.PublisherClient()
-    futures, n = [], 0
-    started = time.monotonic()
-    for data, attrs in messages:
-        futures.append(client.publish(topic, data, **attrs))
-        n += 1
+    batch: list[tuple[bytes, dict[str, str]]] = []
+    published = 0
+    for message in _when_due(messages, rate, time.monotonic()):
+        if message is None:  # the next one is not due yet
+            published += publish_batch(client, topic, batch)
+            batch = []
+            continue
+        batch.append(message)
+        if len(batch) >= MAX_REQUEST_MESSAGES:
+            published += publish_batch(client, topic, batch)
+            batch = []
+    return published + publish_batch(client, topic, batch)
+
+
+def _when_due(messages: Iterable[tuple[bytes, dict[str, str]]], rate: float, started: float
+              ) -> Iterable[tuple[bytes, dict[str, str]] | None]:
+    """``messages``, each taken when it is due at ``rate``; None (then a sleep) before one that is not due yet."""
+    it = iter(messages)
+    n = 0
+    while True:
         if rate > 0:
-            ahead = n / rate - (time.monotonic() - started)
-            if ahead > 0:
-                time.sleep(ahead)
-        if len(futures) >= 1000:
-            for f in futures:
-                f.result(timeout=60)
-            futures.clear()
-    for f in futures:
-        f.result(timeout=60)
-    return n
+            wait = n / rate - (time.monotonic() - started)
+            if wait > 0:
+                yield None
+                time.sleep(max(wait, PUBLISH_TICK_S))
+        try:
+            message = next(it)
+        except StopIteration:
+            return
+        n += 1
+        yield message
 
 
 def make_parser() -> argparse.ArgumentParser:

@@ -12,11 +12,13 @@ from apache_beam.transforms.window import TimestampedValue
 
 import schemas
 from core.cleaning import CleanConfig
+from core.progress import BOARD
 from core.settings import PipelineConfig, ShardingConfig, UpdateConfig
 from model.config import LearnerConfig, TableConfig
 from pipelines.freshrec_pipeline import RefreshModels
 from tests.helpers import BASE_MS, FEATURES, Collected, CollectTo, fixed_clock
 from transforms.clean import DEAD_LETTER
+from transforms.direct_runner import tune_streaming_direct_runner
 from transforms.update import DELTAS, REPORTS, ROLLBACKS, SCORES
 
 
@@ -40,6 +42,7 @@ def at(t_s: float) -> float:
 
 
 def run_stream(stream: TestStream, cfg: PipelineConfig, key: str) -> dict[str, list]:
+    tune_streaming_direct_runner()  # as the pipeline runs it (build_pipeline)
     Collected.clear()
     opts = PipelineOptions()
     opts.view_as(StandardOptions).streaming = True
@@ -160,6 +163,22 @@ def test_processing_time_flush_with_injected_clock():
     out = run_stream(stream, config(batch_size=100, flush_interval_s=5), "interval")
     assert applied(out) == 2
     assert len(out[REPORTS]) == 2, "first flush by the processing-time timer, second by the watermark"
+
+
+@pytest.mark.parametrize("requested", [False, True])
+def test_a_requested_flush_applies_each_input_as_it_comes(requested):
+    """While a source waits to acknowledge (``BOARD.request_flush``, the Pub/Sub read) the update step flushes
+    every input it gets, not only full batches and timers."""
+    stream = TestStream().advance_watermark_to(at(0))
+    for i in range(3):  # three bundles of two events; the batch of 100 never fills, the watermark stays put
+        stream = stream.add_elements([wire(2 * i, "u1", "a", 2 * i + 1), wire(2 * i + 1, "u2", "b", 2 * i + 2)])
+    BOARD.request_flush(requested)
+    try:
+        out = run_stream(stream.advance_watermark_to_infinity(), config(batch_size=100), f"requested{requested}")
+    finally:
+        BOARD.request_flush(False)
+    assert applied(out) == 6
+    assert sorted(r["events"] for r in out[REPORTS]) == ([2, 2, 2] if requested else [6])
 
 
 @pytest.mark.parametrize("batch_size", [1, 3])

@@ -231,7 +231,7 @@ def test_a_pubsub_run_reads_a_backlog_in_large_pulls_and_sigterm_drains_it_with_
     DirectRunner's own read took one 10-message pull per second), and SIGTERM stops it the way a drain
     does: no more pulls, buffers flushed, open windows fired, totals printed, every message accounted for
     as applied or dead-lettered, and the runner's own counters agree (the streaming DirectRunner counted
-    only each worker thread's first bundle of a step: ``transforms.runtime``)."""
+    only each worker thread's first bundle of a step: ``transforms.direct_runner``)."""
     import signal
 
     n = 1_500

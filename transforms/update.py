@@ -93,6 +93,7 @@ class UpdateShardModel(beam.DoFn):
         self.alarm = SkippedStepsAlarm(cfg.alert_skipped_flushes)
 
     def setup(self):
+        IncrementalLearner(self.learner_cfg)  # what a first flush imports (torch.optim loads torch._dynamo, ~2 s), now
         tune_worker()
         self._syncs: dict[int, ShardSync] = {}
         self._medium = FileSystemsMedium(self.sync_location) if self.sync_location else None
@@ -131,7 +132,7 @@ class UpdateShardModel(beam.DoFn):
         count = buffered.read()
         state = meta.read() or _new_meta()
         newest = max(state.get("buffer_newest_ms") or 0, max(r["event_time_ms"] for r in records))
-        if count + len(records) < self.cfg.shard_batch_size:  # still filling: append only
+        if count + len(records) < self.cfg.shard_batch_size and not BOARD.flush_requested:  # still filling
             for record in records:
                 buffer.add(record)
             buffered.add(len(records))
@@ -147,7 +148,7 @@ class UpdateShardModel(beam.DoFn):
         if flush_timer is not None:
             flush_timer.clear()
         size = self.cfg.shard_batch_size
-        full = len(pending) - len(pending) % size
+        full = len(pending) if BOARD.flush_requested else len(pending) - len(pending) % size
         for start in range(0, full, size):
             yield from self._flush(shard, pending[start : start + size], window, snapshot, journal, state)
         rest = pending[full:]
