@@ -78,7 +78,7 @@ def _pull_until(subscriber: Any, subscription: str, handle: Any, stop: threading
         subscriber.acknowledge(subscription=subscription, ack_ids=[rm.ack_id for rm in received])
 
 
-def run_rate(rate: float, args: argparse.Namespace, host: str) -> dict[str, Any]:
+def run_rate(rate: float, args: argparse.Namespace, host: str, run: int = 0) -> dict[str, Any]:
     from google.cloud import pubsub_v1
 
     import schemas
@@ -86,7 +86,7 @@ def run_rate(rate: float, args: argparse.Namespace, host: str) -> dict[str, Any]
     from pipelines.consumer import DeltaConsumer
     from pipelines.freshrec_pipeline import make_options
 
-    tag = f"r{int(rate)}"
+    tag = f"r{int(rate)}-{run}"  # a rate may repeat (--rates 2000,2000,2000): each run its own topics
     publisher, subscriber = pubsub_v1.PublisherClient(), pubsub_v1.SubscriberClient()
     topic = lambda n: f"projects/{PROJECT}/topics/{tag}-{n}"  # noqa: E731
     sub = lambda n: f"projects/{PROJECT}/subscriptions/{tag}-{n}"  # noqa: E731
@@ -189,7 +189,7 @@ def run_rate(rate: float, args: argparse.Namespace, host: str) -> dict[str, Any]
 def make_parser() -> argparse.ArgumentParser:
     """This entry point's flags (tests/test_settings.py compares their defaults with core.settings)."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    ap.add_argument("--rates", default="100,500,1000,2000,5000", help="events/s to publish, one run each")
+    ap.add_argument("--rates", default="100,500,1000,2000,5000", help="events/s to publish, one run each; a rate listed more than once runs again and counts as sustained only if every run of it holds")
     ap.add_argument("--seconds", type=float, default=30.0, help="how long each rate is published")
     ap.add_argument("--warmup_s", type=float, default=15.0, help="wait this long after starting the pipeline")
     ap.add_argument("--traffic_warmup_s", type=float, default=10.0,
@@ -217,8 +217,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         print(f"publish -> refreshed score at the consumer, DirectRunner + Pub/Sub emulator, {args.seconds:.0f} s per rate, "
               f"flush interval {args.flush_interval_s} s")
-        for rate in [float(r) for r in args.rates.split(",")]:
-            r = run_rate(rate, args, emu.host)
+        for run, rate in enumerate(float(r) for r in args.rates.split(",")):
+            r = run_rate(rate, args, emu.host, run)
             runs.append(r)
             print(f"  {rate:6.0f}/s: {r['published']:,} published, {r['applied']:,} applied, {r['dead_lettered']:,} "
                   f"dead-lettered; p50 {r['p50_ms']:,.0f} ms, p90 {r['p90_ms']:,.0f} ms, p99 {r['p99_ms']:,.0f} ms, "
@@ -226,7 +226,8 @@ def main(argv: list[str] | None = None) -> int:
                   f"p99 {r['emitted_p99_ms']:,.0f} ms)", flush=True)
     finally:
         emu.stop()
-    ok = [r["rate"] for r in runs if r["p99_ms"] < P99_TARGET_MS and r["applied"] + r["dead_lettered"] == r["published"]]
+    held = lambda r: r["p99_ms"] < P99_TARGET_MS and r["applied"] + r["dead_lettered"] == r["published"]  # noqa: E731
+    ok = [r["rate"] for r in runs if all(held(s) for s in runs if s["rate"] == r["rate"])]  # every run at that rate
     print(f"highest rate sustained with p99 < {P99_TARGET_MS / 1000:.0f} s and every event accounted for: "
           + (f"{max(ok):,.0f} events/s" if ok else "none"))
     if args.json:

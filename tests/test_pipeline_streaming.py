@@ -188,3 +188,33 @@ def test_sequences_per_shard_are_gap_free(batch_size):
     out = run_stream(stream, config(batch_size=batch_size), f"seq{batch_size}")
     assert sorted(s["sequence"] for s in out[SCORES]) == list(range(1, len(out[SCORES]) + 1))
     assert sorted(d["sequence"] for d in out[DELTAS]) == list(range(1, len(out[DELTAS]) + 1))
+
+
+
+@pytest.mark.parametrize("interval_s, requested, saved", [(0, False, [2, 4, 6, 8]), (5, False, [2, 6, 8]),
+                                                          (5, True, [2, 4, 6, 8])])
+def test_checkpoints_come_at_most_once_per_interval_and_a_put_off_one_is_saved_by_the_timer(
+        tmp_path, interval_s, requested, saved):
+    """Four flushes of two events with ``--checkpoint_interval_s`` (the clock stays at 0): the first
+    checkpoints, the next two come within the interval and are put off, the processing-time timer saves
+    them once the interval is over (10 s later), and the fourth, put off again, is saved at the end. A source
+    waiting to acknowledge (``BOARD.request_flush``) gets a checkpoint every flush."""
+    from dataclasses import replace
+
+    from model.checkpoint import checkpoints, verified_state
+
+    stream = TestStream().advance_watermark_to(at(0))
+    for i in range(4):  # the watermark stays put: each flush is a full batch of two
+        if i == 3:
+            stream = stream.advance_processing_time(10)
+        stream = stream.add_elements([wire(2 * i, "u1", "a", 2 * i + 1), wire(2 * i + 1, "u2", "b", 2 * i + 2)])
+    cfg = config(batch_size=2, flush_interval_s=100)
+    cfg = replace(cfg, update=replace(cfg.update, checkpoint_dir=str(tmp_path), checkpoint_every=1,
+                                      checkpoint_interval_s=interval_s))
+    BOARD.request_flush(requested)
+    try:
+        out = run_stream(stream.advance_watermark_to_infinity(), cfg, f"interval{interval_s}{requested}")
+    finally:
+        BOARD.request_flush(False)
+    assert applied(out) == 8 and len(out[REPORTS]) == 4
+    assert sorted(verified_state(f)["meta"]["events_applied"] for f in checkpoints(tmp_path, 0)) == saved

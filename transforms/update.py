@@ -45,7 +45,7 @@ from core.settings import UpdateConfig
 from model.checkpoint import prune_checkpoints, remember_unacked, resume_shard, save_checkpoint, unacked_in
 from model.config import LearnerConfig
 from model.hashing import shard_of
-from model.journal import flush_micro_batch, flush_report, new_meta, sync_on_time
+from model.journal import flush_micro_batch, flush_report, new_meta, position, restore_learner, sync_on_time
 from model.learner import IncrementalLearner
 from model.metrics import BinaryStats
 from model.shard_sync import ShardSync
@@ -71,6 +71,7 @@ class UpdateShardModel(beam.DoFn):
     JOURNAL = BagStateSpec("journal", BytesCoder())
     META = ReadModifyWriteStateSpec("meta", FastPrimitivesCoder())
     WATERMARK_TIMER = TimerSpec("flush_at_watermark", TimeDomain.WATERMARK)
+    DEFERS_CHECKPOINTS = False  # a processing-time timer saves a checkpoint put off by --checkpoint_interval_s
 
     def __init__(self, learner_cfg: LearnerConfig, cfg: UpdateConfig, clock: Callable[[], float] = time.time,
                  sync: SyncConfig | None = None, sync_location: str | None = None, probe: Any = None, shards: int = 1):
@@ -97,6 +98,7 @@ class UpdateShardModel(beam.DoFn):
         tune_worker()
         self._syncs: dict[int, ShardSync] = {}
         self._medium = FileSystemsMedium(self.sync_location) if self.sync_location else None
+        self._saved_at: dict[int, float] = {}  # shard -> processing time of its last checkpoint here
 
     def _sync(self, shard: int) -> ShardSync | None:
         if self.sync_cfg is None or self._medium is None:
@@ -160,6 +162,8 @@ class UpdateShardModel(beam.DoFn):
                 flush_timer.set(Timestamp.of(self.clock() + self.cfg.flush_interval_s))
             state["buffer_newest_ms"] = max(r["event_time_ms"] for r in rest)
             watermark_timer.set(Timestamp(micros=state["buffer_newest_ms"] * 1000))
+        else:
+            self._checkpoint_later(shard, state, flush_timer)
         meta.write(state)
 
     def _on_time(self, shard, now_ms, snapshot, journal, meta):
@@ -196,11 +200,29 @@ class UpdateShardModel(beam.DoFn):
         buffered.clear()
         if flush_timer is not None:
             flush_timer.clear()
-        if not events:
-            return
         state = meta.read() or _new_meta()
-        yield from self._flush(shard, events, window, snapshot, journal, state)
+        if events:
+            yield from self._flush(shard, events, window, snapshot, journal, state)
+        elif state.get("save_due"):  # a checkpoint put off by the interval (``_keep``): now
+            learner = self._live_learner(shard, snapshot, journal, state)
+            if learner.accumulating:  # mid-accumulation: saved after its step (``_keep``)
+                return
+            self._save(shard, learner, state)
+        else:
+            return
+        self._checkpoint_later(shard, state, flush_timer)
         meta.write(state)
+
+    def _live_learner(self, shard, snapshot, journal, state) -> IncrementalLearner:
+        cached = _LIVE.get((self.instance_id, shard))
+        if cached is not None and cached[1] == position(state):
+            return cached[0]
+        return restore_learner(self.learner_cfg, shard, snapshot.read(), list(journal.read()), self._sync(shard))
+
+    def _checkpoint_later(self, shard, state, flush_timer) -> None:
+        """A checkpoint ``_keep`` put off: the processing-time timer saves it when the interval is over."""
+        if flush_timer is not None and state.get("save_due"):
+            flush_timer.set(Timestamp.of(self._saved_at.get(shard, 0.0) + self.cfg.checkpoint_interval_s))
 
     # -------------------------------------------------------------- the flush
     def _flush(self, shard, events, window, snapshot, journal, state):
@@ -254,7 +276,9 @@ class UpdateShardModel(beam.DoFn):
 
     def _keep(self, shard: int, learner: IncrementalLearner, events: list[dict[str, Any]], state: dict[str, Any]) -> None:
         """Checkpoint every ``checkpoint_every`` flushes, and tell the board which applied events are durable (in
-        a checkpoint; or applied, where the run writes none): a Pub/Sub read acknowledges only those. With
+        a checkpoint; or applied, where the run writes none): a Pub/Sub read acknowledges only those. On
+        streaming input with ``checkpoint_interval_s``, one that comes sooner than that after the shard's last is
+        put off (``save_due``: the interval timer saves it), unless a source waits to acknowledge. With
         ``remember_unacked_ms`` the checkpoint lists the ids applied since the read last acknowledged
         (``model.checkpoint.remember_unacked``), which a resumed run refuses when Pub/Sub redelivers them."""
         cfg = self.cfg
@@ -267,12 +291,22 @@ class UpdateShardModel(beam.DoFn):
         state["unsaved"] = state.get("unsaved", 0) + len(events)
         if state["flushes"] % cfg.checkpoint_every or learner.accumulating:
             return
+        if self.DEFERS_CHECKPOINTS and cfg.checkpoint_interval_s and not BOARD.flush_requested \
+                and self.clock() < self._saved_at.get(shard, float("-inf")) + cfg.checkpoint_interval_s:
+            state["save_due"] = True
+            return
+        self._save(shard, learner, state)
+
+    def _save(self, shard: int, learner: IncrementalLearner, state: dict[str, Any]) -> None:
+        cfg = self.cfg
+        assert cfg.checkpoint_dir
         save_checkpoint(learner, cfg.checkpoint_dir, {
             "delta_sequence": state["delta_seq"], "score_sequence": state["score_seq"], "shards": self.shards,
             "events_applied": state["applied"], "unacked_event_ids": unacked_in(state)}, cfg.run_id)
         prune_checkpoints(cfg.checkpoint_dir, shard, cfg.checkpoint_keep, cfg.run_id)
         BOARD.note_durable(state["unsaved"])
-        state["unsaved"] = 0
+        state["unsaved"], state["save_due"] = 0, False
+        self._saved_at[shard] = self.clock()
 
 
     def _report_metrics(self, shard: int, learner: IncrementalLearner, stats: BinaryStats, lag_ms: int, n: int) -> None:
@@ -297,6 +331,7 @@ class UpdateShardModelWithIntervalFlush(UpdateShardModel):
     the base class: count and watermark flushes cover them."""
 
     FLUSH_TIMER = TimerSpec("flush_after_interval", TimeDomain.REAL_TIME)
+    DEFERS_CHECKPOINTS = True
 
     def process(
         self,
