@@ -129,7 +129,7 @@ FLAGS: tuple[Flag, ...] = (
     Flag("checkpoint_dir", "outputs", None, "also write atomic model checkpoints here"),
     Flag("checkpoint_every", "outputs", 0, "flushes between checkpoint files (0: none; a Pub/Sub run on the "
          "DirectRunner with --checkpoint_dir: 1, whatever is given, so that what it acknowledges is on disk)", int, bound=">=0"),
-    Flag("checkpoint_interval_s", "outputs", 0.0, "at most one checkpoint per shard per this many seconds of processing "
+    Flag("checkpoint_every_s", "outputs", 0.0, "at most one checkpoint per shard per this many seconds of processing "
          "time, on streaming input (0: every --checkpoint_every flushes; a Pub/Sub run on the DirectRunner with "
          f"--checkpoint_dir: {ACK_CHECKPOINT_INTERVAL_S:g}); a source about to acknowledge, or a drain, gets one at once",
          float, bound=">=0"),
@@ -230,7 +230,7 @@ class UpdateConfig:
     snapshot_every: int = 50
     checkpoint_dir: str | None = None
     checkpoint_every: int = 0
-    checkpoint_interval_s: float = 0.0  # streaming: at most one checkpoint per shard per this many seconds (0: no limit)
+    checkpoint_every_s: float = 0.0  # streaming: at most one checkpoint per shard per this many seconds (0: no limit)
     checkpoint_keep: int = DEFAULTS["checkpoint_keep"]
     run_id: str | None = None
     resume_from: str | None = None  # a run id whose checkpoints the shards start from
@@ -254,9 +254,9 @@ class UpdateConfig:
         if self.resume_from is not None and not self.checkpoint_dir:
             raise ValueError("--resume_from needs --checkpoint_dir (where that run's checkpoints are)")
         if self.top_k < 1 or self.snapshot_every < 1 or self.checkpoint_every < 0 or self.checkpoint_keep < 1 \
-                or self.checkpoint_interval_s < 0:
+                or self.checkpoint_every_s < 0:
             raise ValueError("UpdateConfig.top_k, snapshot_every and checkpoint_keep must be >= 1, checkpoint_every and "
-                             "checkpoint_interval_s >= 0")
+                             "checkpoint_every_s >= 0")
 
     @property
     def shard_batch_size(self) -> int:
@@ -357,7 +357,7 @@ def pipeline_config(ns: Any) -> PipelineConfig:
     batch = 1 if _get(ns, "mode") == "online" else _get(ns, "batch_size")
     update = UpdateConfig(batch_size=batch, shards=_get(ns, "shards"), flush_interval_s=_get(ns, "flush_interval_s") or None,
                           top_k=_get(ns, "top_k"), checkpoint_dir=_get(ns, "checkpoint_dir"),
-                          checkpoint_every=_get(ns, "checkpoint_every"), checkpoint_interval_s=_get(ns, "checkpoint_interval_s"), checkpoint_keep=_get(ns, "checkpoint_keep"), run_id=_get(ns, "run_id"),
+                          checkpoint_every=_get(ns, "checkpoint_every"), checkpoint_every_s=_get(ns, "checkpoint_every_s"), checkpoint_keep=_get(ns, "checkpoint_keep"), run_id=_get(ns, "run_id"),
                           resume_from=_get(ns, "resume_from"), alert_skipped_flushes=_get(ns, "alert_skipped_flushes"))
     return PipelineConfig(
         feature, learner_config(ns, feature), update, clean_config(ns, layout),

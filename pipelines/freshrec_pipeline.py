@@ -85,11 +85,11 @@ def one_process_streaming(opts: PipelineOptions) -> bool:
 def acknowledging_durably(cfg: PipelineConfig) -> PipelineConfig:
     """``cfg`` for a Pub/Sub run on the DirectRunner with ``--checkpoint_dir``, whose read acknowledges only
     what is in a checkpoint (``pipelines.pubsub_read``): each shard checkpoints after a flush, at most once per
-    ``--checkpoint_interval_s`` (default ``ACK_CHECKPOINT_INTERVAL_S``: torch.save of a shard every flush
+    ``--checkpoint_every_s`` (default ``ACK_CHECKPOINT_INTERVAL_S``: torch.save of a shard every flush
     took 30% of the pipeline at 2,000 events/s) but at once while the read waits to acknowledge, and lists
     there the ids it applied that the read has not acknowledged yet, kept over restarts for the dedupe TTL."""
     update = replace(cfg.update, checkpoint_every=1, remember_unacked_ms=cfg.dedupe_ttl_ms,
-                     checkpoint_interval_s=cfg.update.checkpoint_interval_s or ACK_CHECKPOINT_INTERVAL_S)
+                     checkpoint_every_s=cfg.update.checkpoint_every_s or ACK_CHECKPOINT_INTERVAL_S)
     return replace(cfg, update=update)
 
 

@@ -195,7 +195,7 @@ def test_sequences_per_shard_are_gap_free(batch_size):
                                                           (5, True, [2, 4, 6, 8])])
 def test_checkpoints_come_at_most_once_per_interval_and_a_put_off_one_is_saved_by_the_timer(
         tmp_path, interval_s, requested, saved):
-    """Four flushes of two events with ``--checkpoint_interval_s`` (the clock stays at 0): the first
+    """Four flushes of two events with ``--checkpoint_every_s`` (the clock stays at 0): the first
     checkpoints, the next two come within the interval and are put off, the processing-time timer saves
     them once the interval is over (10 s later), and the fourth, put off again, is saved at the end. A source
     waiting to acknowledge (``BOARD.request_flush``) gets a checkpoint every flush."""
@@ -210,7 +210,7 @@ def test_checkpoints_come_at_most_once_per_interval_and_a_put_off_one_is_saved_b
         stream = stream.add_elements([wire(2 * i, "u1", "a", 2 * i + 1), wire(2 * i + 1, "u2", "b", 2 * i + 2)])
     cfg = config(batch_size=2, flush_interval_s=100)
     cfg = replace(cfg, update=replace(cfg.update, checkpoint_dir=str(tmp_path), checkpoint_every=1,
-                                      checkpoint_interval_s=interval_s))
+                                      checkpoint_every_s=interval_s))
     BOARD.request_flush(requested)
     try:
         out = run_stream(stream.advance_watermark_to_infinity(), cfg, f"interval{interval_s}{requested}")

@@ -35,6 +35,16 @@ def test_configs_load_as_pipeline_flags(name, monkeypatch):
         assert any(f.startswith("--resource_hints=accelerator=") for f in flags)
 
 
+@pytest.mark.parametrize("name, runner", [("flink", "FlinkRunner"), ("dataflow", "DataflowRunner")])
+def test_no_option_of_a_runner_config_reads_as_a_typo_of_our_flags(name, runner, monkeypatch):
+    """The CLI takes a flag close to one of ours for a typo (``check_unknown``): a new flag of ours must not
+    come that close to an option the shipped configs pass to their runner (``--checkpointing_interval``)."""
+    for k, v in GCP_ENV.items():
+        monkeypatch.setenv(k, v)
+    flags = cli.load_runner_config(os.path.join(CONFIGS, f"{name}.yaml"))
+    cli.check_unknown(flags, cli.make_parser(), runner)  # raises UsageError on a near miss
+
+
 def test_dataflow_dry_run_translates_a_streaming_job_with_the_stateful_update(monkeypatch):
     pytest.importorskip("apitools", reason="DataflowRunner needs apache-beam[gcp]")
     for k, v in GCP_ENV.items():

@@ -71,7 +71,7 @@ class UpdateShardModel(beam.DoFn):
     JOURNAL = BagStateSpec("journal", BytesCoder())
     META = ReadModifyWriteStateSpec("meta", FastPrimitivesCoder())
     WATERMARK_TIMER = TimerSpec("flush_at_watermark", TimeDomain.WATERMARK)
-    DEFERS_CHECKPOINTS = False  # a processing-time timer saves a checkpoint put off by --checkpoint_interval_s
+    DEFERS_CHECKPOINTS = False  # a processing-time timer saves a checkpoint put off by --checkpoint_every_s
 
     def __init__(self, learner_cfg: LearnerConfig, cfg: UpdateConfig, clock: Callable[[], float] = time.time,
                  sync: SyncConfig | None = None, sync_location: str | None = None, probe: Any = None, shards: int = 1):
@@ -222,7 +222,7 @@ class UpdateShardModel(beam.DoFn):
     def _checkpoint_later(self, shard, state, flush_timer) -> None:
         """A checkpoint ``_keep`` put off: the processing-time timer saves it when the interval is over."""
         if flush_timer is not None and state.get("save_due"):
-            flush_timer.set(Timestamp.of(self._saved_at.get(shard, 0.0) + self.cfg.checkpoint_interval_s))
+            flush_timer.set(Timestamp.of(self._saved_at.get(shard, 0.0) + self.cfg.checkpoint_every_s))
 
     # -------------------------------------------------------------- the flush
     def _flush(self, shard, events, window, snapshot, journal, state):
@@ -277,7 +277,7 @@ class UpdateShardModel(beam.DoFn):
     def _keep(self, shard: int, learner: IncrementalLearner, events: list[dict[str, Any]], state: dict[str, Any]) -> None:
         """Checkpoint every ``checkpoint_every`` flushes, and tell the board which applied events are durable (in
         a checkpoint; or applied, where the run writes none): a Pub/Sub read acknowledges only those. On
-        streaming input with ``checkpoint_interval_s``, one that comes sooner than that after the shard's last is
+        streaming input with ``checkpoint_every_s``, one that comes sooner than that after the shard's last is
         put off (``save_due``: the interval timer saves it), unless a source waits to acknowledge. With
         ``remember_unacked_ms`` the checkpoint lists the ids applied since the read last acknowledged
         (``model.checkpoint.remember_unacked``), which a resumed run refuses when Pub/Sub redelivers them."""
@@ -291,8 +291,8 @@ class UpdateShardModel(beam.DoFn):
         state["unsaved"] = state.get("unsaved", 0) + len(events)
         if state["flushes"] % cfg.checkpoint_every or learner.accumulating:
             return
-        if self.DEFERS_CHECKPOINTS and cfg.checkpoint_interval_s and not BOARD.flush_requested \
-                and self.clock() < self._saved_at.get(shard, float("-inf")) + cfg.checkpoint_interval_s:
+        if self.DEFERS_CHECKPOINTS and cfg.checkpoint_every_s and not BOARD.flush_requested \
+                and self.clock() < self._saved_at.get(shard, float("-inf")) + cfg.checkpoint_every_s:
             state["save_due"] = True
             return
         self._save(shard, learner, state)
