@@ -86,15 +86,25 @@ def position(meta: dict[str, Any]) -> int:
     return meta["flushes"] + meta.get("on_time", 0)
 
 
+def live_learner(cfg: LearnerConfig, shard: int, meta: dict[str, Any],
+                 load_state: Callable[[], tuple[bytes | None, list[bytes]]],
+                 live: dict[Hashable, tuple[IncrementalLearner, int]], live_key: Hashable,
+                 sync: ShardSync | None = None) -> tuple[IncrementalLearner, bool]:
+    """The worker's cached learner while it is at ``meta``'s position; otherwise (first use here, a restart,
+    a retried bundle) one rebuilt from ``load_state()``. Returns (learner, rebuilt)."""
+    cached = live.get(live_key)
+    if cached is not None and cached[1] == position(meta):
+        return cached[0], False
+    return restore_learner(cfg, shard, *load_state(), sync), True
+
+
 def sync_on_time(cfg: LearnerConfig, shard: int, now_ms: int, meta: dict[str, Any],
                  load_state: Callable[[], tuple[bytes | None, list[bytes]]],
                  live: dict[Hashable, tuple[IncrementalLearner, int]], live_key: Hashable,
                  sync: ShardSync) -> bytes | None:
     """Event time reached ``now_ms`` (``ShardSync.on_time``): the journal entry of the shard's publication, or
     None when it had nothing to say. Updates ``meta`` in place, as ``flush_micro_batch``."""
-    cached = live.get(live_key)
-    learner = cached[0] if cached is not None and cached[1] == position(meta) else \
-        restore_learner(cfg, shard, *load_state(), sync)
+    learner, _ = live_learner(cfg, shard, meta, load_state, live, live_key, sync)
     published = sync.on_time(learner, now_ms)
     if published is not None:
         meta["on_time"] = meta.get("on_time", 0) + 1
@@ -149,9 +159,7 @@ def flush_micro_batch(
     The worker's live learner is reused while its flush count matches ``meta`` (updated in place);
     otherwise (first flush here, a restart, a retried bundle) it is rebuilt from ``load_state()``. ``alarm``
     (default ``SkippedStepsAlarm()``) watches for a shard whose steps keep being skipped."""
-    cached = live.get(live_key)
-    restored = cached is None or cached[1] != position(meta)
-    learner = restore_learner(cfg, shard, *load_state(), sync) if restored else cached[0]  # type: ignore[index]
+    learner, restored = live_learner(cfg, shard, meta, load_state, live, live_key, sync)
     applied: list[int] = []
     bytes_before = learner.counters["sync_bytes_out"]
     if sync is not None:  # merged epochs first, none newer than this batch's oldest event

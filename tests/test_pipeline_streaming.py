@@ -53,6 +53,15 @@ def run_stream(stream: TestStream, cfg: PipelineConfig, key: str) -> dict[str, l
     return {tag: Collected.get(f"{key}/{tag}") for tag in (SCORES, DELTAS, ROLLBACKS, REPORTS, DEAD_LETTER)}
 
 
+def run_with_flush_request(stream: TestStream, cfg: PipelineConfig, key: str, requested: bool) -> dict[str, list]:
+    """``run_stream`` while a source waits to acknowledge (``BOARD.request_flush``), or not."""
+    BOARD.request_flush(requested)
+    try:
+        return run_stream(stream, cfg, key)
+    finally:
+        BOARD.request_flush(False)
+
+
 def applied(out: dict[str, list]) -> int:
     return sum(r["events"] for r in out[REPORTS])
 
@@ -172,11 +181,8 @@ def test_a_requested_flush_applies_each_input_as_it_comes(requested):
     stream = TestStream().advance_watermark_to(at(0))
     for i in range(3):  # three bundles of two events; the batch of 100 never fills, the watermark stays put
         stream = stream.add_elements([wire(2 * i, "u1", "a", 2 * i + 1), wire(2 * i + 1, "u2", "b", 2 * i + 2)])
-    BOARD.request_flush(requested)
-    try:
-        out = run_stream(stream.advance_watermark_to_infinity(), config(batch_size=100), f"requested{requested}")
-    finally:
-        BOARD.request_flush(False)
+    out = run_with_flush_request(stream.advance_watermark_to_infinity(), config(batch_size=100),
+                                 f"requested{requested}", requested)
     assert applied(out) == 6
     assert sorted(r["events"] for r in out[REPORTS]) == ([2, 2, 2] if requested else [6])
 
@@ -188,7 +194,6 @@ def test_sequences_per_shard_are_gap_free(batch_size):
     out = run_stream(stream, config(batch_size=batch_size), f"seq{batch_size}")
     assert sorted(s["sequence"] for s in out[SCORES]) == list(range(1, len(out[SCORES]) + 1))
     assert sorted(d["sequence"] for d in out[DELTAS]) == list(range(1, len(out[DELTAS]) + 1))
-
 
 
 @pytest.mark.parametrize("interval_s, requested, saved", [(0, False, [2, 4, 6, 8]), (5, False, [2, 6, 8]),
@@ -211,10 +216,7 @@ def test_checkpoints_come_at_most_once_per_interval_and_a_put_off_one_is_saved_b
     cfg = config(batch_size=2, flush_interval_s=100)
     cfg = replace(cfg, update=replace(cfg.update, checkpoint_dir=str(tmp_path), checkpoint_every=1,
                                       checkpoint_every_s=interval_s))
-    BOARD.request_flush(requested)
-    try:
-        out = run_stream(stream.advance_watermark_to_infinity(), cfg, f"interval{interval_s}{requested}")
-    finally:
-        BOARD.request_flush(False)
+    out = run_with_flush_request(stream.advance_watermark_to_infinity(), cfg, f"interval{interval_s}{requested}",
+                                 requested)
     assert applied(out) == 8 and len(out[REPORTS]) == 4
     assert sorted(verified_state(f)["meta"]["events_applied"] for f in checkpoints(tmp_path, 0)) == saved

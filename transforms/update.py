@@ -45,7 +45,7 @@ from core.settings import UpdateConfig
 from model.checkpoint import prune_checkpoints, remember_unacked, resume_shard, save_checkpoint, unacked_in
 from model.config import LearnerConfig
 from model.hashing import shard_of
-from model.journal import flush_micro_batch, flush_report, new_meta, position, restore_learner, sync_on_time
+from model.journal import flush_micro_batch, flush_report, live_learner, new_meta, sync_on_time
 from model.learner import IncrementalLearner
 from model.metrics import BinaryStats
 from model.shard_sync import ShardSync
@@ -204,7 +204,8 @@ class UpdateShardModel(beam.DoFn):
         if events:
             yield from self._flush(shard, events, window, snapshot, journal, state)
         elif state.get("save_due"):  # a checkpoint put off by the interval (``_keep``): now
-            learner = self._live_learner(shard, snapshot, journal, state)
+            learner, _ = live_learner(self.learner_cfg, shard, state, lambda: (snapshot.read(), list(journal.read())),
+                                      _LIVE, (self.instance_id, shard), self._sync(shard))
             if learner.accumulating:  # mid-accumulation: saved after its step (``_keep``)
                 return
             self._save(shard, learner, state)
@@ -212,12 +213,6 @@ class UpdateShardModel(beam.DoFn):
             return
         self._checkpoint_later(shard, state, flush_timer)
         meta.write(state)
-
-    def _live_learner(self, shard, snapshot, journal, state) -> IncrementalLearner:
-        cached = _LIVE.get((self.instance_id, shard))
-        if cached is not None and cached[1] == position(state):
-            return cached[0]
-        return restore_learner(self.learner_cfg, shard, snapshot.read(), list(journal.read()), self._sync(shard))
 
     def _checkpoint_later(self, shard, state, flush_timer) -> None:
         """A checkpoint ``_keep`` put off: the processing-time timer saves it when the interval is over."""
