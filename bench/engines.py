@@ -1,6 +1,6 @@
 """Engines benchmark: the same events through the Beam pipeline on the DirectRunner, the native PyFlink job on
 a standalone Flink cluster (separate JobManager and TaskManager JVMs on localhost, scripts/flink_cluster.sh)
-at parallelism 1 and 2, and a plain single-thread torch loop, in one invocation.
+at parallelism 1 and 2, a plain single-thread torch loop, and the runner-free core alone, in one invocation.
 
 Every engine reads one JSON-lines file of raw events (the synthetic stream, or ``--data`` exported as
 ``freshrec export`` does) with the same model flags. events/s = input events / the engine's own run time: the
@@ -8,7 +8,12 @@ DirectRunner pipeline's (``freshrec: pipeline finished in``, construction includ
 Runtime`` (cluster start-up is reported apart, as ``cluster_start_s``), the plain loop's training loop. AUC is
 each run's prequential AUC (score a micro-batch, then learn it). Peak RSS: the DirectRunner process's own peak;
 for Flink, the sampled peak of the summed resident memory of the cluster's JVMs, their Python workers and the
-submitting client; the plain loop runs in this process (its peak is this process's).
+submitting client; the plain loop runs in this process (its peak is this process's). CPU seconds (``cpu_s``):
+the JVMs' and the Python processes' while the engine ran (the DirectRunner: its one process).
+
+The runner-free row (``core``) runs what every engine's steps call (decode, dedupe, features, micro-batch
+flushes, score and delta records), inline on one thread in this process: the most one core gets from this
+model, which tells the engines' own costs apart from the model's.
 
 The plain loop is ``bench/throughput.py``'s: the same model form on nn.Embedding tables with a vocabulary
 known in advance, Adagrad, micro-batches of ``--batch_size`` events each with ``--negatives`` sampled
@@ -53,8 +58,8 @@ def write_events(args: argparse.Namespace, path: str) -> int:
     return write_jsonl(synthetic_events(embedded_stream(args.events, args.seed)), path)
 
 
-def tree_rss_mb(roots: list[int]) -> float:
-    """Summed VmRSS of ``roots`` and all their descendants (from /proc)."""
+def process_tree(roots: list[int]) -> dict[int, int]:
+    """``roots`` and all their descendants (from /proc): pid -> VmRSS in kB."""
     children: dict[int, list[int]] = {}
     rss: dict[int, int] = {}
     for status in glob.glob("/proc/[0-9]*/status"):
@@ -67,28 +72,63 @@ def tree_rss_mb(roots: list[int]) -> float:
         children.setdefault(ppid, []).append(pid)
         found = re.search(r"^VmRSS:\s+(\d+) kB", text, re.M)
         rss[pid] = int(found[1]) if found else 0
-    total, todo, seen = 0, list(roots), set()
+    tree: dict[int, int] = {}
+    todo = list(roots)
     while todo:
         pid = todo.pop()
-        if pid in seen:
-            continue
-        seen.add(pid)
-        total += rss.get(pid, 0)
-        todo.extend(children.get(pid, []))
-    return total / 1024.0
+        if pid not in tree:
+            tree[pid] = rss.get(pid, 0)
+            todo.extend(children.get(pid, []))
+    return tree
+
+
+def tree_rss_mb(roots: list[int]) -> float:
+    """Summed VmRSS of ``roots`` and all their descendants."""
+    return sum(process_tree(roots).values()) / 1024.0
+
+
+def cpu_of(pid: int) -> tuple[str, float] | None:
+    """("jvm" or "python", CPU seconds the process has used so far), from /proc; None once it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            fields = fh.read().rsplit(")", 1)[1].split()
+        with open(f"/proc/{pid}/cmdline", "rb") as fh:
+            program = os.path.basename(fh.read().split(b"\0", 1)[0].decode(errors="replace"))
+    except (OSError, IndexError):
+        return None
+    kind = "jvm" if program == "java" else "python" if program.startswith("python") else "other"
+    return kind, (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 class PeakRss(threading.Thread):
-    """Samples ``tree_rss_mb(pids())`` every ``every_s`` until stopped; ``peak`` holds the largest."""
+    """Samples the process tree of ``pids()`` every ``every_s`` until stopped: ``peak`` holds the largest summed
+    RSS, ``cpu_s()`` the CPU seconds its JVMs and its Python processes used while it ran (the cluster's daemons
+    count from the first sample: what they used before, starting up or for an earlier job, is left out)."""
 
     def __init__(self, pids, every_s: float = 0.25):
         super().__init__(daemon=True)
         self.pids, self.every_s, self.peak, self.done = pids, every_s, 0.0, threading.Event()
+        self.first: dict[int, float] | None = None
+        self.last: dict[int, tuple[str, float]] = {}
 
     def run(self) -> None:
         while not self.done.is_set():
-            self.peak = max(self.peak, tree_rss_mb(self.pids()))
+            tree = process_tree(self.pids())
+            self.peak = max(self.peak, sum(tree.values()) / 1024.0)
+            for pid in tree:
+                now = cpu_of(pid)
+                if now is not None:
+                    self.last[pid] = now
+            if self.first is None:
+                self.first = {pid: cpu for pid, (_, cpu) in self.last.items()}
             self.done.wait(self.every_s)
+
+    def cpu_s(self) -> dict[str, float]:
+        used: dict[str, float] = {"jvm": 0.0, "python": 0.0}
+        for pid, (kind, cpu) in self.last.items():
+            if kind in used:
+                used[kind] += cpu - (self.first or {}).get(pid, 0.0)
+        return {kind: round(cpu, 1) for kind, cpu in used.items()}
 
 
 def model_flags(args: argparse.Namespace) -> list[str]:
@@ -108,7 +148,7 @@ def run_direct(args: argparse.Namespace, events: str, work: str) -> dict[str, An
     if proc.returncode or seconds is None:
         raise RuntimeError(f"DirectRunner run failed ({proc.returncode}):\n{printed[-2000:]}")
     return {"engine": "direct", "seconds": float(seconds[1]), "peak_rss_mb": usage.ru_maxrss / 1024.0,
-            **summary_of(out)}
+            "cpu_s": {"jvm": 0.0, "python": round(usage.ru_utime + usage.ru_stime, 1)}, **summary_of(out)}
 
 
 def summary_of(out: str) -> dict[str, Any]:
@@ -132,7 +172,7 @@ def run_flink(args: argparse.Namespace, cluster: FlinkCluster, parallelism: int,
     if proc.returncode or runtime is None:
         raise RuntimeError(f"Flink run at parallelism {parallelism} failed ({proc.returncode}):\n{printed[-3000:]}")
     return {"engine": f"flink-p{parallelism}", "seconds": int(runtime[1]) / 1000.0, "peak_rss_mb": sampler.peak,
-            **summary_of(out)}
+            "cpu_s": sampler.cpu_s(), **summary_of(out)}
 
 
 def run_plain(args: argparse.Namespace, events: str) -> dict[str, Any]:
@@ -167,6 +207,72 @@ def run_plain(args: argparse.Namespace, events: str) -> dict[str, Any]:
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0}
 
 
+def run_core(args: argparse.Namespace, events: str) -> dict[str, Any]:
+    """The runner-free core that every engine's steps call, inline on one thread in this process, over the same
+    file: decode, dedupe, item and user features (``GroupStates`` per key group, as the keyed steps keep them),
+    ``flush_micro_batch`` per shard (snapshots as the Flink job's default), score and delta records as JSON. No
+    runner, no state backend, no lateness gate: the ceiling of what one core does with this model."""
+    import resource
+
+    import torch
+
+    from core.cleaning import InvalidEvent, decode_event
+    from core.featurizers import ItemPopularity, UserFeaturizer
+    from core.keyed_state import GroupStates, key_group
+    from core.settings import add_flags, pipeline_config
+    from model.hashing import shard_of
+    from model.journal import flush_micro_batch, new_meta
+    from model.metrics import BinaryStats
+
+    flags = argparse.ArgumentParser()
+    add_flags(flags, ("model", "stability", "state", "sharding"))
+    cfg = pipeline_config(flags.parse_args(model_flags(args)))
+    groups, shards, batch = cfg.sharding.key_groups, cfg.sharding.shards, cfg.update.shard_batch_size
+    with open(events) as fh:
+        lines = fh.read().splitlines()
+    torch.set_num_threads(1)
+    seen, items, users = {}, {}, {}
+    item_f, user_f = ItemPopularity(cfg.feature), UserFeaturizer(cfg.feature)
+    buffers, metas, live, stats = [[] for _ in range(shards)], [new_meta() for _ in range(shards)], {}, BinaryStats()
+    counts = {"applied": 0, "dead_lettered": 0}
+
+    def flush(shard: int) -> None:
+        done = flush_micro_batch(cfg.learner, shard, buffers[shard], metas[shard], lambda: (None, []), live, shard,
+                                 cfg.update.top_k, 5, emit_time_ms=int(time.time() * 1000))
+        "\n".join(json.dumps(r) for r in done.scores + done.deltas)
+        stats.update(done.result.labels, done.result.probs)
+        counts["applied"] += len(buffers[shard])
+        buffers[shard] = []
+
+    t = time.perf_counter()
+    for line in lines:
+        try:
+            event = decode_event(json.loads(line), cfg.clean)
+        except (InvalidEvent, ValueError):
+            counts["dead_lettered"] += 1
+            continue
+        for table, key, ttl in ((seen, "event_id", cfg.dedupe_ttl_ms), (items, "item_id", cfg.state_ttl_ms),
+                                (users, "user_id", cfg.state_ttl_ms)):
+            group = table.setdefault(key_group(event[key], groups), GroupStates.new())
+            if table is seen:
+                if GroupStates.seen(group, event["event_id"], event["event_time_ms"]):
+                    counts["dead_lettered"] += 1
+                    break
+            else:
+                event = (item_f if table is items else user_f).annotate(group, event)
+            GroupStates.sweep(group, ttl)
+        else:
+            shard = shard_of(event["user_id"], shards)
+            buffers[shard].append(event)
+            if len(buffers[shard]) >= batch:
+                flush(shard)
+    for shard in range(shards):
+        if buffers[shard]:
+            flush(shard)
+    return {"engine": "core", "seconds": time.perf_counter() - t, "auc": round(stats.auc(), 5), **counts,
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0}
+
+
 def make_parser() -> argparse.ArgumentParser:
     from core.settings import DEFAULTS, HelpFormatter
 
@@ -174,7 +280,8 @@ def make_parser() -> argparse.ArgumentParser:
     ap.add_argument("--events", type=int, default=20_000, help="synthetic events (without --data)")
     ap.add_argument("--data", default=None, help="a dataset the CLI reads, instead of the synthetic stream")
     ap.add_argument("--limit", type=int, default=None, help="with --data: its first N events in time order")
-    ap.add_argument("--engines", default="direct,flink-p1,flink-p2,plain_torch")
+    ap.add_argument("--engines", default="direct,flink-p1,flink-p2,plain_torch,core",
+                    help="which to run: direct, flink-pN (parallelism N), plain_torch, core (the runner-free core)")
     ap.add_argument("--shards", type=int, default=DEFAULTS["shards"])
     ap.add_argument("--batch_size", type=int, default=DEFAULTS["batch_size"])
     ap.add_argument("--negatives", type=int, default=DEFAULTS["negatives"])
@@ -212,6 +319,8 @@ def main(argv: list[str] | None = None) -> int:
             cluster("down")
     if "plain_torch" in engines:
         result["runs"].append(run_plain(args, events))
+    if "core" in engines:  # after the plain loop, which sets up torch in this process the same way
+        result["runs"].append(run_core(args, events))
     report(result, n)
     if args.json:
         with open(args.json, "w") as fh:
@@ -229,8 +338,9 @@ def report(result: dict[str, Any], n: int) -> None:
                             if b in by and b != run["engine"])
         auc = f"AUC {run['auc']:.4f}" if run["auc"] is not None else "AUC n/a"
         auc_vs = f" ({run['auc'] / by['direct']['auc']:.3f}x direct)" if "direct" in by and run["auc"] and by["direct"]["auc"] else ""
+        cpu = f"; CPU {run['cpu_s']['jvm']:.0f} s JVM + {run['cpu_s']['python']:.0f} s Python" if "cpu_s" in run else ""
         print(f"  {run['engine']:12s} {run['events_per_s']:9.0f} events/s  {ratios:32s} {auc}{auc_vs}  "
-              f"peak RSS {run['peak_rss_mb']:.0f} MB  ({run['seconds']:.1f} s; applied {run['applied']})")
+              f"peak RSS {run['peak_rss_mb']:.0f} MB  ({run['seconds']:.1f} s; applied {run['applied']}{cpu})")
 
 
 if __name__ == "__main__":

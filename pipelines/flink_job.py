@@ -35,16 +35,18 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from pyflink.common import Configuration, Duration, Types, WatermarkStrategy  # noqa: E402
-from pyflink.common.watermark_strategy import TimestampAssigner  # noqa: E402
+from pyflink.common import Configuration, Duration, Row, Types, WatermarkStrategy  # noqa: E402
 from pyflink.datastream import (  # noqa: E402
     CheckpointingMode,
+    DataStream,
+    KeyedStream,
     OutputTag,
     RuntimeExecutionMode,
     StreamExecutionEnvironment,
 )
 from pyflink.datastream.functions import KeyedProcessFunction, ProcessFunction, RuntimeContext  # noqa: E402
 from pyflink.datastream.state import ValueStateDescriptor  # noqa: E402
+from pyflink.java_gateway import get_gateway  # noqa: E402
 
 from core import progress  # noqa: E402  (by module: the worker's own board, not a pickled copy)
 from core.cleaning import CleanConfig, InvalidEvent, LatenessTracker, dead_letter, decode_event  # noqa: E402
@@ -75,16 +77,35 @@ def _dead(payload: Any, reason: str, step: str, event: dict[str, Any] | None = N
     return json.dumps({**record, "raw": record["raw"].decode("utf-8", "replace")})
 
 
-class EventTime(TimestampAssigner):
-    """A decoded event's time (the watermark trails the newest by ``MAX_OUT_OF_ORDERNESS_MS``, as the Beam source's)."""
+KEYED = Types.ROW([Types.INT(), Types.PICKLED_BYTE_ARRAY()])  # (key group of the event id, event)
+DECODED = Types.TUPLE([KEYED, Types.LONG()])  # ... and its event time: what the decoder emits
 
-    def extract_timestamp(self, value: dict[str, Any], record_timestamp: int) -> int:
-        return int(value["event_time_ms"])
+
+def stamp_and_key(decoded: DataStream) -> KeyedStream:
+    """The decoder's (key group, event) rows and event times -> its events with Flink timestamps and watermarks
+    that trail the newest event by ``MAX_OUT_OF_ORDERNESS_MS`` (as the Beam source's), keyed by key group.
+
+    What PyFlink's ``assign_timestamps_and_watermarks`` (with a Python TimestampAssigner) and ``key_by`` do, less
+    their Python operators: each is one more round trip of every event through a Python worker, and the first
+    ran at the job's default parallelism, so at parallelism 2 the events went round-robin to two extra subtasks
+    and back (merged in an order that varied from run to run). The decoder computes both; the Java steps here
+    are the ones PyFlink's methods use, all on the decoder's one subtask."""
+    jvm = get_gateway().jvm
+    python_time = jvm.org.apache.flink.streaming.api.functions.python.eventtime
+    strategy = (WatermarkStrategy.for_bounded_out_of_orderness(Duration.of_millis(MAX_OUT_OF_ORDERNESS_MS))
+                ._j_watermark_strategy.withTimestampAssigner(python_time.CustomTimestampAssigner()))
+    stamped = decoded._j_data_stream.assignTimestampsAndWatermarks(strategy).uid("event-time").setParallelism(1)
+    rows = DataStream(stamped.map(python_time.RemoveTimestampMapFunction(), KEYED.get_java_type_info())
+                      .name("Remove-Timestamp").setParallelism(1))
+    return KeyedStream(rows._j_data_stream.keyBy(jvm.KeyByKeySelector(), Types.ROW([Types.INT()]).get_java_type_info()),
+                       Types.PICKLED_BYTE_ARRAY(), rows)
 
 
 class DecodeAndValidate(ProcessFunction):
-    def __init__(self, cfg: CleanConfig, throttle_ms: float = 0.0):
-        self.cfg, self.throttle_ms = cfg, throttle_ms
+    """A raw line -> (key group of its event id, event) and its event time (``stamp_and_key``), or a dead letter."""
+
+    def __init__(self, cfg: CleanConfig, groups: int, throttle_ms: float = 0.0):
+        self.cfg, self.groups, self.throttle_ms = cfg, groups, throttle_ms
 
     def open(self, ctx: RuntimeContext):
         group = metric_group(ctx)
@@ -103,7 +124,8 @@ class DecodeAndValidate(ProcessFunction):
             yield DEAD, _dead(value.encode(), "malformed: not JSON", "DecodeAndValidate")
             return
         try:
-            yield decode_event(record, self.cfg)
+            event = decode_event(record, self.cfg)
+            yield Row(key_group(event["event_id"], self.groups), event), int(event["event_time_ms"])
         except InvalidEvent as exc:
             progress.BOARD.note_dead()
             self.malformed.inc()
@@ -179,13 +201,10 @@ def build(env: StreamExecutionEnvironment, args: argparse.Namespace, input_path:
     # one reader and one decoder: the keyed steps see the input in its order, whatever their parallelism
     lines = env.from_source(source, WatermarkStrategy.no_watermarks(), "ReplayEvents").uid("replay-source").set_parallelism(1)
     progress_s = 0.0 if args.quiet else args.progress_s
-    events = (lines.process(DecodeAndValidate(cfg.clean, args.throttle_ms), output_type=Types.PICKLED_BYTE_ARRAY())
+    events = (lines.process(DecodeAndValidate(cfg.clean, groups, args.throttle_ms), output_type=DECODED)
               .uid("decode").name("DecodeAndValidate").set_parallelism(1))
-    # event time from the decoded events (a Python assigner given to from_source is not applied)
-    watermarks = (WatermarkStrategy.for_bounded_out_of_orderness(Duration.of_millis(MAX_OUT_OF_ORDERNESS_MS))
-                  .with_timestamp_assigner(EventTime()))
-    stamped = events.assign_timestamps_and_watermarks(watermarks).uid("event-time").set_parallelism(1)
-    unique = (stamped.key_by(lambda e: key_group(e["event_id"], groups), key_type=Types.INT())
+    # event time from the decoded events (an assigner given to from_source is not applied), keyed by event id
+    unique = (stamp_and_key(events)
               .process(DedupeEvents(cfg.dedupe_ttl_ms, cfg.allowed_lateness_ms), output_type=Types.PICKLED_BYTE_ARRAY())
               .uid("dedupe").name("DropLateAndDuplicateEvents"))
     with_items = (unique.key_by(lambda e: key_group(e["item_id"], groups), key_type=Types.INT())

@@ -54,13 +54,17 @@ class WindowStatsFunction(KeyedProcessFunction):
 
     def open(self, ctx: RuntimeContext):
         self.inputs = ctx.get_list_state(ListStateDescriptor("window_inputs", Types.PICKLED_BYTE_ARRAY()))
+        self.timed: set[int] = set()  # windows whose timer this worker registered (Flink keeps the timers themselves)
 
     def process_element(self, item, ctx):
         self.inputs.add(item[1])
-        ctx.timer_service().register_event_time_timer(item[0] + self.window_ms - 1)
+        if item[0] not in self.timed:  # a registration is a message to the JVM: once per window, not per input
+            self.timed.add(item[0])
+            ctx.timer_service().register_event_time_timer(item[0] + self.window_ms - 1)
 
     def on_timer(self, timestamp, ctx):
         start = ctx.get_current_key()
+        self.timed.discard(start)
         stats, events = WindowStats(), []
         for kind, value in self.inputs.get() or []:
             if kind == "event":

@@ -2,7 +2,8 @@
 ``model.journal`` (the Beam pipeline's ``transforms/update.py`` runs the same core).
 
 Its partition is a snapshot plus a journal of micro-batches in Flink state. Main output: score records; side
-outputs: deltas, rollbacks and the shard's alerts (JSON lines of the Avro records), flush reports (dicts).
+outputs: deltas, rollbacks and the shard's alerts (JSON lines of the Avro records; a flush's scores, and its
+deltas, in one element), flush reports (dicts).
 Every side output must be read downstream: PyFlink joins an unread one to the main output.
 """
 
@@ -86,9 +87,9 @@ class UpdateShardModel(KeyedProcessFunction):
         self.meta.update(meta)
         if meta["buffered"] >= self.batch_size:
             yield from self._flush(ctx.get_current_key())
-        else:
+        elif meta["buffered"] == 1:  # a timer registration is a message to the JVM: one per buffer, not per event
             ctx.timer_service().register_event_time_timer(END_OF_TIME)
-            if meta["buffered"] == 1 and self.flush_interval_ms:
+            if self.flush_interval_ms:
                 ctx.timer_service().register_processing_time_timer(int(time.time() * 1000) + self.flush_interval_ms)
 
     def on_timer(self, timestamp, ctx):
@@ -152,10 +153,12 @@ class UpdateShardModel(KeyedProcessFunction):
             self.distributions["prequential_logloss_micro"].update(int(loss * 1e6))
         progress.BOARD.note_flush(shard, len(events), done.learner.version, BinaryStats.from_dict(report["stats"]))
         yield REPORTS, report
-        for record in done.scores:
-            yield json.dumps(record)
-        for record in done.deltas:
-            yield DELTA_RECORDS, json.dumps(record)
+        # a flush's scores (and deltas) as one element of JSON lines: the sink writes it as they are, and each
+        # element is a round trip through the JVM
+        if done.scores:
+            yield "\n".join(json.dumps(record) for record in done.scores)
+        if done.deltas:
+            yield DELTA_RECORDS, "\n".join(json.dumps(record) for record in done.deltas)
         for rollback in done.result.rollbacks:
             yield ROLLBACK_RECORDS, json.dumps(rollback.to_record())
         for record in done.alerts:

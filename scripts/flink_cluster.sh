@@ -38,7 +38,9 @@ write_config() {  # $1 slots per TaskManager
   opts=$(grep -A3 '^env:' "$FLINK_HOME/conf/config.yaml" | sed -n 's/^ *all: //p')  # the JDK 17 module opens
   cat > "$FLINK_CONF_DIR/config.yaml" <<EOF
 # written by scripts/flink_cluster.sh; edit the script, not this file
-env.java.opts.all: $opts
+# the JDK 17 module opens; and the quick JIT compiler only: on a small machine the full one spent about half
+# of the JVMs' CPU time compiling, taken from the Python workers beside them (docs/benchmarks.md, Engines)
+env.java.opts.all: $opts -XX:TieredStopAtLevel=1
 jobmanager.rpc.address: localhost
 jobmanager.rpc.port: $RPC_PORT
 jobmanager.bind-host: localhost
