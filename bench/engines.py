@@ -13,7 +13,9 @@ the JVMs' and the Python processes' while the engine ran (the DirectRunner: its 
 
 The runner-free row (``core``) runs what every engine's steps call (decode, dedupe, features, micro-batch
 flushes, score and delta records), inline on one thread in this process: the most one core gets from this
-model, which tells the engines' own costs apart from the model's.
+model, which tells the engines' own costs apart from the model's. The floor rows (``flink-floor-pN``, not run
+by default) are the other bound: the Flink job's shape on the same cluster with nothing in its steps
+(bench/flink_floor.py), what PyFlink alone costs per event.
 
 The plain loop is ``bench/throughput.py``'s: the same model form on nn.Embedding tables with a vocabulary
 known in advance, Adagrad, micro-batches of ``--batch_size`` events each with ``--negatives`` sampled
@@ -146,6 +148,11 @@ def run_direct(args: argparse.Namespace, events: str, work: str) -> dict[str, An
             "cpu_s": {"jvm": 0.0, "python": round(usage.ru_utime + usage.ru_stime, 1)}, **summary_of(out)}
 
 
+def count_lines(path: str) -> int:
+    with open(path) as fh:
+        return sum(1 for _ in fh)
+
+
 def summary_of(out: str) -> dict[str, Any]:
     with open(os.path.join(out, "summary.json")) as fh:
         summary = json.load(fh)
@@ -153,10 +160,14 @@ def summary_of(out: str) -> dict[str, Any]:
             "dead_lettered": summary["events_dead_lettered"]}
 
 
-def run_flink(args: argparse.Namespace, cluster: FlinkCluster, parallelism: int, events: str, work: str) -> dict[str, Any]:
-    out, ck = os.path.join(work, f"flink-p{parallelism}"), os.path.join(work, f"ck-p{parallelism}")
-    cmd = ["bash", cluster.script, "submit", "--parallelism", str(parallelism), "--", "--input", events, "--output", out,
-           "--checkpoint_dir", ck, "--quiet", *model_flags(args)]
+def run_flink(args: argparse.Namespace, cluster: FlinkCluster, engine: str, events: str, work: str) -> dict[str, Any]:
+    """flink-pN: the job at parallelism N; flink-floor-pN: bench/flink_floor.py (the job's shape, empty steps)."""
+    floor, parallelism = engine.startswith("flink-floor-p"), int(engine.rsplit("-p", 1)[1])
+    out, ck = os.path.join(work, engine), os.path.join(work, f"ck-{engine}")
+    job = ["--py", os.path.join(ROOT, "bench", "flink_floor.py")] if floor else []
+    flags = [] if floor else ["--checkpoint_dir", ck, "--quiet", *model_flags(args)]
+    cmd = ["bash", cluster.script, "submit", "--parallelism", str(parallelism), *job, "--", "--input", events,
+           "--output", out, *flags]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=cluster.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     sampler = ProcessTreeSampler(lambda: [*cluster.daemon_pids(), proc.pid])
     sampler.start()
@@ -165,9 +176,14 @@ def run_flink(args: argparse.Namespace, cluster: FlinkCluster, parallelism: int,
     sampler.join()
     runtime = re.search(r"Job Runtime: (\d+) ms", printed)
     if proc.returncode or runtime is None:
-        raise RuntimeError(f"Flink run at parallelism {parallelism} failed ({proc.returncode}):\n{printed[-3000:]}")
-    return {"engine": f"flink-p{parallelism}", "seconds": int(runtime[1]) / 1000.0, "peak_rss_mb": sampler.peak,
-            "cpu_s": sampler.cpu_s(), **summary_of(out)}
+        raise RuntimeError(f"Flink run {engine} failed ({proc.returncode}):\n{printed[-3000:]}")
+    if floor:  # every input line comes out as its event id
+        through = sum(count_lines(f) for f in glob.glob(os.path.join(out, "*", "*")) if os.path.isfile(f))
+        outcome: dict[str, Any] = {"auc": None, "applied": through, "dead_lettered": 0}
+    else:
+        outcome = summary_of(out)
+    return {"engine": engine, "seconds": int(runtime[1]) / 1000.0, "peak_rss_mb": sampler.peak,
+            "cpu_s": sampler.cpu_s(), **outcome}
 
 
 def run_plain(args: argparse.Namespace, events: str) -> dict[str, Any]:
@@ -275,7 +291,8 @@ def make_parser() -> argparse.ArgumentParser:
     ap.add_argument("--data", default=None, help="a dataset the CLI reads, instead of the synthetic stream")
     ap.add_argument("--limit", type=int, default=None, help="with --data: its first N events in time order")
     ap.add_argument("--engines", default="direct,flink-p1,flink-p2,plain_torch,core",
-                    help="which to run: direct, flink-pN (parallelism N), plain_torch, core (the runner-free core)")
+                    help="which to run: direct, flink-pN (the job at parallelism N), flink-floor-pN (its shape with "
+                         "empty steps: bench/flink_floor.py), plain_torch, core (the runner-free core)")
     ap.add_argument("--shards", type=int, default=DEFAULTS["shards"])
     ap.add_argument("--batch_size", type=int, default=DEFAULTS["batch_size"])
     ap.add_argument("--negatives", type=int, default=DEFAULTS["negatives"])
@@ -288,8 +305,12 @@ def make_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = make_parser().parse_args(argv)
+    ap = make_parser()
+    args = ap.parse_args(argv)
     engines = [e.strip() for e in args.engines.split(",") if e.strip()]
+    unknown = [e for e in engines if not re.fullmatch(r"direct|plain_torch|core|flink-(floor-)?p[1-9]\d*", e)]
+    if unknown:
+        ap.error(f"--engines: unknown {', '.join(unknown)} (direct, flink-pN, flink-floor-pN, plain_torch, core)")
     work = tempfile.mkdtemp(prefix="freshrec-engines-")
     events = os.path.join(work, "events.jsonl")
     n = write_events(args, events)
@@ -299,7 +320,7 @@ def main(argv: list[str] | None = None) -> int:
                               "negatives": args.negatives, "sync": args.sync, "cpus": os.cpu_count(), "runs": []}
     if "direct" in engines:
         result["runs"].append(run_direct(args, events, work))
-    flinks = [e for e in engines if e.startswith("flink-p")]
+    flinks = [e for e in engines if e.startswith("flink-")]
     if flinks:
         cluster = FlinkCluster(work)
         t = time.perf_counter()
@@ -308,7 +329,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"standalone cluster (1 JobManager, 2 TaskManagers x 1 slot) up in {result['cluster_start_s']} s", flush=True)
         try:
             for engine in flinks:
-                result["runs"].append(run_flink(args, cluster, int(engine[len("flink-p"):]), events, work))
+                result["runs"].append(run_flink(args, cluster, engine, events, work))
         finally:
             cluster("down")
     if "plain_torch" in engines:
@@ -333,7 +354,7 @@ def report(result: dict[str, Any], n: int) -> None:
         auc = f"AUC {run['auc']:.4f}" if run["auc"] is not None else "AUC n/a"
         auc_vs = f" ({run['auc'] / by['direct']['auc']:.3f}x direct)" if "direct" in by and run["auc"] and by["direct"]["auc"] else ""
         cpu = f"; CPU {run['cpu_s']['jvm']:.0f} s JVM + {run['cpu_s']['python']:.0f} s Python" if "cpu_s" in run else ""
-        print(f"  {run['engine']:12s} {run['events_per_s']:9.0f} events/s  {ratios:32s} {auc}{auc_vs}  "
+        print(f"  {run['engine']:14s} {run['events_per_s']:9.0f} events/s  {ratios:32s} {auc}{auc_vs}  "
               f"peak RSS {run['peak_rss_mb']:.0f} MB  ({run['seconds']:.1f} s; applied {run['applied']}{cpu})")
 
 

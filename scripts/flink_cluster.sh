@@ -5,7 +5,8 @@
 #
 #   scripts/flink_cluster.sh up [--taskmanagers N] [--slots S]   start (default 2 TaskManagers x 1 slot)
 #   scripts/flink_cluster.sh status                              JobManager, TaskManagers, slots, jobs
-#   scripts/flink_cluster.sh submit [--parallelism P] -- ARGS    run pipelines.flink_job ARGS on it
+#   scripts/flink_cluster.sh submit [--parallelism P] [--py FILE] -- ARGS   run pipelines.flink_job ARGS on it
+#                                                                (--py: another PyFlink program, bench/flink_floor.py)
 #   scripts/flink_cluster.sh start jobmanager|taskmanager        one more (or a replacement) daemon
 #   scripts/flink_cluster.sh kill jobmanager|taskmanager         SIGKILL the newest one (fault tests)
 #   scripts/flink_cluster.sh down                                stop this cluster's daemons
@@ -146,11 +147,12 @@ case "${1:-}" in
     echo
     ;;
   submit)
-    shift; par=""
+    shift; par=""; job="$ROOT/pipelines/flink_job.py"
     while [ $# -gt 0 ] && [ "$1" != "--" ]; do
       case "$1" in
         --parallelism) par=$2; shift 2 ;;
-        *) die "submit: unknown flag $1 (--parallelism P, then -- and the job's flags)" ;;
+        --py) job=$(cd "$(dirname "$2")" && pwd)/$(basename "$2"); shift 2 ;;
+        *) die "submit: unknown flag $1 (--parallelism P, --py FILE, then -- and the job's flags)" ;;
       esac
     done
     [ "${1:-}" = "--" ] && shift
@@ -158,7 +160,7 @@ case "${1:-}" in
     par=${par:-$(rest /overview | "$PY" -c 'import json,sys; print(json.load(sys.stdin)["slots-total"])')}
     cd "$ROOT"
     exec "$FLINK_HOME/bin/flink" run -m "localhost:$REST_PORT" -p "$par" -pyexec "$PY" -pyclientexec "$PY" \
-      -py "$ROOT/pipelines/flink_job.py" -- --parallelism "$par" --cluster "$@"
+      -py "$job" -- --parallelism "$par" --cluster "$@"
     ;;
   down)
     for f in "$TM_PIDS" "$JM_PIDS"; do
