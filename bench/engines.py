@@ -42,6 +42,7 @@ import time
 from typing import Any
 
 from pipelines.flink_cluster import FlinkCluster
+from pipelines.results import count_lines
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MAIN_PY = os.path.join(ROOT, ".venv", "bin", "python")
@@ -148,11 +149,6 @@ def run_direct(args: argparse.Namespace, events: str, work: str) -> dict[str, An
             "cpu_s": {"jvm": 0.0, "python": round(usage.ru_utime + usage.ru_stime, 1)}, **summary_of(out)}
 
 
-def count_lines(path: str) -> int:
-    with open(path) as fh:
-        return sum(1 for _ in fh)
-
-
 def summary_of(out: str) -> dict[str, Any]:
     with open(os.path.join(out, "summary.json")) as fh:
         summary = json.load(fh)
@@ -165,7 +161,7 @@ def run_flink(args: argparse.Namespace, cluster: FlinkCluster, engine: str, even
     floor, parallelism = engine.startswith("flink-floor-p"), int(engine.rsplit("-p", 1)[1])
     out, ck = os.path.join(work, engine), os.path.join(work, f"ck-{engine}")
     job = ["--py", os.path.join(ROOT, "bench", "flink_floor.py")] if floor else []
-    flags = [] if floor else ["--checkpoint_dir", ck, "--quiet", *model_flags(args)]
+    flags = ["--shards", str(args.shards)] if floor else ["--checkpoint_dir", ck, "--quiet", *model_flags(args)]
     cmd = ["bash", cluster.script, "submit", "--parallelism", str(parallelism), *job, "--", "--input", events,
            "--output", out, *flags]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=cluster.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -177,8 +173,8 @@ def run_flink(args: argparse.Namespace, cluster: FlinkCluster, engine: str, even
     runtime = re.search(r"Job Runtime: (\d+) ms", printed)
     if proc.returncode or runtime is None:
         raise RuntimeError(f"Flink run {engine} failed ({proc.returncode}):\n{printed[-3000:]}")
-    if floor:  # every input line comes out as its event id
-        through = sum(count_lines(f) for f in glob.glob(os.path.join(out, "*", "*")) if os.path.isfile(f))
+    if floor:  # every input line comes out as its event id, in the committed parts of the sink's buckets
+        through = sum(count_lines(bucket) for bucket in glob.glob(os.path.join(out, "*")))
         outcome: dict[str, Any] = {"auc": None, "applied": through, "dead_lettered": 0}
     else:
         outcome = summary_of(out)

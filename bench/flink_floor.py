@@ -57,9 +57,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--input", required=True, help="JSON lines of raw events")
     ap.add_argument("--output", required=True, help="folder of the event ids that came through")
     ap.add_argument("--parallelism", type=int, default=1, help="subtasks of every keyed step")
+    ap.add_argument("--shards", type=int, default=DEFAULTS["shards"], help="shards the last step is keyed by")
     ap.add_argument("--cluster", action="store_true", help="(set by flink_cluster.sh submit)")
     args = ap.parse_args(argv)
-    groups, shards = DEFAULTS["key_groups"], DEFAULTS["shards"]
+    groups, shards = DEFAULTS["key_groups"], args.shards
     env = StreamExecutionEnvironment.get_execution_environment()
     env.set_parallelism(args.parallelism)
     source = FileSource.for_record_stream_format(StreamFormat.text_line_format(), args.input).build()

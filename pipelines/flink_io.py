@@ -8,7 +8,6 @@ the input: applied + dead-lettered = in).
 from __future__ import annotations
 
 import argparse
-import glob
 import json
 import os
 import sys
@@ -36,6 +35,7 @@ from pipelines.results import (
     SCORES,
     STATS,
     clear_outputs,
+    count_lines,
     output_paths,
     records,
 )
@@ -124,16 +124,6 @@ def summarize(reports, dead, drift_alerts):
                      .name("AlertToLedger"))
     return (items[0].union(*items[1:]).key_by(lambda _: 0, key_type=Types.INT())
             .process(SummarizeRun(), output_type=Types.STRING()).uid("summarize-run").name("SummarizeRun"))
-
-
-def count_lines(path: str) -> int:
-    files = sorted(glob.glob(os.path.join(path, "*"))) if os.path.isdir(path) else [path]
-    n = 0
-    for name in files:
-        if os.path.isfile(name) and not os.path.basename(name).startswith((".", "_")):  # as FileSource skips
-            with open(name, "rb") as fh:
-                n += sum(1 for _ in fh)  # blank lines too: each is read, and dead-lettered
-    return n
 
 
 def finish_run(paths: dict[str, str], input_path: str, quiet: bool) -> int:

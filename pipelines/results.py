@@ -58,6 +58,18 @@ def remove_temp_dirs(paths: dict[str, str]) -> None:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+def count_lines(path: str) -> int:
+    """Lines of a file, or of the files in a folder (not hidden or ``_`` ones, as Flink's FileSource skips, and
+    as its FileSink keeps its in-progress parts hidden)."""
+    files = sorted(glob.glob(os.path.join(path, "*"))) if os.path.isdir(path) else [path]
+    n = 0
+    for name in files:
+        if os.path.isfile(name) and not os.path.basename(name).startswith((".", "_")):
+            with open(name, "rb") as fh:
+                n += sum(1 for _ in fh)  # blank lines too: each is read, and dead-lettered
+    return n
+
+
 def records(directory: str) -> Iterator[dict[str, Any]]:
     """The records under an output folder: the Beam pipeline's Avro files, or the PyFlink job's committed
     JSON-lines part files (``BUCKET/part-*``; in-progress ones are hidden, ``.part-*``)."""
