@@ -15,7 +15,8 @@ The runner-free row (``core``) runs what every engine's steps call (decode, dedu
 flushes, score and delta records), inline on one thread in this process: the most one core gets from this
 model, which tells the engines' own costs apart from the model's. The floor rows (``flink-floor-pN``, not run
 by default) are the other bound: the Flink job's shape on the same cluster with nothing in its steps
-(bench/flink_floor.py), what PyFlink alone costs per event.
+(bench/flink_floor.py), what PyFlink alone costs per event; ``flink-floor-blocks-pN``, the same with the events
+moved in blocks of ``--floor_block`` (the job's one design lever left).
 
 The plain loop is ``bench/throughput.py``'s: the same model form on nn.Embedding tables with a vocabulary
 known in advance, Adagrad, micro-batches of ``--batch_size`` events each with ``--negatives`` sampled
@@ -157,11 +158,14 @@ def summary_of(out: str) -> dict[str, Any]:
 
 
 def run_flink(args: argparse.Namespace, cluster: FlinkCluster, engine: str, events: str, work: str) -> dict[str, Any]:
-    """flink-pN: the job at parallelism N; flink-floor-pN: bench/flink_floor.py (the job's shape, empty steps)."""
-    floor, parallelism = engine.startswith("flink-floor-p"), int(engine.rsplit("-p", 1)[1])
+    """flink-pN: the job at parallelism N; flink-floor[-blocks]-pN: bench/flink_floor.py (the job's shape, empty
+    steps; events in blocks)."""
+    floor, parallelism = engine.startswith("flink-floor-"), int(engine.rsplit("-p", 1)[1])
     out, ck = os.path.join(work, engine), os.path.join(work, f"ck-{engine}")
     job = ["--py", os.path.join(ROOT, "bench", "flink_floor.py")] if floor else []
     flags = ["--shards", str(args.shards)] if floor else ["--checkpoint_dir", ck, "--quiet", *model_flags(args)]
+    if engine.startswith("flink-floor-blocks-"):
+        flags += ["--block", str(args.floor_block)]
     cmd = ["bash", cluster.script, "submit", "--parallelism", str(parallelism), *job, "--", "--input", events,
            "--output", out, *flags]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=cluster.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -288,7 +292,9 @@ def make_parser() -> argparse.ArgumentParser:
     ap.add_argument("--limit", type=int, default=None, help="with --data: its first N events in time order")
     ap.add_argument("--engines", default="direct,flink-p1,flink-p2,plain_torch,core",
                     help="which to run: direct, flink-pN (the job at parallelism N), flink-floor-pN (its shape with "
-                         "empty steps: bench/flink_floor.py), plain_torch, core (the runner-free core)")
+                         "empty steps: bench/flink_floor.py), flink-floor-blocks-pN (the same, events in blocks), "
+                         "plain_torch, core (the runner-free core)")
+    ap.add_argument("--floor_block", type=int, default=2048, help="events per block of the flink-floor-blocks-pN rows")
     ap.add_argument("--shards", type=int, default=DEFAULTS["shards"])
     ap.add_argument("--batch_size", type=int, default=DEFAULTS["batch_size"])
     ap.add_argument("--negatives", type=int, default=DEFAULTS["negatives"])
@@ -304,9 +310,12 @@ def main(argv: list[str] | None = None) -> int:
     ap = make_parser()
     args = ap.parse_args(argv)
     engines = [e.strip() for e in args.engines.split(",") if e.strip()]
-    unknown = [e for e in engines if not re.fullmatch(r"direct|plain_torch|core|flink-(floor-)?p[1-9]\d*", e)]
+    unknown = [e for e in engines if not re.fullmatch(r"direct|plain_torch|core|flink-(floor-(blocks-)?)?p[1-9]\d*", e)]
     if unknown:
-        ap.error(f"--engines: unknown {', '.join(unknown)} (direct, flink-pN, flink-floor-pN, plain_torch, core)")
+        ap.error(f"--engines: unknown {', '.join(unknown)} (direct, flink-pN, flink-floor-pN, flink-floor-blocks-pN, "
+                 "plain_torch, core)")
+    if args.floor_block < 1:
+        ap.error("--floor_block must be >= 1")
     work = tempfile.mkdtemp(prefix="freshrec-engines-")
     events = os.path.join(work, "events.jsonl")
     n = write_events(args, events)
@@ -350,7 +359,7 @@ def report(result: dict[str, Any], n: int) -> None:
         auc = f"AUC {run['auc']:.4f}" if run["auc"] is not None else "AUC n/a"
         auc_vs = f" ({run['auc'] / by['direct']['auc']:.3f}x direct)" if "direct" in by and run["auc"] and by["direct"]["auc"] else ""
         cpu = f"; CPU {run['cpu_s']['jvm']:.0f} s JVM + {run['cpu_s']['python']:.0f} s Python" if "cpu_s" in run else ""
-        print(f"  {run['engine']:14s} {run['events_per_s']:9.0f} events/s  {ratios:32s} {auc}{auc_vs}  "
+        print(f"  {run['engine']:22s} {run['events_per_s']:9.0f} events/s  {ratios:32s} {auc}{auc_vs}  "
               f"peak RSS {run['peak_rss_mb']:.0f} MB  ({run['seconds']:.1f} s; applied {run['applied']}{cpu})")
 
 
