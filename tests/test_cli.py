@@ -113,8 +113,8 @@ def test_an_input_of_nothing_but_malformed_events_fails_and_names_the_reason(tmp
 
 
 def test_a_long_run_prints_progress_lines_while_it_runs(tmp_path):
-    proc = subprocess.Popen([sys.executable, "-m", "pipelines.cli", "--synthetic_events", "100000",
-                             "--output_dir", str(tmp_path / "out"), "--progress_s", "2"],
+    proc = subprocess.Popen([sys.executable, "-m", "pipelines.cli", "--synthetic_events", "30000",
+                             "--output_dir", str(tmp_path / "out"), "--progress_s", "1"],
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     seen = []
     assert proc.stderr is not None
