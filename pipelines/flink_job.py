@@ -252,7 +252,9 @@ def make_parser() -> argparse.ArgumentParser:
     ap.add_argument("--snapshot_every", type=int, default=5, help="flushes between snapshots of a shard's learner")
     ap.add_argument("--bundle_size", type=int, default=5000,
                     help="elements per bundle of a Python step (Flink's python.fn-execution.bundle.size): larger runs "
-                         "faster, smaller lets a checkpoint barrier through sooner where the Python steps fall behind")
+                         "faster; smaller lets a checkpoint barrier through sooner where the Python steps fall behind "
+                         "and, at --parallelism above 1, interleaves the subtasks' events more finely, nearer the "
+                         "input's order (AUC against time: docs/benchmarks.md, Engines)")
     ap.add_argument("--bundle_time_ms", type=int, default=1000, help="longest a Python step's bundle stays open")
     ap.add_argument("--throttle_ms", type=float, default=0.0, help="sleep per input record (to stretch a test run)")
     ap.add_argument("--parallelism", type=int, default=1,
