@@ -44,6 +44,12 @@ from pipelines.flink_io import END_OF_TIME  # noqa: E402
 ROW = Types.TUPLE([Types.INT(), Types.PICKLED_BYTE_ARRAY()])  # (bucket, [(key, event), ...])
 
 
+def count(group: dict, event: dict, field: str) -> None:
+    """A step's whole work: the event counted under its field in a key's dict."""
+    name = str(event.get(field))
+    group[name] = group.get(name, 0) + 1
+
+
 class TouchState(KeyedProcessFunction):
     """Count the event under its field in the key's one dict of state, and pass it on (or its id, last)."""
 
@@ -55,8 +61,7 @@ class TouchState(KeyedProcessFunction):
 
     def process_element(self, event, ctx):
         group = self.state.value() or {}
-        key = str(event.get(self.field))
-        group[key] = group.get(key, 0) + 1
+        count(group, event, self.field)
         self.state.update(group)
         yield str(event.get("event_id")) if self.last else event
 
@@ -109,8 +114,7 @@ class TouchBlock(KeyedProcessFunction):
             group = touched.get(k)
             if group is None:
                 group = touched[k] = self.state.get(k) or {}
-            name = str(event.get(self.field))
-            group[name] = group.get(name, 0) + 1
+            count(group, event, self.field)
         for k, group in touched.items():
             self.state.put(k, group)
         events = [event for _, event in row[1]]

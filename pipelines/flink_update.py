@@ -111,17 +111,20 @@ class UpdateShardModel(KeyedProcessFunction):
             ctx.timer_service().register_event_time_timer(meta["tick_ms"])
         else:  # the input ended: the last tick at once, not by a timer (one set while the final watermark fires
             # the others may never fire: tests/test_flink_job.py failed on that now and then)
-            meta["tick_ms"] = now_ms
             if now_ms <= self.newest_ms:
-                meta["tick_ms"] = (sync.cfg.epoch_of(self.newest_ms) + 1) * sync.cfg.interval_ms
-                ticks.append(meta["tick_ms"])
+                ticks.append((sync.cfg.epoch_of(self.newest_ms) + 1) * sync.cfg.interval_ms)
+            meta["tick_ms"] = ticks[-1]
         for tick_ms in ticks:
-            entry = sync_on_time(self.cfg, shard, tick_ms, meta,
-                                 lambda: (self.snapshot.value(), list(self.journal.get() or [])), self.live, shard, sync)
+            entry = sync_on_time(self.cfg, shard, tick_ms, meta, self._stored, self.live, shard, sync)
             if entry is not None:
                 self.journal.add(entry)
                 self.counters["sync_publications"].inc()
         self.meta.update(meta)
+
+    def _stored(self) -> tuple[bytes | None, list[bytes]]:
+        """The current shard's partition as Flink keeps it: its snapshot and journal (``model.journal`` loads a
+        learner from them when this worker has none live)."""
+        return self.snapshot.value(), list(self.journal.get() or [])
 
     def _gauge_shard(self, shard: int, learner: IncrementalLearner) -> None:
         """The shard's gauges under the Beam pipeline's names (transforms/update.py): its model version and
@@ -139,10 +142,8 @@ class UpdateShardModel(KeyedProcessFunction):
         self.buffer.clear()
         meta = self.meta.value()
         now_ms = int(time.time() * 1000)
-        done = flush_micro_batch(self.cfg, shard, events, meta,
-                                 lambda: (self.snapshot.value(), list(self.journal.get() or [])),
-                                 self.live, shard, self.top_k, self.snapshot_every, emit_time_ms=now_ms,
-                                 sync=self.syncs.get(shard), alarm=self.alarm)
+        done = flush_micro_batch(self.cfg, shard, events, meta, self._stored, self.live, shard, self.top_k,
+                                 self.snapshot_every, emit_time_ms=now_ms, sync=self.syncs.get(shard), alarm=self.alarm)
         report = flush_report(shard, events, done, now_ms)
         self._gauge_shard(shard, done.learner)
         self.distributions["freshness_lag_ms"].update(max(0, now_ms - report["max_event_time_ms"]))
