@@ -47,6 +47,8 @@ from pipelines.results import count_lines
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MAIN_PY = os.path.join(ROOT, ".venv", "bin", "python")
+# every engine's name, once: the Flink rows carry their shape (floor, blocks) and parallelism in it
+ENGINE = re.compile(r"direct|plain_torch|core|flink-(?P<floor>floor-(?P<blocks>blocks-)?)?p(?P<parallelism>[1-9]\d*)")
 
 
 def write_events(args: argparse.Namespace, path: str) -> int:
@@ -160,11 +162,13 @@ def summary_of(out: str) -> dict[str, Any]:
 def run_flink(args: argparse.Namespace, cluster: FlinkCluster, engine: str, events: str, work: str) -> dict[str, Any]:
     """flink-pN: the job at parallelism N; flink-floor[-blocks]-pN: bench/flink_floor.py (the job's shape, empty
     steps; events in blocks)."""
-    floor, parallelism = engine.startswith("flink-floor-"), int(engine.rsplit("-p", 1)[1])
+    name = ENGINE.fullmatch(engine)
+    assert name is not None and name["parallelism"], engine
+    floor, parallelism = name["floor"] is not None, int(name["parallelism"])
     out, ck = os.path.join(work, engine), os.path.join(work, f"ck-{engine}")
     job = ["--py", os.path.join(ROOT, "bench", "flink_floor.py")] if floor else []
     flags = ["--shards", str(args.shards)] if floor else ["--checkpoint_dir", ck, "--quiet", *model_flags(args)]
-    if engine.startswith("flink-floor-blocks-"):
+    if name["blocks"]:
         flags += ["--block", str(args.floor_block)]
     cmd = ["bash", cluster.script, "submit", "--parallelism", str(parallelism), *job, "--", "--input", events,
            "--output", out, *flags]
@@ -310,7 +314,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = make_parser()
     args = ap.parse_args(argv)
     engines = [e.strip() for e in args.engines.split(",") if e.strip()]
-    unknown = [e for e in engines if not re.fullmatch(r"direct|plain_torch|core|flink-(floor-(blocks-)?)?p[1-9]\d*", e)]
+    names = {e: ENGINE.fullmatch(e) for e in engines}
+    unknown = [e for e, name in names.items() if name is None]
     if unknown:
         ap.error(f"--engines: unknown {', '.join(unknown)} (direct, flink-pN, flink-floor-pN, flink-floor-blocks-pN, "
                  "plain_torch, core)")
@@ -325,7 +330,7 @@ def main(argv: list[str] | None = None) -> int:
                               "negatives": args.negatives, "sync": args.sync, "cpus": os.cpu_count(), "runs": []}
     if "direct" in engines:
         result["runs"].append(run_direct(args, events, work))
-    flinks = [e for e in engines if e.startswith("flink-")]
+    flinks = [e for e, name in names.items() if name is not None and name["parallelism"]]
     if flinks:
         cluster = FlinkCluster(work)
         t = time.perf_counter()

@@ -138,6 +138,7 @@ def time_plain_loop(stream: list[dict[str, Any]], batch: int, device: str, args:
     also collect the prequential scores of the timed batches (their cost is then timed too)."""
     users, items = plain_vocab(stream)
     f = FeatureConfig()
+    torch.manual_seed(0)  # the same initial model every run: its prequential AUC is reproducible
     model = PlainModel(len(users), len(items), args.dim, f.user_width, f.item_width).to(device)
     opt = torch.optim.Adagrad(model.parameters(), lr=args.lr)
     lossf = nn.BCEWithLogitsLoss()
