@@ -159,12 +159,10 @@ def summary_of(out: str) -> dict[str, Any]:
             "dead_lettered": summary["events_dead_lettered"]}
 
 
-def run_flink(args: argparse.Namespace, cluster: FlinkCluster, engine: str, events: str, work: str) -> dict[str, Any]:
+def run_flink(args: argparse.Namespace, cluster: FlinkCluster, name: re.Match[str], events: str, work: str) -> dict[str, Any]:
     """flink-pN: the job at parallelism N; flink-floor[-blocks]-pN: bench/flink_floor.py (the job's shape, empty
-    steps; events in blocks)."""
-    name = ENGINE.fullmatch(engine)
-    assert name is not None and name["parallelism"], engine
-    floor, parallelism = name["floor"] is not None, int(name["parallelism"])
+    steps; events in blocks). ``name``: the engine's name as ``ENGINE`` matched it."""
+    engine, floor, parallelism = name[0], name["floor"] is not None, int(name["parallelism"])
     out, ck = os.path.join(work, engine), os.path.join(work, f"ck-{engine}")
     job = ["--py", os.path.join(ROOT, "bench", "flink_floor.py")] if floor else []
     flags = ["--shards", str(args.shards)] if floor else ["--checkpoint_dir", ck, "--quiet", *model_flags(args)]
@@ -330,7 +328,7 @@ def main(argv: list[str] | None = None) -> int:
                               "negatives": args.negatives, "sync": args.sync, "cpus": os.cpu_count(), "runs": []}
     if "direct" in engines:
         result["runs"].append(run_direct(args, events, work))
-    flinks = [e for e, name in names.items() if name is not None and name["parallelism"]]
+    flinks = [name for name in names.values() if name is not None and name["parallelism"]]
     if flinks:
         cluster = FlinkCluster(work)
         t = time.perf_counter()
@@ -338,8 +336,8 @@ def main(argv: list[str] | None = None) -> int:
         result["cluster_start_s"] = round(time.perf_counter() - t, 1)
         print(f"standalone cluster (1 JobManager, 2 TaskManagers x 1 slot) up in {result['cluster_start_s']} s", flush=True)
         try:
-            for engine in flinks:
-                result["runs"].append(run_flink(args, cluster, engine, events, work))
+            for name in flinks:
+                result["runs"].append(run_flink(args, cluster, name, events, work))
         finally:
             cluster("down")
     if "plain_torch" in engines:
