@@ -22,7 +22,7 @@ from transforms.clean import DEAD_LETTER, CleanEvents
 from transforms.direct_runner import tune_streaming_direct_runner
 from transforms.featurize import FeaturizeEvents
 from transforms.monitor import MonitorStream
-from transforms.runtime import keep_runner_metrics_bounded
+from transforms.runtime import keep_each_steps_timers_apart, keep_runner_metrics_bounded
 from transforms.sinks import SummarizeRun, WriteAvroRecords
 from transforms.sources import FlowControl, ReplayEvents, SyntheticEvents
 from transforms.update import ALERTS, DELTAS, REPORTS, ROLLBACKS, SCORES, UpdateShardModels
@@ -101,6 +101,7 @@ def build_pipeline(p: beam.Pipeline, opts: FreshrecOptions, clock: Callable[[], 
         cfg = acknowledging_durably(cfg)
     paths = output_paths(cfg.output_dir)
     keep_runner_metrics_bounded()  # the DirectRunner's engine: bounded metrics, and gauges that report their last value
+    keep_each_steps_timers_apart()  # ... and each step's own timers
     tune_streaming_direct_runner()
     if one_process_streaming(opts):  # the steps set up at their first bundle, in this process: import what a
         IncrementalLearner(cfg.learner)  # learner needs (torch.optim loads torch._dynamo, ~2 s) before events wait

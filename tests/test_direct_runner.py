@@ -3,6 +3,8 @@ bundles, and watermark timers of many keys firing exactly when the runner's own 
 
 from __future__ import annotations
 
+from typing import Any
+
 import apache_beam as beam
 from apache_beam.coders import VarIntCoder
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
@@ -120,3 +122,42 @@ def test_the_timer_scan_finds_what_is_due_at_each_watermark_and_sees_replaced_st
     now[0] = 150.0
     assert due(25) == ([(b"c", 150.0)], True)
     assert due(30) == ([(b"b", 30.0), (b"c", 150.0)], True)
+
+
+class PassAndFireAt(beam.DoFn):
+    """(key, fire at, s) -> passes it on and sets the key's watermark timer there (an earlier step's firing
+    passes as it is); on firing, outputs (its
+    ``name``, key, the timer's time) keyed "fired". Every instance's timer has one name."""
+
+    AT = ReadModifyWriteStateSpec("at", VarIntCoder())
+    TIMER = TimerSpec("fire", TimeDomain.WATERMARK)
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def process(self, element, at=beam.DoFn.StateParam(AT), timer=beam.DoFn.TimerParam(TIMER)):
+        if element[0] != "fired":  # not an earlier step's firing
+            at.write(element[1])
+            timer.set(Timestamp(seconds=element[1]))
+        yield element
+
+    @on_timer(TIMER)
+    def fire(self, key=beam.DoFn.KeyParam, at=beam.DoFn.StateParam(AT)):
+        yield "fired", (self.name, key, at.read())
+
+
+def test_two_fused_steps_with_a_timer_of_the_same_name_each_get_their_own_timers_on_the_batch_engine():
+    # Beam's FnApiRunner (the batch DirectRunner) buffers a stage's timers by name only (apache/beam#21995):
+    # unpatched, the first step fires both steps' timers and the second step's never fire.
+    from transforms.runtime import keep_each_steps_timers_apart
+
+    keep_each_steps_timers_apart()
+    Collected.clear()
+    with beam.Pipeline(options=PipelineOptions(runner="DirectRunner")) as p:
+        fired = (p | beam.Create([("a", 10), ("b", 20)])
+                 | "First" >> beam.ParDo(PassAndFireAt("first")).with_output_types(tuple[str, Any])
+                 | "Second" >> beam.ParDo(PassAndFireAt("second")).with_output_types(tuple[str, Any])
+                 | beam.Filter(lambda x: x[0] == "fired") | beam.Values())
+        fired | CollectTo("fused_timers/out")
+    assert sorted(Collected.get("fused_timers/out")) == [("first", "a", 10), ("first", "b", 20),
+                                                          ("second", "a", 10), ("second", "b", 20)]

@@ -105,3 +105,38 @@ def _consolidated(metrics: Any, key: Any = None) -> list[Any]:
         if k not in gauges or at >= gauges[k][0]:
             gauges[k] = (at, info)
     return out + [info for _, info in gauges.values()]
+
+
+_TIMERS_PATCHED = False
+
+
+def keep_each_steps_timers_apart() -> None:
+    """Stop the DirectRunner's engine (Beam's ``FnApiRunner``) from handing one step's timers to another.
+
+    It buffers the timers a bundle sets by timer name only (apache/beam#21995), so in a stage that fuses two
+    steps with a timer of the same name, the first step takes both steps' timers (the last set per key wins)
+    and the other's never fire. Here: the two ``AnnotateFeatures`` steps and ``DedupeEvents`` (``group_idle``,
+    ``KeyGroupStep``): dedupe groups were cleared on the feature state's idle time, and idle feature state
+    was never cleared. Buffering them by (name, step) gives each step its own. Idempotent; per process."""
+    global _TIMERS_PATCHED
+    if _TIMERS_PATCHED:
+        return
+    _TIMERS_PATCHED = True
+    try:
+        from apache_beam.runners.portability.fn_api_runner.execution import BundleContextManager, ListBuffer
+        from apache_beam.runners.portability.fn_api_runner.translations import split_buffer_id
+    except ImportError:  # another SDK layout: nothing to patch
+        return
+    shared = BundleContextManager.get_buffer
+
+    def get_buffer(self: Any, buffer_id: bytes, transform_id: str) -> Any:
+        kind, name = split_buffer_id(buffer_id)
+        if kind != "timers":
+            return shared(self, buffer_id, transform_id)
+        buffers = self.execution_context.timer_buffers
+        key = (buffer_id, transform_id)
+        if key not in buffers:
+            buffers[key] = ListBuffer(self.get_timer_coder_impl(transform_id, name))
+        return buffers[key]
+
+    BundleContextManager.get_buffer = get_buffer

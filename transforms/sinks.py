@@ -88,21 +88,43 @@ class WriteWindowSummary(beam.DoFn):
 
 
 class _SummarizeBundle(beam.DoFn):
-    """Ledger items -> one partial ``SummaryFn`` accumulator per bundle and window, keyed for ``_Ledger``."""
+    """Ledger items of one ``kind`` ("report", "dead_letter", "alert") -> one partial ``SummaryFn`` accumulator
+    per bundle and window, keyed for ``_Ledger``. Applied to each input before they are flattened, so what
+    leaves the step that produced the items is one accumulator per bundle, not the items: the batch engine
+    (Beam's ``FnApiRunner``) runs the steps after a flatten of several steps' outputs only when its input
+    ends, holding what crosses until then (a flow-controlled stream's reports, 76 bytes an event, did)."""
+
+    def __init__(self, kind: str):
+        self.kind = kind
 
     def start_bundle(self) -> None:
         self._partial: dict[Any, tuple[Any, Timestamp]] = {}
 
     def process(self, item, windowed=beam.DoFn.WindowedValueParam):
-        fn = SummaryFn()
         w = windowed.windows[0]
         acc, ts = self._partial.get(w, (None, windowed.timestamp))
-        self._partial[w] = (fn.add_input(acc or fn.create_accumulator(), item), min(ts, windowed.timestamp))
+        self._partial[w] = (run_summary.add(acc or run_summary.new(), (self.kind, item)), min(ts, windowed.timestamp))
 
     def finish_bundle(self):
         partial, self._partial = self._partial, {}
         for w, (acc, ts) in partial.items():
             yield WindowedValue((0, acc), ts, [w])
+
+
+class MergeSummariesFn(beam.CombineFn):
+    """Partial ``SummaryFn`` accumulators -> the run summary."""
+
+    def create_accumulator(self):
+        return run_summary.new()
+
+    def add_input(self, acc, part):
+        return run_summary.merge([acc, part])
+
+    def merge_accumulators(self, accs):
+        return run_summary.merge(accs)
+
+    def extract_output(self, acc):
+        return run_summary.extract(acc)
 
 
 class _Ledger(beam.DoFn):
@@ -170,22 +192,26 @@ class SummarizeRun(beam.PTransform):
 
     def expand(self, pcolls):
         reports, dead, *alerts = pcolls  # alerts: the drift alerts, when the run watches for drift
-        parts = [reports | "TagReports" >> beam.Map(lambda r: ("report", r)),
-                 dead | "TagDeadLetters" >> beam.Map(lambda r: ("dead_letter", r))]
+        inputs = [(reports, "report", "Reports"), (dead, "dead_letter", "DeadLetters")]
         if alerts:
-            parts.append(alerts[0] | "TagAlerts" >> beam.Map(lambda r: ("alert", r)))
-        tagged = tuple(parts) | "FlattenLedger" >> beam.Flatten()
+            inputs.append((alerts[0], "alert", "Alerts"))
         windowed = total = None
         if self.window_s:
+            tagged = (tuple(pcoll | f"Tag{label}" >> beam.Map(lambda r, k=kind: (k, r)) for pcoll, kind, label in inputs)
+                      | "FlattenLedger" >> beam.Flatten())
             windowed = (tagged | "WindowSummary" >> beam.WindowInto(window.FixedWindows(self.window_s))
                         | "CombineSummary" >> beam.CombineGlobally(SummaryFn()).without_defaults())
             if self.window_dir:
                 windowed | "WriteWindowSummaries" >> beam.ParDo(WriteWindowSummary(self.window_dir))
-        if self.ledger:
-            total = (tagged | "SummarizeBundles" >> beam.ParDo(_SummarizeBundle()).with_output_types(tuple[int, Any])
-                     | "KeepLedger" >> beam.ParDo(_RunningLedger(self.ledger_every_s) if self.ledger_every_s else _Ledger()))
-        elif not self.window_s:
-            total = tagged | "CombineSummary" >> beam.CombineGlobally(SummaryFn())
+        if self.ledger or not self.window_s:
+            partials = (tuple(pcoll | f"Summarize{label}" >> beam.ParDo(_SummarizeBundle(kind)).with_output_types(tuple[int, Any])
+                              for pcoll, kind, label in inputs)
+                        | "FlattenPartialSummaries" >> beam.Flatten())
+            if self.ledger:
+                total = partials | "KeepLedger" >> beam.ParDo(_RunningLedger(self.ledger_every_s) if self.ledger_every_s else _Ledger())
+            else:
+                total = (partials | "DropLedgerKey" >> beam.Values()
+                         | "CombineSummary" >> beam.CombineGlobally(MergeSummariesFn()))
         if self.path and total is not None:
             total | "WriteSummary" >> beam.Map(write_summary, self.path)
         return total if total is not None else windowed
