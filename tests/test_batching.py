@@ -121,3 +121,56 @@ def test_a_bounded_run_featurizes_each_user_in_event_time_order():
         before = seen.setdefault(e["user_id"], [])
         assert e["history"] == before[-FEATURES.history:], e["event_id"]
         before.append(e["item_id"])
+
+
+class _Cell:
+    """A ReadModifyWriteState and a timer, as a DoFn sees them."""
+
+    def __init__(self):
+        self.value, self.timer = None, None
+
+    def read(self):
+        return self.value
+
+    def write(self, value):
+        self.value = value
+
+    def clear(self):
+        self.value = None
+
+    def set(self, ts):
+        self.timer = ts
+
+
+def test_a_key_group_is_cleared_only_by_a_due_timer_of_its_newest_event():
+    # The batch engine fires a fused stage's timers at its next bundle and keeps stale ones: a timer that comes
+    # before the step has seen event time reach it, or that an event after it superseded, must not clear.
+    from apache_beam.utils.timestamp import Timestamp
+
+    from transforms.clean import DedupeEvents
+
+    step, state, timer = DedupeEvents(ttl_ms=1_000), _Cell(), _Cell()
+    step.setup()
+
+    def handle(*times):
+        list(step.process((0, [{"event_id": f"e{t}", "event_time_ms": BASE_MS + t} for t in times]), state, timer))
+
+    def fire(at_ms):
+        step.clear_idle_group(state, Timestamp(micros=at_ms * 1000))
+
+    handle(0)
+    assert timer.timer == Timestamp(micros=(BASE_MS + 1_000) * 1000)
+    fire(BASE_MS + 1_000)  # early: the step has seen event time only up to BASE_MS
+    assert state.read() is not None
+    handle(500)  # the group's newest moves: its timer to BASE_MS + 1,500
+    handle(2_000, 3_000)  # event time reaches past both; the group is not idle (newest BASE_MS + 3,000)
+    fire(BASE_MS + 1_000)  # stale
+    assert state.read() is not None
+    fire(BASE_MS + 4_000)  # due (newest + ttl) but the step has not seen event time reach it
+    assert state.read() is not None
+    handle(4_500)
+    fire(BASE_MS + 4_000)  # stale again: e4500 came after it
+    assert state.read() is not None
+    step._seen_ms = BASE_MS + 6_000  # (another key group's events took event time on)
+    fire(BASE_MS + 5_500)  # due: the group idle since BASE_MS + 4,500
+    assert state.read() is None

@@ -147,7 +147,11 @@ def rebatch_by(key_fn: Callable[[dict[str, Any]], int], step: str = "RebatchByKe
 class KeyGroupStep(beam.DoFn):
     """Base of the steps keyed by key group: reads the group's ``GroupStates``, lets ``handle_batch``
     handle the micro-batch in event-time order, sweeps idle ids, writes the group back, and keeps one watermark
-    timer per group that clears it once all its ids are idle.
+    timer per group that clears it once all its ids are idle. The timer clears only a group that is idle in
+    the event time this step has seen: the batch engine (Beam's ``FnApiRunner``) fires a fused stage's
+    event-time timers at its next bundle (the stage's input watermark is its source's, already at the end),
+    and keeps a timer set again in a later bundle as well as the first; there an early or stale timer
+    cleared dedupe ids and feature state after every bundle.
 
     Main output: the kept events of each input batch as one list (none when all were refused), with the
     input batch's timestamp; refused events go to ``DEAD_LETTER`` one by one, each at its event time."""
@@ -165,6 +169,7 @@ class KeyGroupStep(beam.DoFn):
 
     def setup(self):
         tune_worker()
+        self._seen_ms = -(1 << 62)  # the newest event time this step has handled, any key
 
     def handle_batch(self, group: dict[str, Any], events: list[dict[str, Any]],
                      dead: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -174,6 +179,8 @@ class KeyGroupStep(beam.DoFn):
     def process(self, element: tuple[int, list[dict[str, Any]]], state=beam.DoFn.StateParam(GROUP_STATES),
                 idle=beam.DoFn.TimerParam(GROUP_IDLE)):
         events = in_time_order(element[1])
+        if events:
+            self._seen_ms = max(self._seen_ms, int(events[-1]["event_time_ms"]))
         stored = state.read()
         group = marshal.loads(stored) if stored else GroupStates.new()
         newest_before = group["newest"]
@@ -189,5 +196,11 @@ class KeyGroupStep(beam.DoFn):
             idle.set(Timestamp(micros=(group["newest"] + self.ttl_ms) * 1000))
 
     @on_timer(GROUP_IDLE)
-    def clear_idle_group(self, state=beam.DoFn.StateParam(GROUP_STATES)):
-        state.clear()
+    def clear_idle_group(self, state=beam.DoFn.StateParam(GROUP_STATES), fire=beam.DoFn.TimestampParam):
+        fire_ms = fire.micros // 1000
+        if fire_ms > self._seen_ms:  # fired before this step saw event time reach it (see the class docstring)
+            return
+        stored = state.read()
+        newest = marshal.loads(stored)["newest"] if stored else None
+        if newest is None or newest + self.ttl_ms <= fire_ms:  # not a stale timer: the group is idle
+            state.clear()
