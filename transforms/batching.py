@@ -151,7 +151,8 @@ class KeyGroupStep(beam.DoFn):
     the event time this step has seen: the batch engine (Beam's ``FnApiRunner``) fires a fused stage's
     event-time timers at its next bundle (the stage's input watermark is its source's, already at the end),
     and keeps a timer set again in a later bundle as well as the first; there an early or stale timer
-    cleared dedupe ids and feature state after every bundle.
+    cleared dedupe ids and feature state after every bundle. A refused timer is not set again: the group's
+    next event sets the next one, and until then its state (swept at each touch) stays.
 
     Main output: the kept events of each input batch as one list (none when all were refused), with the
     input batch's timestamp; refused events go to ``DEAD_LETTER`` one by one, each at its event time."""
