@@ -126,8 +126,8 @@ def test_the_timer_scan_finds_what_is_due_at_each_watermark_and_sees_replaced_st
 
 class PassAndFireAt(beam.DoFn):
     """(key, fire at, s) -> passes it on and sets the key's watermark timer there (an earlier step's firing
-    passes as it is); on firing, outputs (its
-    ``name``, key, the timer's time) keyed "fired". Every instance's timer has one name."""
+    passes as it is); on firing, outputs (its ``name``, key, the timer's time) keyed "fired". Every
+    instance's timer has one name."""
 
     AT = ReadModifyWriteStateSpec("at", VarIntCoder())
     TIMER = TimerSpec("fire", TimeDomain.WATERMARK)

@@ -111,20 +111,11 @@ class _SummarizeBundle(beam.DoFn):
             yield WindowedValue((0, acc), ts, [w])
 
 
-class MergeSummariesFn(beam.CombineFn):
-    """Partial ``SummaryFn`` accumulators -> the run summary."""
-
-    def create_accumulator(self):
-        return run_summary.new()
+class MergeSummariesFn(SummaryFn):
+    """``SummaryFn`` over partial accumulators (``_SummarizeBundle``'s) instead of ledger items."""
 
     def add_input(self, acc, part):
         return run_summary.merge([acc, part])
-
-    def merge_accumulators(self, accs):
-        return run_summary.merge(accs)
-
-    def extract_output(self, acc):
-        return run_summary.extract(acc)
 
 
 class _Ledger(beam.DoFn):
