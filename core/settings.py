@@ -110,6 +110,9 @@ FLAGS: tuple[Flag, ...] = (
     Flag("no_sync", "sharding", False, "shards learn everything alone (nothing of --sync_share is shared)"),
     Flag("sync_interval_s", "sharding", 60.0, "event time of a sync epoch: a shard publishes its changes once event "
          "time passes into a later one", float, bound=">0"),
+    Flag("sync_keep_s", "sharding", 3600.0, "event time of sync publications kept behind the oldest snapshot any "
+         "shard could be restored to; older ones are removed, so the sync folder stays bounded (0: keep all). A "
+         "restore that needs removed ones stops with an error", float, bound=">=0"),
     Flag("sync_merge", "sharding", "sum", "how the shards' changes merge: their sum, or FedAvg's example-weighted mean",
          choices=("sum", "mean")),
     Flag("sync_share", "sharding", "items,bias,item_mlp", "what the shards learn together: items (row values and side features, "
@@ -345,7 +348,8 @@ def sharding_config(ns: Any) -> ShardingConfig:
         raise ValueError(f"--sync_share: expected items and any of {', '.join(SHARABLE[1:])}, comma-separated, "
                          f"got {_get(ns, 'sync_share')!r}")
     sync = None if location is None else SyncConfig(
-        _get(ns, "shards"), int(_get(ns, "sync_interval_s") * 1000), _get(ns, "sync_merge"), share)
+        _get(ns, "shards"), int(_get(ns, "sync_interval_s") * 1000), _get(ns, "sync_merge"), share,
+        keep_ms=int(_get(ns, "sync_keep_s") * 1000))
     return ShardingConfig(_get(ns, "shards"), _get(ns, "key_groups"), sync, location)
 
 

@@ -187,6 +187,7 @@ def flush_micro_batch(
     meta["journal_len"] += 1
     snapshot = None
     if meta["journal_len"] >= snapshot_every and not learner.accumulating:
+        learner.sync.note_snapshot()  # (what the sync's retention may remove follows the snapshots)
         snapshot = learner.to_bytes()
         meta["journal_len"] = 0
     live[live_key] = (learner, position(meta))

@@ -10,6 +10,7 @@ computed differently goes out with its next publication, so every shard applies 
 from __future__ import annotations
 
 import bisect
+import contextlib
 from collections import Counter, OrderedDict
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
@@ -25,11 +26,15 @@ from model.sync import (
     file_name,
     merge_changes,
     outgoing,
-    parse_name,
+    parse_publication,
 )
 
 if TYPE_CHECKING:
     from model.learner import IncrementalLearner
+
+
+class SyncRetentionError(RuntimeError):
+    """A shard needs publications the retention removed (``SyncConfig.keep_ms``); the message says what to do."""
 
 
 def _block(table: DynamicEmbeddingTable, rows: torch.Tensor, state: bool) -> torch.Tensor:
@@ -70,22 +75,49 @@ class PublicationIndex:
         self.by_epoch: dict[int, list[tuple[str, int, int]]] = {}  # epoch -> (name, shard, newest event time)
         self.epochs: list[int] = []  # sorted keys of by_epoch
         self.newest_label = dict.fromkeys(range(shards), -1)
+        self.restorable = dict.fromkeys(range(shards), -1)  # the newest restorable epoch each shard announced
 
     def refresh(self, medium: Medium) -> None:
         names = set(medium.names())
-        if not self.known <= names:  # something was removed (a probe file, a cleared folder): start over
+        gone = self.known - names
+        if gone and not names:  # a cleared folder: start over
             self.clear()
+        for name in gone & self.known:  # removed by the retention (``ShardSync.prune``)
+            self.forget(name)
         for name in names - self.known:
             self.known.add(name)
-            parsed = parse_name(name)
+            parsed = parse_publication(name)
             if parsed is None or parsed[1] not in self.newest_label:
                 continue
-            epoch, shard, max_ms = parsed
+            epoch, shard, max_ms, restorable = parsed
             if epoch not in self.by_epoch:
                 self.by_epoch[epoch] = []
                 bisect.insort(self.epochs, epoch)
             self.by_epoch[epoch].append((name, shard, max_ms))
             self.newest_label[shard] = max(self.newest_label[shard], epoch)
+            self.restorable[shard] = max(self.restorable[shard], restorable)
+
+    def forget(self, name: str) -> None:
+        """Drop a removed publication."""
+        self.known.discard(name)
+        parsed = parse_publication(name)
+        files = self.by_epoch.get(parsed[0], []) if parsed else []
+        if parsed is None or (name, parsed[1], parsed[2]) not in files:
+            return
+        files.remove((name, parsed[1], parsed[2]))
+        if not files:
+            del self.by_epoch[parsed[0]]
+            self.epochs.remove(parsed[0])
+        if parsed[0] == self.newest_label[parsed[1]]:  # (the retention never removes a shard's newest)
+            self.newest_label[parsed[1]] = max((e for e in self.epochs for _, s, _ in self.by_epoch[e]
+                                                if s == parsed[1]), default=-1)
+
+    def floor(self, keep_epochs: int) -> int:
+        """The oldest epoch whose publications are all kept: the retention (``SyncConfig.keep_epochs``) removes
+        only what is older, by that many epochs, than the restorable epoch every shard announced."""
+        if not keep_epochs:
+            return -(2**62)
+        return min(self.restorable.values()) - keep_epochs + 1
 
     def after(self, epoch: int) -> list[int]:
         """The epochs with publications later than ``epoch``, in order."""
@@ -154,11 +186,36 @@ class ShardSync:
             self._account_for(learner, change, ShardChange.from_bytes(self.medium.get(earlier)))
         else:
             data = outgoing(change).to_bytes()
-            self.medium.put(file_name(change.epoch, self.shard, change.max_event_time_ms), data)
+            self.medium.put(file_name(change.epoch, self.shard, change.max_event_time_ms, st.restorable), data)
             learner.counters["sync_bytes_out"] += len(data)
+            learner.counters["sync_removed"] += self.prune()
         st.published, st.open_epoch = change.epoch, None
         st.examples, st.item_counts, st.max_event_time_ms, st.touched = 0, Counter(), 0, set()
         return change.epoch
+
+    def prune(self) -> int:
+        """Remove this shard's publications older than the retention keeps (``PublicationIndex.floor``): no
+        shard can need them, even after a restore. Each shard removes only its own. Returns how many."""
+        index = self.index(refresh=False)
+        floor, old = index.floor(self.cfg.keep_epochs), []
+        for epoch in index.epochs:
+            if epoch >= floor:
+                break
+            old += [name for name, shard, _ in index.by_epoch[epoch] if shard == self.shard]
+        for name in old:
+            with contextlib.suppress(FileNotFoundError, KeyError):  # removed already (a retried bundle)
+                self.medium.remove(name)
+            index.forget(name)
+        return len(old)
+
+    def _kept(self, epoch: int, index: PublicationIndex) -> None:
+        """SyncRetentionError unless every publication of ``epoch`` is still on the medium."""
+        if epoch < index.floor(self.cfg.keep_epochs):
+            raise SyncRetentionError(
+                f"sync medium {self.medium.location}: shard {self.shard} needs the publications of sync epoch "
+                f"{epoch}, which the retention removed (it keeps {self.cfg.keep_ms / 1000:g} s of event time, "
+                f"--sync_keep_s, behind the oldest snapshot a shard could restore): restore from a newer checkpoint, "
+                f"or run with a larger --sync_keep_s (0 keeps everything)")
 
     def _published_before(self, epoch: int) -> str | None:
         index = self.index()
@@ -225,6 +282,7 @@ class ShardSync:
         """Merged epochs after ``applied`` this shard may apply before learning events from ``oldest_ms`` on:
         complete (every shard published there or later) and with no change newer than ``oldest_ms``."""
         index = self.index()
+        self._kept(applied + 1, index)
         horizon = min(index.newest_label.values())
         out = []
         for epoch in index.after(applied):
@@ -262,6 +320,8 @@ class ShardSync:
         one write (one new version)."""
         if names is None:  # replaying a journal: each epoch's files, as when it was applied
             index = self.index()
+            for e in epochs:
+                self._kept(e, index)
             names = [sorted(n for n, _, _ in index.by_epoch.get(e, [])) for e in epochs]
         st, table = learner.sync, learner.items
         item_parts: list[tuple[list[str], torch.Tensor]] = []

@@ -81,7 +81,7 @@ MERGE_RULES = ("sum", "mean")
 SHARABLE = ("items", "state", "bias", "mlps", "item_mlp")
 SHARED_BY_DEFAULT = ("items", "bias", "item_mlp")
 _FORMAT = "freshrec-sync-1"
-_NAME = re.compile(r"^e(\d{12})-s(\d{4})-t(-?\d+)\.sync$")
+_NAME = re.compile(r"^e(\d{12})-s(\d{4})-t(-?\d+)(?:-a(-?\d+))?\.sync$")
 
 
 @dataclass(frozen=True)
@@ -93,6 +93,7 @@ class SyncConfig:
     merge: str = "sum"
     share: tuple[str, ...] = SHARED_BY_DEFAULT
     dense_merge: str = "sum"  # the rule for the dense parameters (the global bias, the MLPs)
+    keep_ms: int = 3_600_000  # event time of publications kept behind what every shard could restore to (0: all)
 
     def __post_init__(self) -> None:
         if "items" not in self.share or set(self.share) - set(SHARABLE):
@@ -101,12 +102,19 @@ class SyncConfig:
             raise ValueError(f"SyncConfig.shards must be >= 1, got {self.shards}")
         if self.interval_ms < 1:
             raise ValueError(f"SyncConfig.interval_ms must be >= 1, got {self.interval_ms}")
+        if self.keep_ms < 0:
+            raise ValueError(f"SyncConfig.keep_ms must be >= 0, got {self.keep_ms}")
         for name in ("merge", "dense_merge"):
             if getattr(self, name) not in MERGE_RULES:
                 raise ValueError(f"SyncConfig.{name} must be one of {MERGE_RULES}, got {getattr(self, name)!r}")
 
     def epoch_of(self, event_time_ms: int) -> int:
         return int(event_time_ms) // self.interval_ms
+
+    @property
+    def keep_epochs(self) -> int:
+        """Epochs of publications kept behind the oldest one a shard could need after a restore (0: all)."""
+        return -(-self.keep_ms // self.interval_ms) if self.keep_ms else 0
 
 
 class Medium(Protocol):
@@ -117,6 +125,7 @@ class Medium(Protocol):
     def put(self, name: str, data: bytes) -> None: ...
     def get(self, name: str) -> bytes: ...
     def names(self) -> list[str]: ...
+    def remove(self, name: str) -> None: ...
 
 
 _MEMORY_IDS = itertools.count()
@@ -138,23 +147,36 @@ class MemoryMedium:
     def names(self) -> list[str]:
         return list(self.files)
 
+    def remove(self, name: str) -> None:
+        del self.files[name]
 
-def file_name(epoch: int, shard: int, max_event_time_ms: int) -> str:
-    return f"e{epoch:012d}-s{shard:04d}-t{max_event_time_ms}.sync"
+
+def file_name(epoch: int, shard: int, max_event_time_ms: int, restorable: int = -1) -> str:
+    """A publication's name: its epoch, shard and newest event time, and the oldest applied epoch its shard
+    could go back to after a restore (``SyncState.restorable``), which tells the others what they may remove."""
+    return f"e{epoch:012d}-s{shard:04d}-t{max_event_time_ms}-a{restorable}.sync"
 
 
-_PARSED: dict[str, tuple[int, int, int] | None] = {}
+_PARSED: dict[str, tuple[int, int, int, int] | None] = {}
+
+
+def parse_publication(name: str) -> tuple[int, int, int, int] | None:
+    """(epoch, shard, newest event time, restorable epoch) of a publication's file name (a name without the
+    last: -1); None for any other file."""
+    parsed = _PARSED.get(name)
+    if parsed is None and name not in _PARSED:
+        m = _NAME.match(name.rsplit("/", 1)[-1])
+        parsed = _PARSED[name] = (int(m.group(1)), int(m.group(2)), int(m.group(3)),
+                                  int(m.group(4)) if m.group(4) is not None else -1) if m else None
+        if len(_PARSED) > 1_000_000:
+            _PARSED.clear()
+    return parsed
 
 
 def parse_name(name: str) -> tuple[int, int, int] | None:
     """(epoch, shard, newest event time) of a publication's file name; None for any other file."""
-    parsed = _PARSED.get(name)
-    if parsed is None and name not in _PARSED:
-        m = _NAME.match(name.rsplit("/", 1)[-1])
-        parsed = _PARSED[name] = (int(m.group(1)), int(m.group(2)), int(m.group(3))) if m else None
-        if len(_PARSED) > 1_000_000:
-            _PARSED.clear()
-    return parsed
+    parsed = parse_publication(name)
+    return None if parsed is None else parsed[:3]
 
 
 @dataclass
@@ -278,17 +300,28 @@ class SyncState:
         self.ref_ids: dict[str, int] = {}
         self.ref_block = torch.zeros(0, 0)
         self.ref_dense: dict[str, torch.Tensor] | None = None
+        self.snapshots = (-1, -1)  # the applied epoch at the shard's last two snapshots in keyed state
+
+    @property
+    def restorable(self) -> int:
+        """The oldest applied epoch a restore of this shard could go back to: its next-to-last snapshot's (a
+        runner restores the state of its last checkpoint, which may not hold the newest snapshot yet)."""
+        return self.snapshots[0]
+
+    def note_snapshot(self) -> None:
+        """The shard's state is about to be snapshotted at its current position."""
+        self.snapshots = (self.snapshots[1], self.applied)
 
     def restart(self) -> None:
         """A resumed shard in a new run (a new medium): its positions start over; its reference and the
         changes it has not yet published are kept, so they go out with its first publication."""
-        self.open_epoch, self.published, self.applied = None, -1, -1
+        self.open_epoch, self.published, self.applied, self.snapshots = None, -1, -1, (-1, -1)
 
     def state_dict(self) -> dict[str, Any]:
         return {"open_epoch": -1 if self.open_epoch is None else self.open_epoch, "published": self.published,
                 "applied": self.applied, "max_event_time_ms": self.max_event_time_ms, "examples": self.examples,
                 "item_counts": json.dumps(sorted(self.item_counts.items())), "ref_ids": json.dumps(list(self.ref_ids)),
-                "touched": json.dumps(sorted(self.touched)),
+                "touched": json.dumps(sorted(self.touched)), "snapshots": json.dumps(list(self.snapshots)),
                 "ref_block": self.ref_block.cpu(), "ref_dense": {} if self.ref_dense is None else dict(self.ref_dense)}
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
@@ -297,6 +330,8 @@ class SyncState:
         self.max_event_time_ms, self.examples = int(sd["max_event_time_ms"]), int(sd["examples"])
         self.item_counts = Counter(dict(json.loads(sd["item_counts"])))
         self.touched = set(json.loads(sd["touched"]))
+        first, last = json.loads(sd.get("snapshots", "[-1, -1]"))  # (a checkpoint from before they were kept: none)
+        self.snapshots = (int(first), int(last))
         self.ref_ids = {k: i for i, k in enumerate(json.loads(sd["ref_ids"]))}
         self.ref_block = sd["ref_block"]
         self.ref_dense = dict(sd["ref_dense"]) or None

@@ -17,9 +17,9 @@ from core.medium import FolderMedium, MediumError, check_medium
 from core.settings import PipelineConfig, ShardingConfig, UpdateConfig
 from model.config import LearnerConfig, TableConfig
 from model.hashing import shard_of
-from model.journal import flush_micro_batch, new_meta, sync_on_time
+from model.journal import flush_micro_batch, new_meta, restore_learner, sync_on_time
 from model.learner import IncrementalLearner
-from model.shard_sync import ShardSync
+from model.shard_sync import ShardSync, SyncRetentionError
 from model.sync import MemoryMedium, ShardChange, SyncConfig, merge_changes, parse_name
 from pipelines import cli
 from pipelines.freshrec_pipeline import RefreshModels
@@ -110,9 +110,10 @@ def test_an_idle_shard_says_so_and_the_epoch_completes_without_waiting_for_its_n
     assert bool((moved > 1e-6).all())  # shard 1's change reached shard 0
 
 
-def drive(learner_cfg, syncs, batches, restart_at: int | None = None):
+def drive(learner_cfg, syncs, batches, restart_at: int | None = None, log: list | None = None):
     """flush_micro_batch over (shard, events) batches with state kept as the Beam step keeps it; at
-    ``restart_at`` the live learners are dropped and rebuilt from snapshot + journal."""
+    ``restart_at`` the live learners are dropped and rebuilt from snapshot + journal. ``log`` gets every
+    journal entry, as (shard, entry), snapshots or not."""
     live: dict = {}
     state = {s: {"meta": new_meta(), "snapshot": None, "journal": []} for s in range(len(syncs))}
     for n, (shard, events) in enumerate(batches):
@@ -124,9 +125,13 @@ def drive(learner_cfg, syncs, batches, restart_at: int | None = None):
                                  live, shard, syncs[shard])
             if entry is not None:
                 st["journal"].append(entry)
+                if log is not None:
+                    log.append((shard, entry))
             continue
         done = flush_micro_batch(learner_cfg, shard, events, st["meta"], lambda st=st: (st["snapshot"], list(st["journal"])),
                                  live, shard, 3, 3, 0, syncs[shard])
+        if log is not None:
+            log.append((shard, done.journal_entry))
         if done.snapshot is not None:
             st["snapshot"], st["journal"] = done.snapshot, []
         else:
@@ -175,6 +180,50 @@ def test_a_restart_replays_publications_on_time_without_publishing_or_merging_tw
             assert (a.sync.applied, a.sync.published, a.counters["sync_merges"]) == \
                 (b.sync.applied, b.sync.published, b.counters["sync_merges"]), "a merge applied twice or skipped"
             assert a.parameters_snapshot() == b.parameters_snapshot()
+
+
+def kept_for(keep_ms: int):
+    """Two shards syncing every 10 s of event time that keep ``keep_ms`` of publications (0: all), and the
+    batches of a long run: 40 rounds 15 s apart, shard 1 idle (ticks only) now and then."""
+    learner_cfg = cfg(negatives=1)
+    medium, sync = MemoryMedium(), SyncConfig(shards=2, interval_ms=10_000, keep_ms=keep_ms)
+    stream, batches = topic_stream(8), []
+    for round_ in range(40):
+        batches.append((0, batch(stream, round_ * 15_000, ["ua", "ua2"])))
+        batches.append((1, round_ * 15_000 + 1_000) if round_ % 4 == 3 else (1, batch(stream, round_ * 15_000 + 50, ["ub"])))
+    return learner_cfg, medium, [ShardSync(sync, medium, s) for s in range(2)], batches
+
+
+def test_the_retention_removes_what_no_shard_can_need_and_changes_nothing_learned():
+    learner_cfg, medium, syncs, batches = kept_for(0)
+    whole = drive(learner_cfg, syncs, batches)
+    for restart_at in (None, 57):
+        learner_cfg2, medium2, syncs2, _ = kept_for(20_000)  # 2 epochs behind what a restore could need
+        kept = drive(learner_cfg2, syncs2, batches, restart_at=restart_at)
+        assert len(medium2.names()) < len(medium.names()) / 3, (len(medium2.names()), len(medium.names()))
+        assert set(medium2.names()) < set(medium.names()), "a publication differs"
+        restorable = min(learner.sync.restorable for learner in kept.values())
+        assert restorable > 10 and sum(learner.counters["sync_removed"] for learner in kept.values()) > 0
+        removed = {parse_name(n)[0] for n in set(medium.names()) - set(medium2.names())}
+        assert max(removed) < restorable - 1, "removed a publication a restore of a shard could need"
+        assert max(removed) >= restorable - 4, "kept more than the retention says"
+        for shard in (0, 1):
+            a, b = whole[shard], kept[shard]
+            assert (a.sync.applied, a.sync.published, a.counters["sync_merges"]) == \
+                (b.sync.applied, b.sync.published, b.counters["sync_merges"])
+            assert a.parameters_snapshot() == b.parameters_snapshot()
+
+
+def test_a_restore_behind_the_retention_stops_with_an_error_saying_so():
+    learner_cfg, medium, syncs, batches = kept_for(20_000)
+    log: list = []
+    drive(learner_cfg, syncs, batches, log=log)
+    journal = [entry for shard, entry in log if shard == 0]  # all of shard 0's flushes, from its first
+    with pytest.raises(SyncRetentionError, match="sync epoch 0, .*--sync_keep_s"):
+        restore_learner(learner_cfg, 0, None, journal, syncs[0])
+    fresh = IncrementalLearner(learner_cfg, 0)  # state from before any snapshot, without its journal
+    with pytest.raises(SyncRetentionError, match="sync epoch 0, "):
+        syncs[0].catch_up(fresh, 10**9)
 
 
 # ---------------------------------------------------------------------- the pipeline, under TestStream

@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import uuid
 
+from apache_beam.io.filesystem import BeamIOError
 from apache_beam.io.filesystems import FileSystems
 
 
@@ -46,4 +47,9 @@ class FileSystemsMedium:
         return [m.path.rsplit("/", 1)[-1] for m in found]
 
     def remove(self, name: str) -> None:
-        FileSystems.delete([self._path(name)])
+        try:
+            FileSystems.delete([self._path(name)])
+        except BeamIOError as exc:
+            if FileSystems.exists(self._path(name)):
+                raise
+            raise FileNotFoundError(self._path(name)) from exc
