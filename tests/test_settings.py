@@ -84,6 +84,9 @@ def test_a_flag_group_builds_the_configs_and_unknown_names_are_refused():
     assert cfg.sharding.shards == 3 and cfg.update.batch_size == 1 and cfg.learner.mode == "online"
     assert cfg.learner.user_table.ttl_ms == 86_400_000 and cfg.learner.dim == DEFAULTS["dim"]
     assert cfg.dedupe_ttl_ms == int(DEFAULTS["dedupe_ttl_s"] * 1000)  # a group not taken keeps its defaults
+    assert cfg.sharding.sync is not None and cfg.sharding.sync.keep_ms == int(DEFAULTS["sync_keep_s"] * 1000)
+    kept = pipeline_config(parser.parse_args(["--shards", "3", "--sync_keep_s", "0", "--sync_interval_s", "7"])).sharding.sync
+    assert kept is not None and (kept.keep_ms, kept.keep_epochs, kept.interval_ms) == (0, 0, 7_000)
     with pytest.raises(ValueError, match="no such flags"):
         add_flags(argparse.ArgumentParser(), ("model",), only=("dimension",))
     with pytest.raises(ValueError, match="shards must be >= 1"):

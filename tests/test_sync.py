@@ -25,6 +25,7 @@ from pipelines import cli
 from pipelines.freshrec_pipeline import RefreshModels
 from tests.helpers import FEATURES, Collected, CollectTo, cfg, fixed_clock, topic_stream
 from tests.test_pipeline_streaming import at, wire
+from transforms.medium import FileSystemsMedium
 from transforms.update import DELTAS
 
 
@@ -182,11 +183,11 @@ def test_a_restart_replays_publications_on_time_without_publishing_or_merging_tw
             assert a.parameters_snapshot() == b.parameters_snapshot()
 
 
-def kept_for(keep_ms: int):
+def kept_for(keep_ms: int, medium=None):
     """Two shards syncing every 10 s of event time that keep ``keep_ms`` of publications (0: all), and the
     batches of a long run: 40 rounds 15 s apart, shard 1 idle (ticks only) now and then."""
     learner_cfg = cfg(negatives=1)
-    medium, sync = MemoryMedium(), SyncConfig(shards=2, interval_ms=10_000, keep_ms=keep_ms)
+    medium, sync = medium or MemoryMedium(), SyncConfig(shards=2, interval_ms=10_000, keep_ms=keep_ms)
     stream, batches = topic_stream(8), []
     for round_ in range(40):
         batches.append((0, batch(stream, round_ * 15_000, ["ua", "ua2"])))
@@ -194,11 +195,12 @@ def kept_for(keep_ms: int):
     return learner_cfg, medium, [ShardSync(sync, medium, s) for s in range(2)], batches
 
 
-def test_the_retention_removes_what_no_shard_can_need_and_changes_nothing_learned():
+def test_the_retention_removes_what_no_shard_can_need_and_changes_nothing_learned(tmp_path):
     learner_cfg, medium, syncs, batches = kept_for(0)
     whole = drive(learner_cfg, syncs, batches)
     for restart_at in (None, 57):
-        learner_cfg2, medium2, syncs2, _ = kept_for(20_000)  # 2 epochs behind what a restore could need
+        folder = FileSystemsMedium(str(tmp_path / f"sync-{restart_at}"))  # the Beam steps' medium, on a local folder
+        learner_cfg2, medium2, syncs2, _ = kept_for(20_000, folder)  # 2 epochs behind what a restore could need
         kept = drive(learner_cfg2, syncs2, batches, restart_at=restart_at)
         assert len(medium2.names()) < len(medium.names()) / 3, (len(medium2.names()), len(medium.names()))
         assert set(medium2.names()) < set(medium.names()), "a publication differs"
