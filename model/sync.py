@@ -19,6 +19,11 @@ time is not after the batch's oldest one: it never learns from another shard's f
 ``merged - own`` to its copy (its own change is in it already), so every copy equals the initial rows
 plus every merged epoch it applied plus its own changes not yet merged.
 
+The medium stays bounded (``SyncConfig.keep_ms``, ``--sync_keep_s``): a publication's name also says which
+applied epoch its shard could be restored to (its next-to-last snapshot, ``SyncState.restorable``), and each
+shard removes its own publications older, by the retention, than the oldest of those
+(``ShardSync.prune``). A restore further back stops with ``SyncRetentionError``, never a silent skip.
+
 What is shared, by measurement (``bench/sync_variants.py``, ``bench/sharding.py``, docs/benchmarks.md): the
 item rows, the global bias and the item-feature MLP (``item_mlp``: on Globo news, whose items come and go,
 it lifted 4 shards' Recall@10 from 0.94x to 1.05x of one shard's). What stays with its shard: the items'
