@@ -82,7 +82,7 @@ class PublicationIndex:
         gone = self.known - names
         if gone and not names:  # a cleared folder: start over
             self.clear()
-        for name in gone & self.known:  # removed by the retention (``ShardSync.prune``)
+        for name in gone if names else ():  # removed by the retention (``ShardSync.prune``)
             self.forget(name)
         for name in names - self.known:
             self.known.add(name)
@@ -101,16 +101,19 @@ class PublicationIndex:
         """Drop a removed publication."""
         self.known.discard(name)
         parsed = parse_publication(name)
-        files = self.by_epoch.get(parsed[0], []) if parsed else []
-        if parsed is None or (name, parsed[1], parsed[2]) not in files:
+        if parsed is None:
             return
-        files.remove((name, parsed[1], parsed[2]))
+        epoch, shard, max_ms, _ = parsed
+        files = self.by_epoch.get(epoch, [])
+        if (name, shard, max_ms) not in files:
+            return
+        files.remove((name, shard, max_ms))
         if not files:
-            del self.by_epoch[parsed[0]]
-            self.epochs.remove(parsed[0])
-        if parsed[0] == self.newest_label[parsed[1]]:  # (the retention never removes a shard's newest)
-            self.newest_label[parsed[1]] = max((e for e in self.epochs for _, s, _ in self.by_epoch[e]
-                                                if s == parsed[1]), default=-1)
+            del self.by_epoch[epoch]
+            self.epochs.remove(epoch)
+        if epoch == self.newest_label[shard]:  # (the retention never removes a shard's newest)
+            self.newest_label[shard] = max((e for e in self.epochs for _, s, _ in self.by_epoch[e] if s == shard),
+                                           default=-1)
 
     def floor(self, keep_epochs: int) -> int:
         """The oldest epoch whose publications are all kept: the retention (``SyncConfig.keep_epochs``) removes
