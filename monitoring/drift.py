@@ -1,10 +1,10 @@
 """Drift and anomaly detection over the window statistics, with River's detectors.
 
 ``DriftMonitor.update`` takes the ``schemas/window_stats.avsc`` records of a run in event-time order
-and returns the alerts (``monitoring.alerts.Alert``) they raise. Each signal, of the whole run (shard
--1) and of each shard, has its own ``Watch``: the signal is standardised against its own recent level
-(River's exponentially weighted mean, ``stats.EWMean``) and noise (the EW mean of the change from one window
-to the next, which a slow trend such as the learning curve does not inflate as a variance would), with a floor
+and returns the alerts (``monitoring.alerts.Alert``) they raise. Each signal of the whole run (shard -1),
+and of each shard for those watched per shard, has its own ``Watch``: the signal is standardised against its
+own recent level (River's exponentially weighted mean, ``stats.EWMean``) and noise (the EW mean of the change
+from one window to the next, which a slow trend such as the learning curve does not inflate as a variance would), with a floor
 on the scale (``resolution``: the smallest change worth an alert, so that a flat signal's tiny variance does
 not turn noise into alarms), and River's Page-Hinkley test (``drift.PageHinkley``) watches the
 standardised value for a sustained shift in the signal's direction of harm. After a firing the watch
@@ -13,8 +13,12 @@ stays quiet for ``cooldown`` windows while it keeps learning the new level, then
 Signals (``SIGNALS``): prequential logloss (up) and AUC (down), overall and per shard; popularity churn
 (the share of the top items not among the previous window's); traffic volume and distinct users (log
 scale, either way); the dead-letter and late rates (up); rollbacks per window (up, overall and per shard); the
-sync lag (up, per shard and the largest of them: a shard's publications not yet merged back, averaged over its
-flushes in the window, which grows while another shard has stalled).
+sync lag (up, of the run only): the least, over the shards that learned in the window, of a shard's publications
+not yet merged back (averaged over its flushes). Shards that run out of step wait on the one furthest behind,
+which holds the merge and so has no lag of its own: the least is about 0 however far the others are ahead, and
+it grows only when every learning shard waits, on a shard that has stopped publishing. A shard's own lag (in the
+window statistics) says that it waits, not who holds it, and swings as the runner changes which shard is
+behind, so it is not watched per shard.
 
 >>> monitor = DriftMonitor(warmup=3)
 >>> def window(i, events, dead=0):
@@ -72,7 +76,7 @@ SIGNALS: tuple[Signal, ...] = (
     Signal("dead_letter_rate", "up", 0.01),
     Signal("late_rate", "up", 0.01),
     Signal("rollbacks", "up", 1.0, per_shard=True),
-    Signal("sync_lag", "up", 1.0, per_shard=True),
+    Signal("sync_lag", "up", 1.0),
 )
 
 
@@ -165,7 +169,7 @@ class DriftMonitor:
             "top_items_churn": lambda: _churn(self.previous_top, top), "traffic_volume": lambda: record["events"],
             "distinct_users": lambda: record["distinct_users"], "dead_letter_rate": lambda: record["dead_letter_rate"],
             "late_rate": lambda: record["late_rate"], "rollbacks": lambda: record["rollbacks"],
-            "sync_lag": lambda: max((float(p.get("sync_lag_epochs", 0)) for p in record.get("shards") or []),
+            "sync_lag": lambda: min((float(p.get("sync_lag_epochs", 0)) for p in record.get("shards") or []),
                                     default=None)}
         out: dict[tuple[str, int], float] = {}
         for signal in self.signals:
@@ -173,8 +177,7 @@ class DriftMonitor:
             if value is not None and not (partial and signal.name in VOLUME):
                 out[(signal.name, -1)] = float(value)
             if signal.per_shard:
-                field = {"prequential_logloss": "logloss", "prequential_auc": "auc",
-                         "sync_lag": "sync_lag_epochs"}.get(signal.name, signal.name)
+                field = {"prequential_logloss": "logloss", "prequential_auc": "auc"}.get(signal.name, signal.name)
                 for part in record.get("shards") or []:
                     if part.get(field) is not None:
                         out[(signal.name, int(part["shard"]))] = float(part[field])

@@ -72,6 +72,31 @@ def test_windows_without_valid_events_are_not_compared():
     assert monitor.update(empty) == [] and monitor.windows == 0
 
 
+def _synced_window(i: int, lags: dict[int, float]) -> dict:
+    return {"window_start_ms": i * 60_000, "window_end_ms": (i + 1) * 60_000, "events": 900, "distinct_users": 300,
+            "dead_letter_rate": 0.0, "late_rate": 0.0, "rollbacks": 0, "top_items": [], "logloss": None, "auc": None,
+            "shards": [{"shard": s, "flushes": 14, "sync_lag_epochs": lag} for s, lag in sorted(lags.items())]}
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_the_sync_lag_alert_ignores_shards_running_out_of_step_and_fires_when_one_stops_publishing(seed):
+    # as the streaming DirectRunner runs them (bench.drift's stall scenario): the shard furthest behind holds
+    # the merge (its own lag about 0) while the others wait 6-25 epochs, and which shard that is changes every
+    # two to five windows; then shard 0 publishes nothing for three windows and every other shard waits on it
+    rng, holder, left, monitor, fired = random.Random(seed), 0, 0, DriftMonitor(), []
+    for i in range(30):
+        if not left:
+            holder, left = rng.choice([s for s in range(4) if s != holder]), rng.randint(2, 5)
+        left -= 1
+        level = rng.uniform(6, 25)
+        lags = {s: rng.uniform(0.2, 1.0) if s == holder else level + rng.uniform(-3, 3) for s in range(4)}
+        fired += [(i, a.shard, a.signal) for a in monitor.update(_synced_window(i, lags))]
+    assert fired == []
+    for i, level in ((30, 10.0), (31, 25.0), (32, 40.0)):
+        fired += [(i, a.shard, a.signal) for a in monitor.update(_synced_window(i, {s: level for s in (1, 2, 3)}))]
+    assert fired and fired[0][0] <= 31 and {(s, sig) for _, s, sig in fired} == {(-1, "sync_lag")}, fired
+
+
 @pytest.mark.parametrize("kind", ["burst", "malformed", "popularity", "poison", "stall"])
 def test_an_injected_shift_raises_its_alert_within_two_windows_through_the_pipeline(kind):
     r = run_scenario(kind, seed=0, windows=32, window_s=1800, at=24, bound=2)
