@@ -1,14 +1,14 @@
 """Drift and anomaly detection over the window statistics, with River's detectors.
 
-``DriftMonitor.update`` takes the ``schemas/window_stats.avsc`` records of a run in event-time order
-and returns the alerts (``monitoring.alerts.Alert``) they raise. Each signal of the whole run (shard -1),
-and of each shard for those watched per shard, has its own ``Watch``: the signal is standardised against its
-own recent level (River's exponentially weighted mean, ``stats.EWMean``) and noise (the EW mean of the change
-from one window to the next, which a slow trend such as the learning curve does not inflate as a variance would), with a floor
-on the scale (``resolution``: the smallest change worth an alert, so that a flat signal's tiny variance does
-not turn noise into alarms), and River's Page-Hinkley test (``drift.PageHinkley``) watches the
-standardised value for a sustained shift in the signal's direction of harm. After a firing the watch
-stays quiet for ``cooldown`` windows while it keeps learning the new level, then starts a fresh test.
+``DriftMonitor.update`` takes the ``schemas/window_stats.avsc`` records of a run in event-time order and returns
+the alerts (``monitoring.alerts.Alert``) they raise. Each signal of the whole run (shard -1), and of each shard
+for those watched per shard, has its own ``Watch``: the signal is standardised against its own recent level
+(River's exponentially weighted mean, ``stats.EWMean``) and noise (the EW mean of the change from one window to
+the next, which a slow trend such as the learning curve does not inflate as a variance would), with a floor on
+the scale (``resolution``: the smallest change worth an alert, so that a flat signal's tiny variance does not
+turn noise into alarms), and River's Page-Hinkley test (``drift.PageHinkley``) watches the standardised value
+for a sustained shift in the signal's direction of harm. After a firing the watch stays quiet for ``cooldown``
+windows while it keeps learning the new level, then starts a fresh test.
 
 Signals (``SIGNALS``): prequential logloss (up) and AUC (down), overall and per shard; popularity churn
 (the share of the top items not among the previous window's); traffic volume and distinct users (log
