@@ -82,8 +82,9 @@ class PublicationIndex:
         gone = self.known - names
         if gone and not names:  # a cleared folder: start over
             self.clear()
-        for name in gone if names else ():  # removed by the retention (``ShardSync.prune``)
-            self.forget(name)
+        else:
+            for name in gone:  # removed by the retention (``ShardSync.prune``)
+                self.forget(name)
         for name in names - self.known:
             self.known.add(name)
             parsed = parse_publication(name)
