@@ -214,6 +214,19 @@ def test_a_quiet_shard_of_the_flink_job_publishes_on_event_time(flink_python, tm
     assert len(quiet) >= 3 and quiet[-1] == last_epoch, (quiet, cut // interval_ms, last_epoch)
 
 
+def test_a_job_restored_after_its_last_event_still_ends_every_shard_at_the_newest_epoch(flink_python):
+    """The end of the input ticks every shard up to the newest event's epoch, so that no shard holds back the
+    others' last merges. Restored from a checkpoint taken once every event was in, the operator has seen no
+    event when the input ends: the ticks still reach that epoch, in either order of the shards' timers, and
+    the publications are those of the uninterrupted run (UpdateShardModel on fake state: tests/flink_fakes.py)."""
+    done = subprocess.run([flink_python, "-m", "tests.flink_fakes"], cwd=ROOT, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    runs = json.loads(done.stdout)
+    assert max(runs["uninterrupted"]["1"]) == runs["newest_epoch"] > runs["quiet_after_epoch"] + 2
+    assert runs["restored"] == runs["uninterrupted"]
+    assert runs["restored_quiet_first"] == runs["uninterrupted"]
+
+
 def test_the_job_reads_a_dataset_and_without_window_statistics_writes_only_records(flink_python, tmp_path):
     """--data (any dataset the CLI reads; here a CSV) is exported as freshrec export does and read;
     --stats_window_s 0: the flush reports must not leak into the outputs, and the summary still accounts."""
