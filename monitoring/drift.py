@@ -16,9 +16,12 @@ scale, either way); the dead-letter and late rates (up); rollbacks per window (u
 sync lag (up, of the run only): the least, over the shards that learned in the window, of a shard's publications
 not yet merged back (averaged over its flushes). Shards that run out of step wait on the one furthest behind,
 which holds the merge and so has no lag of its own: the least is about 0 however far the others are ahead, and
-it grows only when every learning shard waits, on a shard that has stopped publishing. A shard's own lag (in the
-window statistics) says that it waits, not who holds it, and swings as the runner changes which shard is
-behind, so it is not watched per shard.
+it grows only when every learning shard waits, on a shard that has stopped publishing. It is taken only in a
+window where at least half of the run's shards (those seen learning so far) learned: where fewer did, as in a
+sparse stream over many shards, the one holding the merge is seldom among them, and a burst of one user's events
+makes its shard wait on the quiet ones until event time reaches them, so the least said nothing of a stall
+(docs/benchmarks.md, "Drift alerts"). A shard's own lag (in the window statistics) says that it waits, not who
+holds it, and swings as the runner changes which shard is behind, so it is not watched per shard.
 
 >>> monitor = DriftMonitor(warmup=3)
 >>> def window(i, events, dead=0):
@@ -145,6 +148,14 @@ def _churn(previous: list[str] | None, current: list[str]) -> float | None:
     return 1.0 - len(set(previous) & set(current)) / max(len(current), 1)
 
 
+def _least_lag(parts: list[dict[str, Any]], shards: int) -> float | None:
+    """The run's sync lag in a window: the least lag of the shards that learned in it, where they are at least
+    half of the ``shards`` the run has (otherwise None: the window does not say)."""
+    if not parts or 2 * len(parts) < shards:
+        return None
+    return min(float(p.get("sync_lag_epochs", 0)) for p in parts)
+
+
 class DriftMonitor:
     """Every signal of ``SIGNALS`` for the whole run and each shard; feed it windows in event-time order."""
 
@@ -153,6 +164,7 @@ class DriftMonitor:
         self.watches: dict[tuple[str, int], Watch] = {}
         self.previous_top: list[str] | None = None
         self.windows = 0
+        self.shards_seen: set[int] = set()  # the shards that learned in any window so far
 
     def _watch(self, signal: Signal, shard: int) -> Watch:
         key = (signal.name, shard)
@@ -164,13 +176,15 @@ class DriftMonitor:
         """The signals' values in one window record, by (signal, shard); absent where undefined. A ``partial``
         window (the first of a run, or the last of a bounded one) has no traffic volume or distinct users."""
         top = [c["id"] for c in record.get("top_items") or []][:TOP_N]
+        parts = record.get("shards") or []
+        seen = self.__dict__.setdefault("shards_seen", set())  # (a monitor pickled before it kept them starts here)
+        seen.update(int(p["shard"]) for p in parts)
         overall: dict[str, Callable[[], float | None]] = {
             "prequential_logloss": lambda: record.get("logloss"), "prequential_auc": lambda: record.get("auc"),
             "top_items_churn": lambda: _churn(self.previous_top, top), "traffic_volume": lambda: record["events"],
             "distinct_users": lambda: record["distinct_users"], "dead_letter_rate": lambda: record["dead_letter_rate"],
             "late_rate": lambda: record["late_rate"], "rollbacks": lambda: record["rollbacks"],
-            "sync_lag": lambda: min((float(p.get("sync_lag_epochs", 0)) for p in record.get("shards") or []),
-                                    default=None)}
+            "sync_lag": lambda: _least_lag(parts, len(seen))}
         out: dict[tuple[str, int], float] = {}
         for signal in self.signals:
             value = overall[signal.name]()
