@@ -170,7 +170,7 @@ def restore_after_the_last_event(work: str, events: int = 120, lag_ms: int = 25_
     advance(op, keyed, END_OF_TIME)  # uninterrupted: the input ends
     out = {"newest_epoch": sync.epoch_of(stream[-1]["event_time_ms"]), "quiet_after_epoch": sync.epoch_of(quiet_after),
            "uninterrupted": publications(location)}
-    # restored with every event in, so the input ends at once; the quiet shard's timers first, then last
+    # restored with every event in, so the input ends at once; the quiet shard's timers last, then first
     for run, keys_down in (("restored", False), ("restored_quiet_first", True)):
         restored = _Keyed(*copy.deepcopy(saved[:2]))
         restored.watermark = saved[2]
