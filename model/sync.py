@@ -116,6 +116,10 @@ class SyncConfig:
     def epoch_of(self, event_time_ms: int) -> int:
         return int(event_time_ms) // self.interval_ms
 
+    def end_of_epoch(self, event_time_ms: int) -> int:
+        """When event time leaves the epoch of ``event_time_ms``: where a tick publishes it."""
+        return (self.epoch_of(event_time_ms) + 1) * self.interval_ms
+
     @property
     def keep_epochs(self) -> int:
         """Epochs of publications kept behind the oldest one a shard could need after a restore (0: all)."""

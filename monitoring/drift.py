@@ -166,6 +166,9 @@ class DriftMonitor:
         self.windows = 0
         self.shards_seen: set[int] = set()  # the shards that learned in any window so far
 
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update({"shards_seen": set(), **state})  # a monitor pickled before it kept them starts here
+
     def _watch(self, signal: Signal, shard: int) -> Watch:
         key = (signal.name, shard)
         if key not in self.watches:
@@ -177,14 +180,13 @@ class DriftMonitor:
         window (the first of a run, or the last of a bounded one) has no traffic volume or distinct users."""
         top = [c["id"] for c in record.get("top_items") or []][:TOP_N]
         parts = record.get("shards") or []
-        seen = self.__dict__.setdefault("shards_seen", set())  # (a monitor pickled before it kept them starts here)
-        seen.update(int(p["shard"]) for p in parts)
+        self.shards_seen.update(int(p["shard"]) for p in parts)
         overall: dict[str, Callable[[], float | None]] = {
             "prequential_logloss": lambda: record.get("logloss"), "prequential_auc": lambda: record.get("auc"),
             "top_items_churn": lambda: _churn(self.previous_top, top), "traffic_volume": lambda: record["events"],
             "distinct_users": lambda: record["distinct_users"], "dead_letter_rate": lambda: record["dead_letter_rate"],
             "late_rate": lambda: record["late_rate"], "rollbacks": lambda: record["rollbacks"],
-            "sync_lag": lambda: _least_lag(parts, len(seen))}
+            "sync_lag": lambda: _least_lag(parts, len(self.shards_seen))}
         out: dict[tuple[str, int], float] = {}
         for signal in self.signals:
             value = overall[signal.name]()
@@ -192,7 +194,7 @@ class DriftMonitor:
                 out[(signal.name, -1)] = float(value)
             if signal.per_shard:
                 field = {"prequential_logloss": "logloss", "prequential_auc": "auc"}.get(signal.name, signal.name)
-                for part in record.get("shards") or []:
+                for part in parts:
                     if part.get(field) is not None:
                         out[(signal.name, int(part["shard"]))] = float(part[field])
         self.previous_top = top or self.previous_top

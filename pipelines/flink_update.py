@@ -83,7 +83,7 @@ class UpdateShardModel(KeyedProcessFunction):
         meta["newest_ms"] = max(meta.get("newest_ms", 0), event_ms)  # the shard's own, kept by its checkpoints
         self.newest_ms = max(self.newest_ms, meta["newest_ms"])
         if sync is not None and meta.get("tick_ms") is None:  # the shard's first event: start its epoch ticks
-            meta["tick_ms"] = (sync.cfg.epoch_of(event_ms) + 1) * sync.cfg.interval_ms
+            meta["tick_ms"] = sync.cfg.end_of_epoch(event_ms)
             ctx.timer_service().register_event_time_timer(meta["tick_ms"])
         self.meta.update(meta)
         if meta["buffered"] >= self.batch_size:
@@ -111,13 +111,13 @@ class UpdateShardModel(KeyedProcessFunction):
             return
         watermark, ticks = ctx.timer_service().current_watermark(), [now_ms]
         if watermark < END_OF_TIME:
-            meta["tick_ms"] = (sync.cfg.epoch_of(max(now_ms, watermark)) + 1) * sync.cfg.interval_ms
+            meta["tick_ms"] = sync.cfg.end_of_epoch(max(now_ms, watermark))
             ctx.timer_service().register_event_time_timer(meta["tick_ms"])
         else:  # the input ended: the last tick at once, not by a timer (one set while the final watermark fires
             # the others may never fire: tests/test_flink_job.py failed on that now and then)
             self.newest_ms = max(self.newest_ms, meta.get("newest_ms", 0))
             if now_ms <= self.newest_ms:
-                ticks.append((sync.cfg.epoch_of(self.newest_ms) + 1) * sync.cfg.interval_ms)
+                ticks.append(sync.cfg.end_of_epoch(self.newest_ms))
         self._tick(shard, sync, meta, ticks)
 
     def _last_tick(self, shard: int) -> None:
@@ -129,8 +129,7 @@ class UpdateShardModel(KeyedProcessFunction):
         sync, meta = self.syncs.get(shard), self.meta.value()
         if sync is None or meta is None or meta.get("tick_ms") is None:
             return
-        self._tick(shard, sync, meta, [(sync.cfg.epoch_of(max(self.newest_ms, meta.get("newest_ms", 0))) + 1)
-                                       * sync.cfg.interval_ms])
+        self._tick(shard, sync, meta, [sync.cfg.end_of_epoch(max(self.newest_ms, meta.get("newest_ms", 0)))])
 
     def _tick(self, shard: int, sync: ShardSync, meta: dict, ticks: list[int]) -> None:
         meta["tick_ms"] = max(meta.get("tick_ms") or 0, ticks[-1])
