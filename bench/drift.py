@@ -123,7 +123,7 @@ def run_scenario(kind: str, seed: int, windows: int, window_s: int, at: int, bou
     for a in alerts:
         k = (a["window_start_ms"] - first) // w
         listed.append({"window": k, "shard": a["shard"], "signal": a["signal"], "value": round(a["value"], 4),
-                       "baseline": round(a["baseline"], 4), "severity": a["severity"]})
+                       "baseline": round(a["baseline"], 4), "severity": a["severity"], "message": a["message"]})
         if a["signal"] in expected and k in explained and a["shard"] == -1:
             detected = k - at if detected is None else min(detected, k - at)
         elif k not in explained:

@@ -21,7 +21,10 @@ window where at least half of the run's shards (those seen learning so far) lear
 sparse stream over many shards, the one holding the merge is seldom among them, and a burst of one user's events
 makes its shard wait on the quiet ones until event time reaches them, so the least said nothing of a stall
 (docs/benchmarks.md, "Drift alerts"). A shard's own lag (in the window statistics) says that it waits, not who
-holds it, and swings as the runner changes which shard is behind, so it is not watched per shard.
+holds it, and swings as the runner changes which shard is behind, so it is not watched per shard. The run's
+alert names instead the shards seen learning before that did not learn in the window, the longest quiet first:
+the one holding the merge is likely among them (it has no lag of its own, so where it learned, the least lag
+would be near 0).
 
 >>> monitor = DriftMonitor(warmup=3)
 >>> def window(i, events, dead=0):
@@ -165,9 +168,22 @@ class DriftMonitor:
         self.previous_top: list[str] | None = None
         self.windows = 0
         self.shards_seen: set[int] = set()  # the shards that learned in any window so far
+        self.last_learned: dict[int, int] = {}  # shard -> the newest window (its count) it learned in
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update({"shards_seen": set(), **state})  # a monitor pickled before it kept them starts here
+        # a monitor pickled before it kept them starts them here
+        self.__dict__.update({"shards_seen": set(), "last_learned": {}, **state})
+
+    def _quiet_shards(self, parts: list[dict[str, Any]]) -> str:
+        """The shards seen learning before that did not learn in this window, the longest quiet first."""
+        learned = {int(p["shard"]) for p in parts}
+        quiet = sorted((self.last_learned.get(s, 0), s) for s in self.shards_seen - learned)
+        if not quiet:
+            return "; every shard seen learning so far learned in the window"
+        named = [f"shard {s} (last learned {self.windows - last} window{'s' * (self.windows - last > 1)} before)"
+                 for last, s in quiet[:3]]
+        more = f" and {len(quiet) - 3} more" if len(quiet) > 3 else ""
+        return "; not learning in the window: " + ", ".join(named) + more
 
     def _watch(self, signal: Signal, shard: int) -> Watch:
         key = (signal.name, shard)
@@ -181,6 +197,7 @@ class DriftMonitor:
         top = [c["id"] for c in record.get("top_items") or []][:TOP_N]
         parts = record.get("shards") or []
         self.shards_seen.update(int(p["shard"]) for p in parts)
+        self.last_learned.update((int(p["shard"]), self.windows) for p in parts)
         overall: dict[str, Callable[[], float | None]] = {
             "prequential_logloss": lambda: record.get("logloss"), "prequential_auc": lambda: record.get("auc"),
             "top_items_churn": lambda: _churn(self.previous_top, top), "traffic_volume": lambda: record["events"],
@@ -214,8 +231,9 @@ class DriftMonitor:
                 continue
             z, baseline = fired
             where = "the run" if shard < 0 else f"shard {shard}"
+            who = self._quiet_shards(record.get("shards") or []) if name == "sync_lag" else ""
             alerts.append(Alert(int(record["window_start_ms"]), int(record["window_end_ms"]) - 1, shard, name, value,
                                 baseline, DETECTOR, "critical" if abs(z) >= 10 else "warning",
                                 f"{name} of {where} moved to {value:.4g} from a recent level of {baseline:.4g} "
-                                f"({z:+.1f} standard units)"))
+                                f"({z:+.1f} standard units){who}"))
         return alerts

@@ -5,6 +5,7 @@ stream without it raises none over 50."""
 
 from __future__ import annotations
 
+import pickle
 import random
 
 import pytest
@@ -92,9 +93,16 @@ def test_the_sync_lag_alert_ignores_shards_running_out_of_step_and_fires_when_on
         lags = {s: rng.uniform(0.2, 1.0) if s == holder else level + rng.uniform(-3, 3) for s in range(4)}
         fired += [(i, a.shard, a.signal) for a in monitor.update(_synced_window(i, lags))]
     assert fired == []
+    messages = []
     for i, level in ((30, 10.0), (31, 25.0), (32, 40.0)):
-        fired += [(i, a.shard, a.signal) for a in monitor.update(_synced_window(i, {s: level for s in (1, 2, 3)}))]
+        alerts = monitor.update(_synced_window(i, {s: level for s in (1, 2, 3)}))
+        fired += [(i, a.shard, a.signal) for a in alerts]
+        messages += [a.message for a in alerts]
     assert fired and fired[0][0] <= 31 and {(s, sig) for _, s, sig in fired} == {(-1, "sync_lag")}, fired
+    # the alert names the shard that stopped, and how long ago it last learned
+    n = fired[0][0] - 29
+    assert messages[0].endswith(f"not learning in the window: shard 0 (last learned {n} window{'s' * (n > 1)} "
+                                "before)"), messages[0]
 
 
 @pytest.mark.parametrize("seed", range(5))
@@ -130,3 +138,17 @@ def test_the_same_stream_without_a_shift_raises_no_alert_over_fifty_windows():
     r = run_scenario("none", seed=0, windows=52, window_s=1800, at=24, bound=2)
     assert r["windows_watched"] >= 50
     assert r["alerts"] == [] and r["summary_alerts_by_signal"] == {}
+
+
+def test_the_sync_lag_alert_names_the_quiet_shards_longest_quiet_first():
+    rng, monitor, alerts = random.Random(0), DriftMonitor(), []
+    for i in range(30):  # six shards in step; shard 5 quiet from window 20, shard 2 from 24, then the others wait
+        quiet = {5} if 20 <= i < 24 else {2, 5} if i >= 24 else set()
+        lags = {s: 12.0 if i >= 24 else rng.uniform(0.2, 1.0) for s in range(6) if s not in quiet}
+        alerts += monitor.update(_synced_window(i, lags))
+    assert alerts and {a.signal for a in alerts} == {"sync_lag"}, alerts
+    assert alerts[0].message.endswith("not learning in the window: shard 5 (last learned 5 windows before), "
+                                      "shard 2 (last learned 1 window before)"), alerts[0].message
+    old = pickle.loads(pickle.dumps(monitor))
+    del old.__dict__["last_learned"]  # a monitor pickled before it kept them
+    assert pickle.loads(pickle.dumps(old)).last_learned == {}
