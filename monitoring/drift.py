@@ -177,11 +177,12 @@ class DriftMonitor:
     def _quiet_shards(self, parts: list[dict[str, Any]]) -> str:
         """The shards seen learning before that did not learn in this window, the longest quiet first."""
         learned = {int(p["shard"]) for p in parts}
-        quiet = sorted((self.last_learned.get(s, 0), s) for s in self.shards_seen - learned)
+        quiet = sorted((self.last_learned.get(s, -1), s) for s in self.shards_seen - learned)
         if not quiet:
             return "; every shard seen learning so far learned in the window"
-        named = [f"shard {s} (last learned {self.windows - last} window{'s' * (self.windows - last > 1)} before)"
-                 for last, s in quiet[:3]]
+        ago = {s: self.windows - last for last, s in quiet if last >= 0}  # unknown where an old pickle lacks it
+        named = [f"shard {s}" + (f" (last learned {ago[s]} window{'s' * (ago[s] > 1)} before)" if s in ago else "")
+                 for _, s in quiet[:3]]
         more = f" and {len(quiet) - 3} more" if len(quiet) > 3 else ""
         return "; not learning in the window: " + ", ".join(named) + more
 

@@ -151,4 +151,6 @@ def test_the_sync_lag_alert_names_the_quiet_shards_longest_quiet_first():
                                       "shard 2 (last learned 1 window before)"), alerts[0].message
     old = pickle.loads(pickle.dumps(monitor))
     del old.__dict__["last_learned"]  # a monitor pickled before it kept them
-    assert pickle.loads(pickle.dumps(old)).last_learned == {}
+    restored = pickle.loads(pickle.dumps(old))
+    assert restored.last_learned == {} and restored._quiet_shards([{"shard": s} for s in (0, 1, 3, 4)]).endswith(": shard 2, shard 5")
+    assert restored._quiet_shards([{"shard": 0}]).endswith(": shard 1, shard 2, shard 3 and 2 more")
