@@ -167,22 +167,24 @@ class DriftMonitor:
         self.watches: dict[tuple[str, int], Watch] = {}
         self.previous_top: list[str] | None = None
         self.windows = 0
-        self.shards_seen: set[int] = set()  # the shards that learned in any window so far
-        self.last_learned: dict[int, int] = {}  # shard -> the newest window (its count) it learned in
+        # the shards that learned in any window so far -> the newest window (its count) each learned in
+        self.last_learned: dict[int, int] = {}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        # a monitor pickled before it kept them starts them here
-        self.__dict__.update({"shards_seen": set(), "last_learned": {}, **state})
+        # a monitor pickled before it kept them starts here: with the shards it had seen (``shards_seen``, kept
+        # before the windows were), each in an unknown window (-1)
+        self.__dict__.update({"last_learned": dict.fromkeys(state.pop("shards_seen", ()), -1), **state})
 
     def _quiet_shards(self, parts: list[dict[str, Any]]) -> str:
         """The shards seen learning before that did not learn in this window, the longest quiet first."""
         learned = {int(p["shard"]) for p in parts}
-        quiet = sorted((self.last_learned.get(s, -1), s) for s in self.shards_seen - learned)
+        quiet = sorted((last, s) for s, last in self.last_learned.items() if s not in learned)
         if not quiet:
             return "; every shard seen learning so far learned in the window"
-        ago = {s: self.windows - last for last, s in quiet if last >= 0}  # unknown where an old pickle lacks it
-        named = [f"shard {s}" + (f" (last learned {ago[s]} window{'s' * (ago[s] > 1)} before)" if s in ago else "")
-                 for _, s in quiet[:3]]
+        named = []
+        for last, s in quiet[:3]:
+            n = self.windows - last
+            named.append(f"shard {s}" if last < 0 else f"shard {s} (last learned {n} window{'s' * (n > 1)} before)")
         more = f" and {len(quiet) - 3} more" if len(quiet) > 3 else ""
         return "; not learning in the window: " + ", ".join(named) + more
 
@@ -197,14 +199,13 @@ class DriftMonitor:
         window (the first of a run, or the last of a bounded one) has no traffic volume or distinct users."""
         top = [c["id"] for c in record.get("top_items") or []][:TOP_N]
         parts = record.get("shards") or []
-        self.shards_seen.update(int(p["shard"]) for p in parts)
         self.last_learned.update((int(p["shard"]), self.windows) for p in parts)
         overall: dict[str, Callable[[], float | None]] = {
             "prequential_logloss": lambda: record.get("logloss"), "prequential_auc": lambda: record.get("auc"),
             "top_items_churn": lambda: _churn(self.previous_top, top), "traffic_volume": lambda: record["events"],
             "distinct_users": lambda: record["distinct_users"], "dead_letter_rate": lambda: record["dead_letter_rate"],
             "late_rate": lambda: record["late_rate"], "rollbacks": lambda: record["rollbacks"],
-            "sync_lag": lambda: _least_lag(parts, len(self.shards_seen))}
+            "sync_lag": lambda: _least_lag(parts, len(self.last_learned))}
         out: dict[tuple[str, int], float] = {}
         for signal in self.signals:
             value = overall[signal.name]()

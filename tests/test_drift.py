@@ -150,7 +150,11 @@ def test_the_sync_lag_alert_names_the_quiet_shards_longest_quiet_first():
     assert alerts[0].message.endswith("not learning in the window: shard 5 (last learned 5 windows before), "
                                       "shard 2 (last learned 1 window before)"), alerts[0].message
     old = pickle.loads(pickle.dumps(monitor))
-    del old.__dict__["last_learned"]  # a monitor pickled before it kept them
+    old.shards_seen = set(old.__dict__.pop("last_learned"))  # a monitor pickled before it kept their windows
     restored = pickle.loads(pickle.dumps(old))
-    assert restored.last_learned == {} and restored._quiet_shards([{"shard": s} for s in (0, 1, 3, 4)]).endswith(": shard 2, shard 5")
+    assert restored.last_learned == dict.fromkeys(range(6), -1) and not hasattr(restored, "shards_seen")
+    assert restored._quiet_shards([{"shard": s} for s in (0, 1, 3, 4)]).endswith(": shard 2, shard 5")
     assert restored._quiet_shards([{"shard": 0}]).endswith(": shard 1, shard 2, shard 3 and 2 more")
+    older = DriftMonitor()
+    del older.__dict__["last_learned"]  # pickled before it kept the shards at all
+    assert pickle.loads(pickle.dumps(older)).last_learned == {}
