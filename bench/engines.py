@@ -16,7 +16,8 @@ flushes, score and delta records), inline on one thread in this process: the mos
 model, which tells the engines' own costs apart from the model's. The floor rows (``flink-floor-pN``, not run
 by default) are the other bound: the Flink job's shape on the same cluster with nothing in its steps
 (bench/flink_floor.py), what PyFlink alone costs per event; ``flink-floor-blocks-pN``, the same with the events
-moved in blocks of ``--floor_block`` (the job's one design lever left).
+moved in blocks of ``--floor_block`` (the job's one design lever left). ``flink-arrival-pN`` (not run by default)
+is the job with its micro-batches cut in arrival order (``--arrival_order``), not in event-time order.
 
 The plain loop is ``bench/throughput.py``'s: the same model form on nn.Embedding tables with a vocabulary
 known in advance, Adagrad, micro-batches of ``--batch_size`` events each with ``--negatives`` sampled
@@ -47,8 +48,9 @@ from pipelines.results import count_lines
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MAIN_PY = os.path.join(ROOT, ".venv", "bin", "python")
-# every engine's name, once: the Flink rows carry their shape (floor, blocks) and parallelism in it
-ENGINE = re.compile(r"direct|plain_torch|core|flink-(?P<floor>floor-(?P<blocks>blocks-)?)?p(?P<parallelism>[1-9]\d*)")
+# every engine's name, once: the Flink rows carry their shape (floor, blocks, arrival order) and parallelism in it
+ENGINE = re.compile(r"direct|plain_torch|core"
+                    r"|flink-(?:(?P<floor>floor-(?P<blocks>blocks-)?)|(?P<arrival>arrival-))?p(?P<parallelism>[1-9]\d*)")
 
 
 def write_events(args: argparse.Namespace, path: str) -> int:
@@ -160,14 +162,17 @@ def summary_of(out: str) -> dict[str, Any]:
 
 
 def run_flink(args: argparse.Namespace, cluster: FlinkCluster, name: re.Match[str], events: str, work: str) -> dict[str, Any]:
-    """flink-pN: the job at parallelism N; flink-floor[-blocks]-pN: bench/flink_floor.py (the job's shape, empty
-    steps; events in blocks). ``name``: the engine's name as ``ENGINE`` matched it."""
+    """flink-pN: the job at parallelism N; flink-arrival-pN: the same with ``--arrival_order``; flink-floor[-blocks]-pN:
+    bench/flink_floor.py (the job's shape, empty steps; events in blocks). ``name``: the engine's name as ``ENGINE``
+    matched it."""
     engine, floor, parallelism = name[0], name["floor"] is not None, int(name["parallelism"])
     out, ck = os.path.join(work, engine), os.path.join(work, f"ck-{engine}")
     job = ["--py", os.path.join(ROOT, "bench", "flink_floor.py")] if floor else []
     flags = ["--shards", str(args.shards)] if floor else ["--checkpoint_dir", ck, "--quiet", *model_flags(args)]
     if name["blocks"]:
         flags += ["--block", str(args.floor_block)]
+    if name["arrival"]:
+        flags += ["--arrival_order"]
     cmd = ["bash", cluster.script, "submit", "--parallelism", str(parallelism), *job, "--", "--input", events,
            "--output", out, *flags]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=cluster.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -293,7 +298,8 @@ def make_parser() -> argparse.ArgumentParser:
     ap.add_argument("--data", default=None, help="a dataset the CLI reads, instead of the synthetic stream")
     ap.add_argument("--limit", type=int, default=None, help="with --data: its first N events in time order")
     ap.add_argument("--engines", default="direct,flink-p1,flink-p2,plain_torch,core",
-                    help="which to run: direct, flink-pN (the job at parallelism N), flink-floor-pN (its shape with "
+                    help="which to run: direct, flink-pN (the job at parallelism N), flink-arrival-pN (the same, its "
+                         "micro-batches cut in arrival order: --arrival_order), flink-floor-pN (its shape with "
                          "empty steps: bench/flink_floor.py), flink-floor-blocks-pN (the same, events in blocks), "
                          "plain_torch, core (the runner-free core)")
     ap.add_argument("--floor_block", type=int, default=2048, help="events per block of the flink-floor-blocks-pN rows")

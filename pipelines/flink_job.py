@@ -217,7 +217,8 @@ def build(env: StreamExecutionEnvironment, args: argparse.Namespace, input_path:
     scores = (with_users.key_by(lambda e: shard_of(e["user_id"], shards), key_type=Types.INT())
               .process(UpdateShardModel(cfg.learner, cfg.update.shard_batch_size, cfg.update.top_k, args.snapshot_every,
                                         progress_s, cfg.sharding.sync, cfg.sharding.sync_location,
-                                        cfg.update.alert_skipped_flushes, int(flush_s * 1000)),
+                                        cfg.update.alert_skipped_flushes, int(flush_s * 1000), ordered=not (args.watch_s or args.arrival_order),
+                                        order_window=args.bundle_size + cfg.update.shard_batch_size),
                        output_type=Types.STRING())
               .uid("update-shard-model").name("UpdateShardModel"))
     dead = events.get_side_output(DEAD).union(unique.get_side_output(DEAD))
@@ -254,8 +255,13 @@ def make_parser() -> argparse.ArgumentParser:
                     help="elements per bundle of a Python step (Flink's python.fn-execution.bundle.size): larger runs "
                          "faster; smaller lets a checkpoint barrier through sooner where the Python steps fall behind "
                          "and, at --parallelism above 1, interleaves the subtasks' events more finely, nearer the "
-                         "input's order (AUC against time: docs/benchmarks.md, Engines)")
+                         "input's order (AUC against time: docs/benchmarks.md, Engines); on a bounded input, also "
+                         "the most events a shard holds to cut its micro-batches in event-time order")
     ap.add_argument("--bundle_time_ms", type=int, default=1000, help="longest a Python step's bundle stays open")
+    ap.add_argument("--arrival_order", action="store_true",
+                    help="on a bounded input too, cut a shard's micro-batches in the order its events arrive (as a "
+                         "watched folder's always are): no wait for the watermark, but at --parallelism above 1 they "
+                         "then vary from run to run, and so does the AUC (docs/benchmarks.md, Engines)")
     ap.add_argument("--throttle_ms", type=float, default=0.0, help="sleep per input record (to stretch a test run)")
     ap.add_argument("--parallelism", type=int, default=1,
                     help="subtasks of every keyed step (shards and key groups spread over them); the source reads on one")

@@ -1,9 +1,16 @@
 """The PyFlink job's learning step: ``UpdateShardModel``, keyed by shard, a thin adapter over
 ``model.journal`` (the Beam pipeline's ``transforms/update.py`` runs the same core).
 
-Its partition is a snapshot plus a journal of micro-batches in Flink state. Main output: score records; side
-outputs: deltas, rollbacks and the shard's alerts (JSON lines of the Avro records; a flush's scores, and its
-deltas, in one element), flush reports (dicts).
+Its partition is a snapshot plus a journal of micro-batches in Flink state. On a bounded input (``ordered``) a
+shard's micro-batches are its events in event-time order (ties by event id), each cut once the watermark has
+passed it or, where the watermark lags, once ``order_window`` events wait (a bundle's worth: arrivals out of
+order by less still land in order). So they do not depend on the parallelism, and for an input in time order
+(the readers replay datasets so) they are a bounded DirectRunner run's. At parallelism 2 a keyed step takes
+events from two upstream subtasks in bursts, and micro-batches cut in arrival order vary from run to run, and
+so does the AUC (docs/benchmarks.md, "Engines"). A watched folder's (or, ``--arrival_order``, any input's) are
+cut in arrival order: waiting for the watermark would hold every event back by the allowed out-of-orderness.
+Main output: score records; side outputs: deltas, rollbacks and the shard's alerts (JSON lines of the Avro
+records; a flush's scores, and its deltas, in one element), flush reports (dicts).
 Every side output must be read downstream: PyFlink joins an unread one to the main output.
 """
 
@@ -44,8 +51,12 @@ class UpdateShardModel(KeyedProcessFunction):
 
     def __init__(self, cfg: LearnerConfig, batch_size: int, top_k: int, snapshot_every: int, progress_s: float = 0.0,
                  sync: SyncConfig | None = None, sync_location: str | None = None, alert_after: int = 3,
-                 flush_interval_ms: int = 0):
+                 flush_interval_ms: int = 0, ordered: bool = False, order_window: int = 0):
         self.flush_interval_ms = flush_interval_ms  # also flush this long (processing time) after a buffer's first event
+        self.ordered = ordered  # micro-batches in event-time order, cut as the watermark passes them (module doc)
+        # ... or, where the watermark lags (it passes a Python step as its bundles end), the oldest whole
+        # micro-batch once this many events wait: arrivals out of order by less than the rest still land in order
+        self.order_window = max(order_window, 2 * batch_size)
         self.cfg, self.batch_size, self.top_k, self.snapshot_every = cfg, batch_size, top_k, snapshot_every
         self.progress_s, self.sync_cfg, self.sync_location = progress_s, sync, sync_location
         self.alarm = SkippedStepsAlarm(alert_after)
@@ -85,8 +96,15 @@ class UpdateShardModel(KeyedProcessFunction):
         if sync is not None and meta.get("tick_ms") is None:  # the shard's first event: start its epoch ticks
             meta["tick_ms"] = sync.cfg.end_of_epoch(event_ms)
             ctx.timer_service().register_event_time_timer(meta["tick_ms"])
+        if self.ordered:  # a micro-batch is due once the watermark passes its newest event: a timer then
+            meta["buffered_max_ms"] = max(meta.get("buffered_max_ms") or event_ms, event_ms)
+            if meta["buffered"] >= self.batch_size and meta.get("ready_ms") is None:
+                meta["ready_ms"] = meta["buffered_max_ms"]
+                ctx.timer_service().register_event_time_timer(meta["ready_ms"])
         self.meta.update(meta)
-        if meta["buffered"] >= self.batch_size:
+        if self.ordered and meta["buffered"] >= self.order_window:
+            yield from self._flush(ctx.get_current_key(), ctx.timer_service().current_watermark(), ctx)
+        elif not self.ordered and meta["buffered"] >= self.batch_size:
             yield from self._flush(ctx.get_current_key())
         elif meta["buffered"] == 1:  # a timer registration is a message to the JVM: one per buffer, not per event
             ctx.timer_service().register_event_time_timer(END_OF_TIME)
@@ -95,12 +113,23 @@ class UpdateShardModel(KeyedProcessFunction):
 
     def on_timer(self, timestamp, ctx):
         if timestamp >= END_OF_TIME and ctx.time_domain() == TimeDomain.EVENT_TIME:
+            if self.ordered:  # the whole micro-batches before the last tick, as they would have been learned
+                yield from self._flush(ctx.get_current_key(), upto_ms=END_OF_TIME, ctx=ctx)
             self._last_tick(ctx.get_current_key())
             yield from self._flush(ctx.get_current_key())
         elif ctx.time_domain() == TimeDomain.PROCESSING_TIME:
             yield from self._flush(ctx.get_current_key())
-        else:
-            self._on_time(ctx.get_current_key(), timestamp, ctx)
+        else:  # an epoch's tick or (ordered) a micro-batch due; what is due is learned before a tick publishes
+            meta = self.meta.value() or {}
+            # synced shards: up to this timer's time only, so that their micro-batches and ticks take turns in
+            # event-time order (one shard learning far ahead of the others' publications would wait on them);
+            # otherwise, or at the end of the input, every whole micro-batch the watermark passed
+            watermark = ctx.timer_service().current_watermark()
+            upto = timestamp if self.syncs and watermark < END_OF_TIME else max(timestamp, watermark)
+            if meta.get("ready_ms") is not None and upto >= meta["ready_ms"]:
+                yield from self._flush(ctx.get_current_key(), upto_ms=upto, ctx=ctx)
+            if not self.ordered or timestamp == meta.get("tick_ms"):
+                self._on_time(ctx.get_current_key(), timestamp, ctx)
 
     def _on_time(self, shard: int, now_ms: int, ctx) -> None:
         """Event time left an epoch (the Beam steps' ticks, ``ShardSync.on_time``): the shard publishes what it
@@ -154,12 +183,38 @@ class UpdateShardModel(KeyedProcessFunction):
         self.gauged[shard] = {"model_version": int(learner.version), "table_rows_item": len(learner.items),
                               "table_rows_user": len(learner.users)}
 
-    def _flush(self, shard: int):
+    def _flush(self, shard: int, upto_ms: int | None = None, ctx=None):
+        """Flush the shard's buffer: all of it (no ``ctx``), or, ordered, in event-time order, the whole
+        micro-batches of its events at or before ``upto_ms`` (a timer's time, the watermark) and those past the
+        order window, keeping the rest buffered, with a timer for when its next micro-batch is due."""
         events = list(self.buffer.get() or [])
         if not events:
             return
-        self.buffer.clear()
         meta = self.meta.value()
+        batches, rest = [events], []
+        if self.ordered:
+            events.sort(key=lambda e: (e["event_time_ms"], e["event_id"]))
+            due = len(events)
+            if ctx is not None:
+                due = max(sum(1 for e in events if e["event_time_ms"] <= upto_ms), due - self.order_window + self.batch_size)
+                due -= due % self.batch_size
+            batches = [events[i:i + self.batch_size] for i in range(0, due, self.batch_size)]
+            rest = events[due:]
+            # the next micro-batch is due once the watermark passes its newest event: the rest's batch_size-th
+            meta["ready_ms"] = rest[self.batch_size - 1]["event_time_ms"] if len(rest) >= self.batch_size else None
+            meta["buffered_max_ms"] = rest[-1]["event_time_ms"] if rest else None
+            if ctx is not None and meta["ready_ms"] is not None:
+                ctx.timer_service().register_event_time_timer(meta["ready_ms"])
+        if rest:
+            self.buffer.update(rest)
+        else:
+            self.buffer.clear()
+        for batch in batches:
+            yield from self._flush_batch(shard, batch, meta)
+        meta["buffered"] = len(rest)
+        self.meta.update(meta)
+
+    def _flush_batch(self, shard: int, events: list[dict], meta: dict):
         now_ms = int(time.time() * 1000)
         done = flush_micro_batch(self.cfg, shard, events, meta, self._stored, self.live, shard, self.top_k,
                                  self.snapshot_every, emit_time_ms=now_ms, sync=self.syncs.get(shard), alarm=self.alarm)
@@ -193,5 +248,3 @@ class UpdateShardModel(KeyedProcessFunction):
             self.journal.clear()
         else:
             self.journal.add(done.journal_entry)
-        meta["buffered"] = 0
-        self.meta.update(meta)

@@ -180,6 +180,60 @@ def restore_after_the_last_event(work: str, events: int = 120, lag_ms: int = 25_
     return out
 
 
+def batches_from_two_bursty_inputs(ordered: bool, watermark: bool = True, batch: int = 4, burst: int = 10,
+                                   events: int = 120) -> dict[str, Any]:
+    """The events of one time-ordered stream reach the step from two upstream subtasks (odd and even positions),
+    in bursts of ``burst`` from each in turn, as a keyed step at parallelism 2 receives them; the watermark is
+    the older of the two inputs' newest event times (or, not ``watermark``, it stays put until the end). Half-way,
+    a checkpoint; the rest is fed twice: on the same operator and on one restored from the checkpoint. The event
+    ids of each micro-batch (``_flush_batch``), per shard, of both runs, what time order would make of them
+    (``expected``), and the most events a shard held at once."""
+    shards, stream = 2, topic_stream(events, users=12)
+    sides = (stream[0::2], stream[1::2])
+    arrival = [e for i in range(0, len(sides[0]), burst) for side in sides for e in side[i:i + burst]]
+    newest, held = {0: -(2**63), 1: -(2**63)}, [0]
+
+    def feed(op: UpdateShardModel, keyed: _Keyed, part: list) -> None:
+        for e in part:
+            newest[int(e["event_id"][1:]) % 2] = e["event_time_ms"]
+            element(op, keyed, shard_of(e["user_id"], shards), e)
+            held[0] = max(held[0], len(keyed.store.get(("buffer", keyed.key)) or []))
+            if watermark:
+                advance(op, keyed, min(newest.values()))
+
+    def run(keyed: _Keyed, part: list, seen: dict[int, list[list[str]]]) -> UpdateShardModel:
+        op = open_operator(UpdateShardModel(cfg(negatives=1), batch, 3, 2, ordered=ordered, order_window=8 * batch), keyed)
+        flush_batch = op._flush_batch
+
+        def recorded(shard: int, events: list, meta: dict):
+            seen.setdefault(shard, []).append([e["event_id"] for e in events])
+            return flush_batch(shard, events, meta)
+
+        op._flush_batch = recorded  # type: ignore[method-assign]
+        feed(op, keyed, part)
+        return op
+
+    half, first, after = len(arrival) // 2, {}, {}  # type: ignore[var-annotated]
+    keyed = _Keyed()
+    op = run(keyed, arrival[:half], first)
+    saved, seen_then = copy.deepcopy((keyed.store, keyed.timers, keyed.watermark, dict(newest))), copy.deepcopy(first)
+    feed(op, keyed, arrival[half:])
+    advance(op, keyed, END_OF_TIME)
+    restored = _Keyed(*copy.deepcopy(saved[:2]))
+    restored.watermark, newest = saved[2], dict(saved[3])
+    advance(run(restored, arrival[half:], after), restored, END_OF_TIME)
+    expected = {}
+    for e in stream:
+        expected.setdefault(shard_of(e["user_id"], shards), []).append(e["event_id"])
+    return {"uninterrupted": first, "restored": {s: seen_then.get(s, []) + after.get(s, []) for s in range(shards)},
+            "expected": {s: [ids[i:i + batch] for i in range(0, len(ids), batch)] for s, ids in expected.items()},
+            "held": held[0], "window": 8 * batch}
+
+
 if __name__ == "__main__":
-    with tempfile.TemporaryDirectory() as tmp:
-        json.dump(restore_after_the_last_event(tmp), sys.stdout)
+    if sys.argv[1:] == ["batches"]:
+        json.dump({"ordered": batches_from_two_bursty_inputs(True), "arrival": batches_from_two_bursty_inputs(False),
+                   "no_watermark": batches_from_two_bursty_inputs(True, watermark=False)}, sys.stdout)
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            json.dump(restore_after_the_last_event(tmp), sys.stdout)

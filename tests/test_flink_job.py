@@ -227,6 +227,24 @@ def test_a_job_restored_after_its_last_event_still_ends_every_shard_at_the_newes
     assert runs["restored_quiet_first"] == runs["uninterrupted"]
 
 
+def test_on_a_bounded_input_a_shards_micro_batches_are_its_events_in_time_order_whatever_their_arrival(flink_python):
+    """At parallelism 2 a keyed step takes events from two upstream subtasks in bursts. On a bounded input the
+    shard's micro-batches are still its events in event-time order, cut as the watermark passes them, before
+    and after a restore; where the watermark stays put, a shard holds no more than its order window and the
+    bursts still land in order; cut in arrival order (a watched folder's), they do not (tests/flink_fakes.py)."""
+    done = subprocess.run([flink_python, "-m", "tests.flink_fakes", "batches"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    runs = json.loads(done.stdout)
+    for name in ("ordered", "no_watermark"):
+        assert runs[name]["uninterrupted"] == runs[name]["restored"] == runs[name]["expected"], name
+    held, window = runs["no_watermark"]["held"], runs["no_watermark"]["window"]  # (after each event: batches of 4)
+    assert runs["ordered"]["held"] < window - 4 <= held < window
+    arrival = runs["arrival"]
+    assert arrival["uninterrupted"] != arrival["expected"] and arrival["held"] < 4
+    assert sorted(sum(arrival["uninterrupted"]["0"], [])) == sorted(sum(arrival["expected"]["0"], []))
+
+
 def test_the_job_reads_a_dataset_and_without_window_statistics_writes_only_records(flink_python, tmp_path):
     """--data (any dataset the CLI reads; here a CSV) is exported as freshrec export does and read;
     --stats_window_s 0: the flush reports must not leak into the outputs, and the summary still accounts."""
