@@ -6,7 +6,9 @@ time-ordered stream to two shards, shard 1 going quiet a third of the way in, wi
 events. It takes a checkpoint once every event is in, then ends the input twice: on the same operator (an
 uninterrupted run), and on new ones restored from the checkpoint, with no event after the restore (timers
 of one timestamp fire in no set order in Flink: one restored run fires the quiet shard's first). It prints,
-as JSON, the epochs of the sync publications each run has at the end, per shard.
+as JSON, the epochs of the sync publications each run has at the end, per shard, with micro-batches cut in
+arrival order and in event-time order. ``python -m tests.flink_fakes batches`` prints the micro-batches of
+``batches_from_two_bursty_inputs`` instead.
 """
 
 from __future__ import annotations
@@ -150,14 +152,15 @@ def publications(location: str) -> dict[int, list[int]]:
     return {s: sorted(e) for s, e in sorted(out.items())}
 
 
-def restore_after_the_last_event(work: str, events: int = 120, lag_ms: int = 25_000) -> dict[str, Any]:
+def restore_after_the_last_event(work: str, events: int = 120, lag_ms: int = 25_000, ordered: bool = False) -> dict[str, Any]:
     sync, shards = SyncConfig(shards=2, interval_ms=10_000, keep_ms=0), 2
     stream = topic_stream(events, users=12)
     quiet_after = stream[len(stream) // 3]["event_time_ms"]
     stream = [e for e in stream if shard_of(e["user_id"], shards) == 0 or e["event_time_ms"] <= quiet_after]
     location = os.path.join(work, "sync-a")
     os.makedirs(location)
-    make = lambda loc: UpdateShardModel(cfg(negatives=1), 4, 3, 2, sync=sync, sync_location=loc)  # noqa: E731
+    make = lambda loc: UpdateShardModel(cfg(negatives=1), 4, 3, 2, sync=sync, sync_location=loc,  # noqa: E731
+                                        ordered=ordered, order_window=32)
     keyed = _Keyed()
     op = open_operator(make(location), keyed)
     for e in stream:
@@ -234,6 +237,7 @@ if __name__ == "__main__":
     if sys.argv[1:] == ["batches"]:
         json.dump({"ordered": batches_from_two_bursty_inputs(True), "arrival": batches_from_two_bursty_inputs(False),
                    "no_watermark": batches_from_two_bursty_inputs(True, watermark=False)}, sys.stdout)
-    else:
-        with tempfile.TemporaryDirectory() as tmp:
-            json.dump(restore_after_the_last_event(tmp), sys.stdout)
+    else:  # micro-batches cut in arrival order, then in event-time order
+        with tempfile.TemporaryDirectory() as tmp, tempfile.TemporaryDirectory() as tmp2:
+            json.dump({"arrival": restore_after_the_last_event(tmp),
+                       "ordered": restore_after_the_last_event(tmp2, ordered=True)}, sys.stdout)
