@@ -2,13 +2,14 @@
 ``model.journal`` (the Beam pipeline's ``transforms/update.py`` runs the same core).
 
 Its partition is a snapshot plus a journal of micro-batches in Flink state. On a bounded input (``ordered``) a
-shard's micro-batches are its events in event-time order (ties by event id), each cut once the watermark has
-passed it or, where the watermark lags, once ``order_window`` events wait (a bundle's worth: arrivals out of
-order by less still land in order). So they do not depend on the parallelism, and for an input in time order
-(the readers replay datasets so) they are a bounded DirectRunner run's. At parallelism 2 a keyed step takes
-events from two upstream subtasks in bursts, and micro-batches cut in arrival order vary from run to run, and
-so does the AUC (docs/benchmarks.md, "Engines"). A watched folder's (or, ``--arrival_order``, any input's) are
-cut in arrival order: waiting for the watermark would hold every event back by the allowed out-of-orderness.
+shard's micro-batches are its events in event-time order (ties in arrival order), each cut once the watermark
+has passed it or, where the watermark lags, once ``order_window`` events wait (a bundle's worth: arrivals out
+of order by less still land in order). So, ties aside, they do not depend on the parallelism, and for an input
+in time order (the readers replay datasets so) they are a bounded DirectRunner run's (at parallelism 1, ties
+included). At parallelism 2 a keyed step takes events from two upstream subtasks in bursts, and micro-batches
+cut in arrival order vary from run to run, and so does the AUC (docs/benchmarks.md, "Engines"). A watched
+folder's (or, ``--arrival_order``, any input's) are cut in arrival order: waiting for the watermark would hold
+every event back by the allowed out-of-orderness.
 Main output: score records; side outputs: deltas, rollbacks and the shard's alerts (JSON lines of the Avro
 records; a flush's scores, and its deltas, in one element), flush reports (dicts).
 Every side output must be read downstream: PyFlink joins an unread one to the main output.
@@ -193,7 +194,7 @@ class UpdateShardModel(KeyedProcessFunction):
         meta = self.meta.value()
         batches, rest = [events], []
         if self.ordered:
-            events.sort(key=lambda e: (e["event_time_ms"], e["event_id"]))
+            events.sort(key=lambda e: e["event_time_ms"])  # stable: ties stay in arrival order, the input's at p1
             due = len(events)
             if ctx is not None:
                 due = max(sum(1 for e in events if e["event_time_ms"] <= upto_ms), due - self.order_window + self.batch_size)

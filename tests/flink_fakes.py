@@ -25,7 +25,7 @@ from model.hashing import shard_of
 from model.sync import SyncConfig, parse_name
 from pipelines.flink_io import END_OF_TIME
 from pipelines.flink_update import UpdateShardModel
-from tests.helpers import cfg, topic_stream
+from tests.helpers import BASE_MS, cfg, topic_stream
 
 
 class _Keyed:
@@ -233,10 +233,29 @@ def batches_from_two_bursty_inputs(ordered: bool, watermark: bool = True, batch:
             "held": held[0], "window": 8 * batch}
 
 
+def batches_with_ties(batch: int = 4, events: int = 40) -> dict[str, Any]:
+    """One shard, one upstream subtask, events in pairs of one timestamp (``e9`` and ``e10`` among them): the
+    micro-batches cut in event-time order keep ties in the order they arrived, the input's, as the DirectRunner
+    does, and what that order would make of them (``expected``)."""
+    stream = [{**e, "event_time_ms": BASE_MS + (i + 1) // 2 * 1000} for i, e in enumerate(topic_stream(events, users=12))]
+    keyed, seen = _Keyed(), []
+    op = open_operator(UpdateShardModel(cfg(negatives=1), batch, 3, 2, ordered=True, order_window=8 * batch), keyed)
+    flush_batch = op._flush_batch
+    op._flush_batch = lambda shard, evs, meta: (seen.append([e["event_id"] for e in evs]),  # type: ignore[method-assign]
+                                                 flush_batch(shard, evs, meta))[1]
+    for e in stream:
+        element(op, keyed, 0, e)
+        advance(op, keyed, e["event_time_ms"] - 1)
+    advance(op, keyed, END_OF_TIME)
+    ids = [e["event_id"] for e in stream]
+    return {"batches": seen, "expected": [ids[i:i + batch] for i in range(0, len(ids), batch)]}
+
+
 if __name__ == "__main__":
     if sys.argv[1:] == ["batches"]:
         json.dump({"ordered": batches_from_two_bursty_inputs(True), "arrival": batches_from_two_bursty_inputs(False),
-                   "no_watermark": batches_from_two_bursty_inputs(True, watermark=False)}, sys.stdout)
+                   "no_watermark": batches_from_two_bursty_inputs(True, watermark=False),
+                   "ties": batches_with_ties()}, sys.stdout)
     else:  # micro-batches cut in arrival order, then in event-time order
         with tempfile.TemporaryDirectory() as tmp, tempfile.TemporaryDirectory() as tmp2:
             json.dump({"arrival": restore_after_the_last_event(tmp),
