@@ -183,6 +183,23 @@ def restore_after_the_last_event(work: str, events: int = 120, lag_ms: int = 25_
     return out
 
 
+def chunks(items: list, n: int) -> list[list]:
+    return [items[i:i + n] for i in range(0, len(items), n)]
+
+
+def record_batches(op: UpdateShardModel) -> dict[int, list[list[str]]]:
+    """The event ids of each micro-batch ``op`` learns from now on, per shard (its ``_flush_batch`` calls)."""
+    seen: dict[int, list[list[str]]] = {}
+    flush_batch = op._flush_batch
+
+    def recorded(shard: int, events: list, meta: dict):
+        seen.setdefault(shard, []).append([e["event_id"] for e in events])
+        return flush_batch(shard, events, meta)
+
+    op._flush_batch = recorded  # type: ignore[method-assign]
+    return seen
+
+
 def batches_from_two_bursty_inputs(ordered: bool, watermark: bool = True, batch: int = 4, burst: int = 10,
                                    events: int = 120) -> dict[str, Any]:
     """The events of one time-ordered stream reach the step from two upstream subtasks (odd and even positions),
@@ -204,33 +221,26 @@ def batches_from_two_bursty_inputs(ordered: bool, watermark: bool = True, batch:
             if watermark:
                 advance(op, keyed, min(newest.values()))
 
-    def run(keyed: _Keyed, part: list, seen: dict[int, list[list[str]]]) -> UpdateShardModel:
+    def run(keyed: _Keyed, part: list) -> tuple[UpdateShardModel, dict[int, list[list[str]]]]:
         op = open_operator(UpdateShardModel(cfg(negatives=1), batch, 3, 2, ordered=ordered, order_window=8 * batch), keyed)
-        flush_batch = op._flush_batch
-
-        def recorded(shard: int, events: list, meta: dict):
-            seen.setdefault(shard, []).append([e["event_id"] for e in events])
-            return flush_batch(shard, events, meta)
-
-        op._flush_batch = recorded  # type: ignore[method-assign]
+        seen = record_batches(op)
         feed(op, keyed, part)
-        return op
+        return op, seen
 
-    half, first, after = len(arrival) // 2, {}, {}  # type: ignore[var-annotated]
-    keyed = _Keyed()
-    op = run(keyed, arrival[:half], first)
+    half, keyed = len(arrival) // 2, _Keyed()
+    op, first = run(keyed, arrival[:half])
     saved, seen_then = copy.deepcopy((keyed.store, keyed.timers, keyed.watermark, dict(newest))), copy.deepcopy(first)
     feed(op, keyed, arrival[half:])
     advance(op, keyed, END_OF_TIME)
     restored = _Keyed(*copy.deepcopy(saved[:2]))
     restored.watermark, newest = saved[2], dict(saved[3])
-    advance(run(restored, arrival[half:], after), restored, END_OF_TIME)
-    expected = {}
+    op_after, after = run(restored, arrival[half:])
+    advance(op_after, restored, END_OF_TIME)
+    expected: dict[int, list[str]] = {}
     for e in stream:
         expected.setdefault(shard_of(e["user_id"], shards), []).append(e["event_id"])
     return {"uninterrupted": first, "restored": {s: seen_then.get(s, []) + after.get(s, []) for s in range(shards)},
-            "expected": {s: [ids[i:i + batch] for i in range(0, len(ids), batch)] for s, ids in expected.items()},
-            "held": held[0], "window": 8 * batch}
+            "expected": {s: chunks(ids, batch) for s, ids in expected.items()}, "held": held[0], "window": 8 * batch}
 
 
 def batches_with_ties(batch: int = 4, events: int = 40) -> dict[str, Any]:
@@ -238,17 +248,14 @@ def batches_with_ties(batch: int = 4, events: int = 40) -> dict[str, Any]:
     micro-batches cut in event-time order keep ties in the order they arrived, the input's, as the DirectRunner
     does, and what that order would make of them (``expected``)."""
     stream = [{**e, "event_time_ms": BASE_MS + (i + 1) // 2 * 1000} for i, e in enumerate(topic_stream(events, users=12))]
-    keyed, seen = _Keyed(), []
+    keyed = _Keyed()
     op = open_operator(UpdateShardModel(cfg(negatives=1), batch, 3, 2, ordered=True, order_window=8 * batch), keyed)
-    flush_batch = op._flush_batch
-    op._flush_batch = lambda shard, evs, meta: (seen.append([e["event_id"] for e in evs]),  # type: ignore[method-assign]
-                                                 flush_batch(shard, evs, meta))[1]
+    seen = record_batches(op)
     for e in stream:
         element(op, keyed, 0, e)
         advance(op, keyed, e["event_time_ms"] - 1)
     advance(op, keyed, END_OF_TIME)
-    ids = [e["event_id"] for e in stream]
-    return {"batches": seen, "expected": [ids[i:i + batch] for i in range(0, len(ids), batch)]}
+    return {"batches": seen.get(0, []), "expected": chunks([e["event_id"] for e in stream], batch)}
 
 
 if __name__ == "__main__":
