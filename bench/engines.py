@@ -270,14 +270,14 @@ def run_core(args: argparse.Namespace, events: str) -> dict[str, Any]:
             continue
         # each keyed step as its adapters run it: the group's handling, then its TTL sweep
         group = seen.setdefault(key_group(event["event_id"], groups), GroupStates.new())
-        duplicate = GroupStates.seen(group, event["event_id"], event["event_time_ms"])
+        duplicate = GroupStates.seen(group, event["event_id"], event["event_time_ms"], cfg.dedupe_ttl_ms)
         GroupStates.sweep(group, cfg.dedupe_ttl_ms)
         if duplicate:
             counts["dead_lettered"] += 1
             continue
         for key, table, featurizer in featurizers:
             group = table.setdefault(key_group(event[key], groups), GroupStates.new())
-            event = featurizer.annotate(group, event)
+            event = featurizer.annotate(group, event, cfg.state_ttl_ms)
             GroupStates.sweep(group, cfg.state_ttl_ms)
         shard = shard_of(event["user_id"], shards)
         buffers[shard].append(event)

@@ -128,6 +128,11 @@ def validate_event(record: Any, cfg: CleanConfig = CleanConfig()) -> dict[str, A
             raise InvalidEvent(f"context entry longer than {MAX_CONTEXT_VALUE_LENGTH} characters")
         clean_ctx[k] = text
     event["context"] = clean_ctx
+    seq = record.get("seq")
+    if seq is not None:  # the event's position in its input (a reader's stamp): breaks ties in event time
+        if isinstance(seq, bool) or not isinstance(seq, int) or seq < 0:
+            raise InvalidEvent(f"seq (the position in the input) must be a non-negative integer, got {_short(seq)!r}")
+        event["seq"] = seq
     return event
 
 

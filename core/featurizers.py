@@ -196,10 +196,11 @@ class UserFeaturizer:
         self.learn_one(state, event, totals)
         return out
 
-    def annotate(self, group: dict[str, Any], event: dict[str, Any]) -> dict[str, Any]:
+    def annotate(self, group: dict[str, Any], event: dict[str, Any], ttl_ms: int | None = None) -> dict[str, Any]:
         """The event with its user's features and history before it, learning it into the user's state in
-        ``group`` (a key group's ``GroupStates``): what the keyed user-feature steps do per event."""
-        state = GroupStates.state_for(group, event["user_id"], event["event_time_ms"], self.new_state)
+        ``group`` (a key group's ``GroupStates``; a state idle for ``ttl_ms`` has expired): what the keyed
+        user-feature steps do per event."""
+        state = GroupStates.state_for(group, event["user_id"], event["event_time_ms"], self.new_state, ttl_ms)
         features, history = self.transform_learn(state, event)
         return {**event, "user_features": features, "history": history}
 
@@ -262,9 +263,9 @@ class ItemPopularity:
         self.learn_one(state, event, totals)
         return out
 
-    def annotate(self, group: dict[str, Any], event: dict[str, Any]) -> dict[str, Any]:
+    def annotate(self, group: dict[str, Any], event: dict[str, Any], ttl_ms: int | None = None) -> dict[str, Any]:
         """The event with its item's popularity features before it (``UserFeaturizer.annotate``, per item)."""
-        state = GroupStates.state_for(group, event["item_id"], event["event_time_ms"], self.new_state)
+        state = GroupStates.state_for(group, event["item_id"], event["event_time_ms"], self.new_state, ttl_ms)
         return {**event, "item_features": self.transform_learn(state, event)}
 
     @staticmethod
@@ -279,3 +280,16 @@ class ItemPopularity:
         return {"buckets": _Buckets.merge(a["buckets"], b["buckets"]), "sums": None, "sums_at": None,
                 "last_ms": max(x for x in (a["last_ms"], b["last_ms"], -1) if x is not None)
                 if (a["last_ms"] is not None or b["last_ms"] is not None) else None}
+
+
+FEATURIZED_FIELDS = ("event_id", "user_id", "item_id", "event_type", "event_time_ms", "value", "context",
+                     "user_features", "item_features", "history", "seq")
+_FEATURIZED_SET = frozenset(FEATURIZED_FIELDS)
+
+
+def featurized_record(event: dict[str, Any]) -> dict[str, Any]:
+    """The event with exactly the fields of ``schemas/featurized_event.avsc`` (the event itself when it
+    has exactly those; the featurizers' output does): what a shard's update step buffers."""
+    if event.keys() == _FEATURIZED_SET:
+        return event
+    return {k: event.get(k) for k in FEATURIZED_FIELDS}

@@ -4,33 +4,40 @@ A keyed step keyed by a unique id (an event id, a user, an item) pays its runner
 commit and a timer per id. Keyed by a *key group* instead (a stable hash of the id modulo
 ``groups``, as Flink's key groups), one state value holds the states of all ids of the group, and
 ``GroupStates`` keeps it a plain dict any runner's state can hold (the Beam adapters keep it
-marshalled, the PyFlink job pickled). An id idle for ``ttl_ms`` of event time is dropped when the
-group's newest event passes it, so state stays bounded by the ids seen within the TTL.
+marshalled, the PyFlink job pickled). An id idle for ``ttl_ms`` of event time has expired: an event
+that reads it (``state_for``, ``seen`` with ``ttl_ms``) finds none, as Flink's state TTL never returns an
+expired value, whenever the state was last swept; and it is dropped when the group's newest event passes
+it (``sweep``), so state stays bounded by the ids seen within the TTL. So what the steps compute does not
+depend on when a runner's steps sweep (per event, per micro-batch) or clear idle groups.
 
 >>> group = GroupStates.new()
->>> GroupStates.state_for(group, "u1", 1_000, dict)["clicks"] = 1
->>> GroupStates.state_for(group, "u2", 90_000, dict)
+>>> GroupStates.state_for(group, "u1", 1_000, dict, ttl_ms=60_000)["clicks"] = 1
+>>> GroupStates.state_for(group, "u1", 61_001, dict, ttl_ms=60_000)  # idle for 60.001 s: expired, read as new
 {}
->>> GroupStates.sweep(group, ttl_ms=60_000)  # u1 idle for 89 s > 60 s
-1
+>>> GroupStates.state_for(group, "u2", 90_000, dict, ttl_ms=60_000)
+{}
+>>> GroupStates.sweep(group, ttl_ms=60_000)  # u1 idle for 28.999 s, u2 for none: nothing to drop
+0
+>>> GroupStates.state_for(group, "u3", 200_000, dict, ttl_ms=60_000)
+{}
+>>> GroupStates.sweep(group, ttl_ms=60_000)  # as of 200 s: u1 and u2 idle for over 60 s
+2
 >>> sorted(group["states"])
-['u2']
+['u3']
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from operator import itemgetter
 from typing import Any
 
+from model.batch import time_order
 from model.hashing import stable_hash
-
-_EVENT_TIME = itemgetter("event_time_ms")
 
 
 def in_time_order(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """A batch sorted by event time (stable: equal times keep arrival order)."""
-    return sorted(events, key=_EVENT_TIME)
+    """A batch sorted by event time, equal times by their position in the input (``model.batch.time_order``)."""
+    return sorted(events, key=time_order)
 
 
 def key_group(key: str, groups: int) -> int:
@@ -60,20 +67,28 @@ class GroupStates:
             group["newest"] = event_ms
 
     @staticmethod
-    def state_for(group: dict[str, Any], key: str, event_ms: int, new_state: Callable[[], Any]) -> Any:
-        """The state of ``key`` (``new_state()`` if it has none), marked as touched at ``event_ms``."""
+    def expired(group: dict[str, Any], key: str, event_ms: int, ttl_ms: int | None) -> bool:
+        """Whether ``key`` was last touched ``ttl_ms`` or more before ``event_ms`` (never, without a TTL)."""
+        last = group["touched"].get(key)
+        return ttl_ms is not None and last is not None and last <= event_ms - ttl_ms
+
+    @staticmethod
+    def state_for(group: dict[str, Any], key: str, event_ms: int, new_state: Callable[[], Any],
+                  ttl_ms: int | None = None) -> Any:
+        """The state of ``key`` (``new_state()`` if it has none or it has expired), marked as touched at
+        ``event_ms``."""
         states = group["states"]
         state = states.get(key)
-        if state is None:
+        if state is None or GroupStates.expired(group, key, event_ms, ttl_ms):
             states[key] = state = new_state()
         GroupStates.touch(group, key, event_ms)
         return state
 
     @staticmethod
-    def seen(group: dict[str, Any], key: str, event_ms: int) -> bool:
-        """Whether ``key`` was touched (and not yet swept); marks it touched at ``event_ms`` if it was not.
-        What a dedupe step keeps per event id."""
-        if key in group["touched"]:
+    def seen(group: dict[str, Any], key: str, event_ms: int, ttl_ms: int | None = None) -> bool:
+        """Whether ``key`` was touched and has not expired (nor been swept); marks it touched at ``event_ms``
+        if not. What a dedupe step keeps per event id."""
+        if key in group["touched"] and not GroupStates.expired(group, key, event_ms, ttl_ms):
             return True
         GroupStates.touch(group, key, event_ms)
         return False

@@ -20,6 +20,15 @@ from model.config import LearnerConfig
 from model.embedding import DynamicEmbeddingTable
 
 
+def time_order(event: dict[str, Any]) -> tuple[int, int]:
+    """Sort key of an event in its stream: its event time, then its position in its input (``seq``, which a
+    reader stamps; -1 where there is none, so ties keep their arrival order under a stable sort). Every step
+    that sorts events sorts by it, so that events of one time reach the model in the input's order however
+    a runner has shuffled them between keyed steps (the key groups)."""
+    seq = event.get("seq")
+    return event["event_time_ms"], -1 if seq is None else seq
+
+
 def event_label(event: dict[str, Any], rating_threshold: float) -> float:
     """1/0 for an event: an explicit ``label`` wins (externally sampled negatives), ratings by threshold,
     other behaviour is implicit positive feedback."""

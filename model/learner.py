@@ -38,7 +38,7 @@ from typing import Any, cast
 import torch
 from torch import nn
 
-from model.batch import Batch, BatchBuilder, event_label, feature_matrix, history_positions
+from model.batch import Batch, BatchBuilder, event_label, feature_matrix, history_positions, time_order
 from model.config import LearnerConfig, resolve_device
 from model.deltas import DENSE, ITEM, QUERY, USER, LearnResult, ModelDelta, RollbackRecord
 from model.dense import DenseTower, dense_rows
@@ -152,7 +152,7 @@ class IncrementalLearner:
     # ------------------------------------------------------------------ learning
     def learn(self, events: Sequence[dict[str, Any]]) -> LearnResult:
         """Score the events with the current version (prequential), then learn from them."""
-        events = sorted(events, key=lambda e: e["event_time_ms"])
+        events = sorted(events, key=time_order)
         if self.cfg.mode != "online" or len(events) <= 1:
             return self._learn_batch(events)
         # one step per event; externally sampled negatives ride with the event before them

@@ -57,11 +57,12 @@ def export(data_args: argparse.Namespace, output: str) -> tuple[int, int]:
 
 
 def write_jsonl(events: Iterable[dict[str, Any]], output: str) -> int:
-    """``events`` as JSON lines at ``output`` (written to a temp file, then renamed); how many."""
+    """``events`` as JSON lines at ``output`` (written to a temp file, then renamed), each with its position in
+    ``events`` as ``seq`` (so that a reader of the file can keep events of one time in this order); how many."""
     tmp, n = output + ".tmp", 0
     with open(tmp, "w") as fh:
         for e in events:
-            fh.write(json.dumps(e, default=str) + "\n")
+            fh.write(json.dumps({**e, "seq": n}, default=str) + "\n")
             n += 1
     os.replace(tmp, output)
     return n

@@ -177,7 +177,7 @@ class DedupeEvents(KeyGroupFunction):
         yield from super().process_element(event, ctx)
 
     def handle(self, group, event):
-        if GroupStates.seen(group, event["event_id"], event["event_time_ms"]):
+        if GroupStates.seen(group, event["event_id"], event["event_time_ms"], self.ttl_ms):
             self.duplicates.inc()
             return DEAD, _dead(None, "duplicate event_id", "DedupeEvents", event)
         return event
@@ -191,7 +191,7 @@ class AnnotateFeatures(KeyGroupFunction):
         self.featurizer = featurizer
 
     def handle(self, group, event):
-        return self.featurizer.annotate(group, event)
+        return self.featurizer.annotate(group, event, self.ttl_ms)
 
 
 def build(env: StreamExecutionEnvironment, args: argparse.Namespace, input_path: str, paths: dict[str, str]) -> None:

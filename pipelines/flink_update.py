@@ -26,7 +26,9 @@ from pyflink.datastream.functions import KeyedProcessFunction, RuntimeContext
 from pyflink.datastream.state import ListStateDescriptor, ValueStateDescriptor
 
 from core import progress  # by module: the worker's own board, not a pickled copy
+from core.featurizers import featurized_record
 from core.medium import FolderMedium
+from model.batch import time_order
 from model.config import LearnerConfig
 from model.journal import flush_micro_batch, flush_report, new_meta, sync_on_time
 from model.learner import IncrementalLearner
@@ -86,8 +88,7 @@ class UpdateShardModel(KeyedProcessFunction):
             {s: ShardSync(self.sync_cfg, medium, s) for s in range(self.sync_cfg.shards)}
 
     def process_element(self, event, ctx):
-        record = {k: event.get(k) for k in ("event_id", "user_id", "item_id", "event_type", "event_time_ms", "value",
-                                           "context", "user_features", "item_features", "history")}
+        record = featurized_record(event)
         self.buffer.add(record)
         meta = self.meta.value() or {**new_meta(), "buffered": 0}
         meta["buffered"] += 1
@@ -194,7 +195,7 @@ class UpdateShardModel(KeyedProcessFunction):
         meta = self.meta.value()
         batches, rest = [events], []
         if self.ordered:
-            events.sort(key=lambda e: e["event_time_ms"])  # stable: ties stay in arrival order, the input's at p1
+            events.sort(key=time_order)  # ties by their position in the input, else in arrival order
             due = len(events)
             if ctx is not None:
                 due = max(sum(1 for e in events if e["event_time_ms"] <= upto_ms), due - self.order_window + self.batch_size)

@@ -110,3 +110,31 @@ def valid_synthetic_events(n: int, seed: int) -> list[dict[str, Any]]:
         except InvalidEvent:
             continue
     return out
+
+
+def tied_ratings_csv(path: Any, events: int = 600) -> str:
+    """A ratings CSV (``userId,movieId,rating,timestamp``, seconds) whose events come three to a second, as
+    MovieLens' do: a user's ratings of one second, and several users' seconds. Its users and items come back
+    after minutes, so a short ``--state_ttl_days`` expires some of their states between visits."""
+    rows = []
+    for j in range(events):
+        k = j // 3
+        user = k % 23 if j % 3 < 2 else 23 + (k * 5) % 31
+        item = (j * 13) % 61
+        rows.append(f"{user},{item},{1 + (user + item) % 5}.0,{1_600_000_000 + 30 * k}\n")
+    with open(path, "w") as fh:
+        fh.write("userId,movieId,rating,timestamp\n" + "".join(rows))
+    return str(path)
+
+
+def learned_records(out_dir: str) -> list[str]:
+    """A run's scores and deltas, each as canonical JSON without its emit time (processing time), sorted: what
+    two runs over the same events must agree on."""
+    import json
+    import os
+
+    from pipelines.results import records
+
+    found = [{k: v for k, v in r.items() if k != "emit_time_ms"}
+             for folder in ("scores", "deltas") for r in records(os.path.join(out_dir, folder))]
+    return sorted(json.dumps(r, sort_keys=True) for r in found)

@@ -54,6 +54,36 @@ def test_item_popularity_window_and_merge():
     assert round(math.expm1(p.transform_one(merged, ev(T0 + 3 * HOUR_MS))[0])) == 0
 
 
+def test_an_expired_state_reads_as_new_however_often_its_group_is_swept():
+    """A TTL'd state is gone for the event that finds it idle too long, whether the group was swept after
+    every event (the PyFlink job), once per micro-batch (the Beam steps) or never: the same features."""
+    from core.keyed_state import GroupStates
+
+    ttl = 10 * 60_000
+    # users u0..u4 in one group, each back after a gap that is sometimes longer than the TTL
+    events = [{**ev(T0 + 60_000 * m, item=f"i{m % 7}"), "user_id": f"u{m % 5}"}
+              for m in [*range(0, 12), *range(30, 36), *range(37, 60, 3)]]
+
+    def features(sweep_every: int | None) -> list[tuple[list[float], list[str]]]:
+        f, group, out = UserFeaturizer(FeatureConfig()), GroupStates.new(), []
+        for n, e in enumerate(events, 1):
+            annotated = f.annotate(group, e, ttl)
+            out.append((annotated["user_features"], annotated["history"]))
+            if sweep_every and n % sweep_every == 0:
+                GroupStates.sweep(group, ttl)
+        return out
+
+    never = features(None)
+    assert features(1) == never and features(4) == never
+    last: dict[str, int] = {}
+    gaps = []
+    for e in events:
+        gaps.append(e["event_time_ms"] - last.get(e["user_id"], -10**15))
+        last[e["user_id"]] = e["event_time_ms"]
+    assert any(ttl <= g < 10**14 for g in gaps)  # some users come back after their state expired
+    assert [history == [] for _, history in never] == [g >= ttl for g in gaps]
+
+
 def test_user_state_merge_adds_counts():
     f = UserFeaturizer(FeatureConfig())
     a, b = f.new_state(), f.new_state()

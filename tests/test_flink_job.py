@@ -25,9 +25,11 @@ from core.readers import SyntheticConfig, synthetic_events
 from core.settings import learner_config
 from model.deltas import ModelDelta
 from model.learner import IncrementalLearner
+from pipelines.cli import main as cli_main
 from pipelines.flink_cluster import FlinkCluster
 from pipelines.report import main as report_main
 from pipelines.results import records
+from tests.helpers import learned_records, tied_ratings_csv
 
 pytestmark = pytest.mark.flink
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -241,7 +243,7 @@ def test_on_a_bounded_input_a_shards_micro_batches_are_its_events_in_time_order_
         assert runs[name]["uninterrupted"] == runs[name]["restored"] == runs[name]["expected"], name
     held, window = runs["no_watermark"]["held"], runs["no_watermark"]["window"]  # (after each event: batches of 4)
     assert runs["ordered"]["held"] < window - 4 <= held < window
-    assert runs["ties"]["batches"] == runs["ties"]["expected"]  # ties stay in the input's order (the DirectRunner's)
+    assert runs["ties"]["batches"] == runs["ties"]["expected"]  # ties (with no seq) stay in their arrival order
     arrival = runs["arrival"]
     assert arrival["uninterrupted"] != arrival["expected"] and arrival["held"] < 4
     assert sorted(sum(arrival["uninterrupted"]["0"], [])) == sorted(sum(arrival["expected"]["0"], []))
@@ -264,6 +266,21 @@ def test_the_job_reads_a_dataset_and_without_window_statistics_writes_only_recor
     with open(os.path.join(out, "summary.json")) as fh:
         summary = json.load(fh)
     assert summary["events_in"] == summary["events_accounted"] == summary["events_applied"] == len(rows)
+
+
+def test_at_parallelism_1_the_job_learns_what_the_beam_pipeline_learns(flink_python, tmp_path):
+    """The same ratings through the job at parallelism 1 and through the Beam pipeline on the DirectRunner,
+    with the same settings: the same scores and deltas, record for record. The ratings come three to a
+    second (the model takes events of one time in the input's order in both, not in the order of the key
+    groups the Beam steps hand them on in), and a short state TTL expires states between visits (an expired
+    state reads as new in both, though the job sweeps its groups per event and the Beam steps per batch)."""
+    data = tied_ratings_csv(tmp_path / "ratings.csv")
+    common = ["--data", data, "--key_groups", "4", "--state_ttl_days", "0.005", "--no_sync", "--quiet"]
+    finish(job(flink_python, None, str(tmp_path / "flink"), str(tmp_path / "ck"), *common))
+    assert cli_main([*common, "--output_dir", str(tmp_path / "beam"), "--shards", str(SHARDS), "--dim", str(DIM),
+                     "--batch_size", "16"]) == 0
+    beam = learned_records(str(tmp_path / "beam"))
+    assert beam and learned_records(str(tmp_path / "flink")) == beam
 
 
 def test_late_events_are_dead_lettered_and_the_summary_accounts_for_every_input(flink_python, events_file, tmp_path):

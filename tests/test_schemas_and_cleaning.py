@@ -35,6 +35,8 @@ def test_round_trip_and_refusals():
 def test_decode_accepts_wire_bytes_and_mapped_dicts():
     assert decode_event(schemas.encode(schemas.RAW_EVENT, GOOD)) == GOOD
     assert decode_event({**GOOD, "user_id": 7, "value": 4})["user_id"] == "7"
+    # a reader's position stamp rides along (it orders events of one time); the wire's records have none
+    assert decode_event({**GOOD, "seq": 12}) == {**GOOD, "seq": 12}
 
 
 @pytest.mark.parametrize("change, reason", [
@@ -51,6 +53,9 @@ def test_decode_accepts_wire_bytes_and_mapped_dicts():
     ({"value": None}, "rating event without a value"),
     ({"context": {"k": "v" * 2000}}, "context entry longer"),
     ({"context": ["not", "a", "map"]}, "context must be a map"),
+    ({"seq": -1}, "seq .* must be a non-negative integer"),
+    ({"seq": "3"}, "seq .* must be a non-negative integer"),
+    ({"seq": True}, "seq .* must be a non-negative integer"),
 ])
 def test_validation_reasons(change, reason):
     with pytest.raises(InvalidEvent, match=reason):

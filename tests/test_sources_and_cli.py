@@ -17,6 +17,7 @@ import pytest
 import torch
 
 import schemas
+from core.featurizers import featurized_record
 from core.readers import PRESETS, SyntheticConfig, guess_preset, read_replay, synthetic_events
 from model.config import LearnerConfig, TableConfig
 from model.journal import journal_entry, journal_events, restore_learner
@@ -124,7 +125,7 @@ def test_synthetic_stream_is_deterministic_ordered_and_drifts():
 def test_restore_from_snapshot_and_journal_equals_the_live_learner():
     cfg = LearnerConfig(user_features=FEATURES.user_width, item_features=FEATURES.item_width,
                         user_table=TableConfig(dim=8), item_table=TableConfig(dim=8), gate=True, gate_window=50)
-    events = [schemas.decode(schemas.FEATURIZED_EVENT, schemas.encode(schemas.FEATURIZED_EVENT, e))
+    events = [schemas.decode(schemas.FEATURIZED_EVENT, schemas.encode(schemas.FEATURIZED_EVENT, featurized_record(e)))
               for e in topic_stream(600)]
     live = IncrementalLearner(cfg)
     batches = [events[i : i + 30] for i in range(0, 600, 30)]

@@ -130,10 +130,10 @@ class DedupeEvents(KeyGroupStep):
         self.duplicates = Metrics.counter(NAMESPACE, "dead_letter_duplicate")
 
     def handle_batch(self, group, events, dead):
-        seen, before = GroupStates.seen, self.applied_before
+        seen, before, ttl_ms = GroupStates.seen, self.applied_before, self.ttl_ms
         kept = []
         for event in events:
-            duplicate = seen(group, event["event_id"], event["event_time_ms"])
+            duplicate = seen(group, event["event_id"], event["event_time_ms"], ttl_ms)
             if duplicate or event["event_id"] in before:
                 self.duplicates.inc()
                 BOARD.note_dead()

@@ -6,8 +6,6 @@ The DoFns only move state in and out; the arithmetic is in ``core.featurizers``.
 
 from __future__ import annotations
 
-from typing import Any
-
 import apache_beam as beam
 
 from core.featurizers import FeatureConfig, ItemPopularity, UserFeaturizer
@@ -26,8 +24,8 @@ class AnnotateFeatures(KeyGroupStep):
         self.featurizer = featurizer
 
     def handle_batch(self, group, events, dead):
-        annotate = self.featurizer.annotate
-        return [annotate(group, event) for event in events]
+        annotate, ttl_ms = self.featurizer.annotate, self.ttl_ms
+        return [annotate(group, event, ttl_ms) for event in events]
 
 
 class FeaturizeEvents(beam.PTransform):
@@ -47,15 +45,3 @@ class FeaturizeEvents(beam.PTransform):
             | "AnnotateUserFeatures" >> beam.ParDo(AnnotateFeatures(UserFeaturizer(self.cfg), self.state_ttl_ms))
         )
 
-
-FEATURIZED_FIELDS = ("event_id", "user_id", "item_id", "event_type", "event_time_ms", "value", "context",
-                     "user_features", "item_features", "history")
-_FEATURIZED_SET = frozenset(FEATURIZED_FIELDS)
-
-
-def featurized_record(event: dict[str, Any]) -> dict[str, Any]:
-    """The event with exactly the fields of ``schemas/featurized_event.avsc`` (the event itself when it
-    has exactly those; the featurizers' output does)."""
-    if event.keys() == _FEATURIZED_SET:
-        return event
-    return {k: event.get(k) for k in FEATURIZED_FIELDS}

@@ -162,6 +162,7 @@ class _ReadInTimeOrder(beam.DoFn):
         try:
             while tracker.try_claim(pos):
                 event = next(events)
+                event["seq"] = pos  # its position in the time-ordered input: breaks ties in event time downstream
                 ts = event_timestamp(event, ts)
                 yield TimestampedValue(event, ts)
                 held = ts - self.max_out_of_orderness_ms / 1000.0

@@ -39,6 +39,7 @@ from apache_beam.utils.timestamp import Timestamp
 from apache_beam.utils.windowed_value import WindowedValue
 
 import schemas
+from core.featurizers import featurized_record
 from core.keyed_state import in_time_order
 from core.progress import BOARD
 from core.settings import UpdateConfig
@@ -53,7 +54,6 @@ from model.sync import SyncConfig
 from monitoring.alerts import SkippedStepsAlarm
 from transforms.batching import rebatch_by
 from transforms.coders import AvroRecordCoder
-from transforms.featurize import featurized_record
 from transforms.medium import FileSystemsMedium
 from transforms.runtime import tune_worker
 
