@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 import random
 import threading
 from collections import defaultdict
@@ -130,9 +132,6 @@ def tied_ratings_csv(path: Any, events: int = 600) -> str:
 def learned_records(out_dir: str) -> list[str]:
     """A run's scores and deltas, each as canonical JSON without its emit time (processing time), sorted: what
     two runs over the same events must agree on."""
-    import json
-    import os
-
     from pipelines.results import records
 
     found = [{k: v for k, v in r.items() if k != "emit_time_ms"}
