@@ -6,6 +6,7 @@ new process group that ``stop`` ends as a whole."""
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import signal
 import socket
@@ -18,10 +19,45 @@ class EmulatorUnavailable(RuntimeError):
     pass
 
 
-def free_port() -> int:
+def _ephemeral_range() -> tuple[int, int]:
+    """The kernel's range of ports for outgoing connections (Linux's default where it cannot be read)."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as fh:
+            low, high = (int(x) for x in fh.read().split()[:2])
+        return low, high
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
+def _bindable(port: int) -> bool:
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
+def free_port(count: int = 1) -> int:
+    """The first of ``count`` consecutive free localhost ports, below the kernel's ephemeral range. A client
+    polling a port of that range before its server listens can be given that very port as its own source
+    port, and Linux then connects the socket to itself: the poll "succeeds" and reads back its own request
+    (a Flink test's Prometheus scrape once failed so, with ``BadStatusLine: GET /metrics``)."""
+    low, _ = _ephemeral_range()
+    lo = max(1024, low // 2)
+    rng = random.Random()
+    for _ in range(500 if low - count > lo else 0):
+        first = rng.randrange(lo, low - count + 1)
+        if all(_bindable(p) for p in range(first, first + count)):
+            return first
+    # no room below the range (an unusual ip_local_port_range): any ports the kernel hands out
+    for _ in range(500):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            first = s.getsockname()[1]
+        if all(_bindable(p) for p in range(first, first + count)):
+            return first
+    raise RuntimeError(f"no {count} consecutive free localhost ports")
 
 
 @dataclass

@@ -24,7 +24,7 @@ class FlinkCluster:
     Prometheus reporter port each for the JobManager and up to three TaskManagers (``prom_ports``)."""
 
     def __init__(self, work: str | os.PathLike[str]):
-        prom = free_port()
+        prom = free_port(4)
         self.prom_ports = range(prom, prom + 4)
         self.work = os.path.join(work, "cluster")
         self.script = SCRIPT

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import glob
+import http.client
 import json
 import os
 import re
@@ -358,7 +359,7 @@ def scrape_while_running(proc: subprocess.Popen, ports: range, timeout_s: float)
                     for line in resp.read().decode().splitlines():
                         if "freshrec" in line and not line.startswith("#"):
                             seen[line.split("{")[0].split(" ")[0]] = line
-            except OSError:
+            except (OSError, http.client.HTTPException):  # not listening yet, or not answering HTTP yet
                 continue
         time.sleep(1.0)
     proc.wait()

@@ -67,3 +67,21 @@ def test_the_stack_comes_up_serves_fresh_scores_and_goes_down_by_its_own_pids(tm
     for name, proc in state["processes"].items():
         assert not _alive(proc["pid"], proc["marker"]), name
     assert not os.path.exists(os.path.join(where, "stack.json"))
+
+
+def test_the_local_services_ports_lie_below_the_ephemeral_range_so_a_poll_cannot_connect_to_itself():
+    """A client that polls a port of the kernel's ephemeral range before its server listens can be given that
+    port as its own source port, and Linux connects the socket to itself (the poll reads back its own request).
+    The ports handed to the emulator, the stack's consumer and the Flink clusters (REST, RPC, one Prometheus
+    port per JVM) are free and below that range."""
+    from pipelines.emulator import _ephemeral_range, free_port
+    from pipelines.flink_cluster import FlinkCluster
+
+    low, _ = _ephemeral_range()
+    for count in (1, 4):
+        first = free_port(count)
+        assert first >= 1024 and first + count - 1 < low, (first, count, low)
+    cluster = FlinkCluster("/nonexistent")  # nothing starts until it is called
+    ports = [*cluster.prom_ports, int(cluster.env["FRESHREC_FLINK_REST_PORT"]), int(cluster.env["FRESHREC_FLINK_RPC_PORT"])]
+    assert all(p < low for p in ports), (ports, low)
+    assert list(cluster.prom_ports) == list(range(cluster.prom_ports[0], cluster.prom_ports[0] + 4))
