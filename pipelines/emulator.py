@@ -19,14 +19,13 @@ class EmulatorUnavailable(RuntimeError):
     pass
 
 
-def _ephemeral_range() -> tuple[int, int]:
-    """The kernel's range of ports for outgoing connections (Linux's default where it cannot be read)."""
+def _ephemeral_low() -> int:
+    """The lowest port of the kernel's range for outgoing connections (Linux's default where it cannot be read)."""
     try:
         with open("/proc/sys/net/ipv4/ip_local_port_range") as fh:
-            low, high = (int(x) for x in fh.read().split()[:2])
-        return low, high
-    except (OSError, ValueError):
-        return 32768, 60999
+            return int(fh.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
 
 
 def _bindable(port: int) -> bool:
@@ -43,18 +42,16 @@ def free_port(count: int = 1) -> int:
     polling a port of that range before its server listens can be given that very port as its own source
     port, and Linux then connects the socket to itself: the poll "succeeds" and reads back its own request
     (a Flink test's Prometheus scrape once failed so, with ``BadStatusLine: GET /metrics``)."""
-    low, _ = _ephemeral_range()
+    low = _ephemeral_low()
     lo = max(1024, low // 2)
-    rng = random.Random()
-    for _ in range(500 if low - count > lo else 0):
-        first = rng.randrange(lo, low - count + 1)
-        if all(_bindable(p) for p in range(first, first + count)):
-            return first
-    # no room below the range (an unusual ip_local_port_range): any ports the kernel hands out
+    rng = random.Random()  # its own: a test that seeds the module's generator must not make processes agree
     for _ in range(500):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            first = s.getsockname()[1]
+        if low - count > lo:
+            first = rng.randrange(lo, low - count + 1)
+        else:  # no room below the range (an unusual ip_local_port_range): a port the kernel hands out
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                first = s.getsockname()[1]
         if all(_bindable(p) for p in range(first, first + count)):
             return first
     raise RuntimeError(f"no {count} consecutive free localhost ports")

@@ -74,10 +74,10 @@ def test_the_local_services_ports_lie_below_the_ephemeral_range_so_a_poll_cannot
     port as its own source port, and Linux connects the socket to itself (the poll reads back its own request).
     The ports handed to the emulator, the stack's consumer and the Flink clusters (REST, RPC, one Prometheus
     port per JVM) are free and below that range."""
-    from pipelines.emulator import _ephemeral_range, free_port
+    from pipelines.emulator import _ephemeral_low, free_port
     from pipelines.flink_cluster import FlinkCluster
 
-    low, _ = _ephemeral_range()
+    low = _ephemeral_low()
     for count in (1, 4):
         first = free_port(count)
         assert first >= 1024 and first + count - 1 < low, (first, count, low)
